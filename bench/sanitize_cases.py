@@ -1,0 +1,138 @@
+"""Every sparse_delta CUDA op once, on small shapes, for compute-sanitizer (memcheck) runs on a GPU machine.
+
+Covers float32 / float16 / bfloat16 activations, int32 / int64 indices, float32 and activation-dtype values,
+forward and backward ops, and shapes that reach each launch path: a few tokens (row/column chunk splits,
+token-split atomics in the SDDMM), many tokens (full 16-token tiles), an `in` too wide for a shared-memory tile
+(global-memory fallback), an empty delta and zero tokens. Each result is compared with a dense fp32 reference
+(loose tolerances: the point here is memory safety, the tests own accuracy). Exit status 0 when all pass.
+
+    python bench/sanitize_cases.py            # plain run
+    compute-sanitizer --tool memcheck python bench/sanitize_cases.py
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+try:
+    import peftcore  # noqa: F401  (registers the ops once the package's __init__ loads _C)
+except ImportError:
+    pass
+if not hasattr(torch.ops.peftcore, "sparse_delta_spmm"):
+    importlib.import_module("peftcore._C")
+
+ops = torch.ops.peftcore
+dev = os.environ.get("PEFTCORE_SANITIZE_DEVICE", "cuda")  # "cpu" checks this script itself
+TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+failures = []
+
+
+def rand_delta(out, inf, nnz, idx_dtype, val_dtype, gen):
+    nnz = min(nnz, out * inf)
+    flat = torch.randperm(out * inf, generator=gen)[:nnz].sort().values
+    vals = torch.randn(nnz, generator=gen)
+    return flat.to(dev, idx_dtype), vals.to(dev, val_dtype)
+
+
+def dense(idx, vals, out, inf):
+    s = torch.zeros(out * inf, device=dev, dtype=torch.float32)
+    s[idx.long()] = vals.float()
+    return s.view(out, inf)
+
+
+def close(name, got, ref, dtype):
+    got = got.float()
+    ref = ref.float()
+    if got.shape != ref.shape:
+        failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
+        return
+    if got.numel() == 0:
+        return
+    err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
+    if not torch.isfinite(err) or err.item() > TOL[dtype]:
+        failures.append(f"{name}: rel err {err.item():.3e} > {TOL[dtype]:.0e}")
+
+
+def run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32, scale=0.7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tag = f"T={tokens} out={out} in={inf} nnz={nnz} {str(dtype)[6:]} {str(idx_dtype)[6:]} vals={'f32' if val_is_f32 else 'act'}"
+    vdt = torch.float32 if val_is_f32 else dtype
+    idx, vals = rand_delta(out, inf, nnz, idx_dtype, vdt, gen)
+    S = dense(idx, vals, out, inf)
+    shape = (2, tokens // 2, inf) if tokens and tokens % 2 == 0 else (tokens, inf)  # even counts go 3-D
+    x = torch.randn(*shape, generator=gen).to(dev, dtype)
+    W = (torch.randn(out, inf, generator=gen) / inf**0.5).to(dev, dtype)
+    b = torch.randn(out, generator=gen).to(dev, dtype)
+    g = torch.randn(*x.shape[:-1], out, generator=gen).to(dev, dtype)
+    xf, gf, Wf = x.float().reshape(-1, inf), g.float().reshape(-1, out), W.float()
+
+    y = ops.sparse_delta_linear(x, W, b, idx, vals, scale)
+    close(f"linear {tag}", y.reshape(-1, out), xf @ (Wf + scale * S).t() + b.float(), dtype)
+    y = ops.sparse_delta_linear(x, W, None, idx, vals, scale)
+    close(f"linear(no bias) {tag}", y.reshape(-1, out), xf @ (Wf + scale * S).t(), dtype)
+
+    gx, gv, gb = ops.sparse_delta_linear_backward(g, x, W, idx, vals, scale, [True, True, True])
+    close(f"linear_backward.gx {tag}", gx.reshape(-1, inf), gf @ (Wf + scale * S), dtype)
+    ref_gv = scale * (gf.t() @ xf).reshape(-1)[idx.long()]
+    close(f"linear_backward.gv {tag}", gv, ref_gv, dtype)
+    if gv.dtype != vals.dtype:
+        failures.append(f"linear_backward.gv dtype {gv.dtype} != {vals.dtype} ({tag})")
+    close(f"linear_backward.gb {tag}", gb, gf.sum(0), dtype)
+    e = ops.sparse_delta_linear_backward(g, x, W, idx, vals, scale, [False, True, False])
+    if e[0].numel() != 0 or e[2].numel() != 0:
+        failures.append(f"linear_backward: unrequested outputs not empty ({tag})")
+
+    close(f"spmm {tag}", ops.sparse_delta_spmm(x, idx, vals, out, scale).reshape(-1, out), scale * xf @ S.t(), dtype)
+    close(f"spmm_t {tag}", ops.sparse_delta_spmm_t(g, idx, vals, inf, scale).reshape(-1, inf), scale * gf @ S, dtype)
+    sd = ops.sparse_delta_sddmm(g, x, idx, scale)
+    if sd.dtype != torch.float32:
+        failures.append(f"sddmm default dtype {sd.dtype} ({tag})")
+    close(f"sddmm {tag}", sd, ref_gv, dtype)
+    close(f"sddmm(out_dtype) {tag}", ops.sparse_delta_sddmm(g, x, idx, scale, dtype), ref_gv, dtype)
+
+    close(f"merge {tag}", ops.sparse_delta_merge(W, idx, vals, scale), Wf + scale * S, dtype)
+    w2 = W.clone()
+    ops.sparse_delta_merge_(w2, idx, vals, scale)
+    close(f"merge_ {tag}", w2, Wf + scale * S, dtype)
+
+    k = min(7, out * inf - idx.numel())
+    G = (gf.t() @ xf).abs().reshape(-1)
+    for excl in (None, idx):
+        ti, ts = ops.sparse_delta_topk_grad(g, x, k, excl)
+        if ti.numel() != k or (k > 1 and not bool((ti[1:] > ti[:-1]).all())):
+            failures.append(f"topk_grad: {ti.numel()} indices (want {k}), ascending required ({tag})")
+            continue
+        if excl is not None and bool(torch.isin(ti, idx.long()).any()):
+            failures.append(f"topk_grad: returned an excluded index ({tag})")
+        close(f"topk_grad.scores {tag}", ts, G[ti], dtype)
+        Gm = G.clone()
+        if excl is not None:
+            Gm[idx.long()] = -1
+        if k and tokens:  # the k-th largest score must match (indices may differ on ties)
+            close(f"topk_grad.kth {tag}", ts.min().reshape(1), Gm.topk(k).values.min().reshape(1), dtype)
+
+
+cases = [
+    # tokens, out, in, nnz
+    (1, 48, 80, 400),      # decode-like: TT=1 tiles, row-chunk split
+    (5, 40, 600, 2000),    # few tokens: spmm_t column chunks, SDDMM token splits
+    (38, 48, 80, 700),     # 3-D x [2, 19, in]: full 16-token tiles + ragged tail
+    (3, 16, 24, 0),        # empty delta
+    (0, 16, 24, 30),       # zero tokens
+]
+for tokens, out, inf, nnz in cases:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for idx_dtype in (torch.int32, torch.int64):
+            run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32=(idx_dtype == torch.int64))
+# `in` wider than a shared-memory tile (fp32, ~240 KB a token): the global-memory fallback paths.
+run_case(1, 4, 60000, 300, torch.float32, torch.int64, True)
+if dev == "cuda":
+    torch.cuda.synchronize()
+
+if failures:
+    print(f"sanitize_cases: {len(failures)} FAILED")
+    for f in failures:
+        print("  " + f)
+    sys.exit(1)
+print("sanitize_cases: all ok")

@@ -1,0 +1,58 @@
+// Every peftcore schema, one comment each. Kernels register themselves per backend from their own files
+// (TORCH_LIBRARY_IMPL(peftcore, CPU|CUDA, m)); fake kernels and autograd live in python/peftcore/ops/.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+TORCH_LIBRARY(peftcore, m) {
+  // ---- sparse_delta: W + scale*S with S given by sorted unique flat indices r*in+c and values [nnz] ----
+  // y = x @ (W + scale*S)^T + bias, never materialising W + scale*S.
+  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices, Tensor values, float scale=1.0) -> Tensor");
+  // Backward of sparse_delta_linear: (grad_x, grad_values, grad_bias); outputs not asked for in output_mask are empty.
+  m.def("sparse_delta_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor indices, Tensor values, float scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // y = scale * x @ S^T for x [..., in], S [out_features, in]: the sparse half of the forward.
+  m.def("sparse_delta_spmm(Tensor x, Tensor indices, Tensor values, int out_features, float scale=1.0) -> Tensor");
+  // y = scale * g @ S for g [..., out], S [out, in_features]: the sparse half of grad_x.
+  m.def("sparse_delta_spmm_t(Tensor grad, Tensor indices, Tensor values, int in_features, float scale=1.0) -> Tensor");
+  // SDDMM: out[k] = scale * sum_t grad[t, r_k] * x[t, c_k], fp32 accumulation; the values' gradient.
+  m.def("sparse_delta_sddmm(Tensor grad, Tensor x, Tensor indices, float scale=1.0, ScalarType? out_dtype=None) -> Tensor");
+  // In place W += scale*S (unmerge with -scale).
+  m.def("sparse_delta_merge_(Tensor(a!) weight, Tensor indices, Tensor values, float scale=1.0) -> ()");
+  // Out of place W + scale*S.
+  m.def("sparse_delta_merge(Tensor weight, Tensor indices, Tensor values, float scale=1.0) -> Tensor");
+  // The k positions with largest |grad^T x| not in `exclude` (sorted flat indices), tile by tile: (indices int64 ascending, scores fp32).
+  m.def("sparse_delta_topk_grad(Tensor grad, Tensor x, int k, Tensor? exclude=None) -> (Tensor, Tensor)");
+  // Host-side validation (syncs on CUDA): indices 1-D int32/int64, sorted ascending, unique, in [0, out*in).
+  m.def("sparse_delta_validate(Tensor indices, int out_features, int in_features) -> ()");
+}
+
+namespace {
+bool with_cuda() {
+#ifdef PEFTCORE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+// The small non-op surface: build information.
+PYBIND11_MODULE(_C, m) {
+  m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled into this build");
+  m.def("cuda_archs", [] {
+#ifdef PEFTCORE_CUDA_ARCHS_STR
+    return std::string(PEFTCORE_CUDA_ARCHS_STR);
+#else
+    return std::string();
+#endif
+  }, "The CUDA archs this build was compiled for ('' when CPU-only)");
+  m.def("torch_version", [] { return std::string(PEFTCORE_TORCH_VERSION); }, "The torch version built against");
+  m.def("has_cutlass", [] {
+#ifdef PEFTCORE_HAS_CUTLASS
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,27 @@
+// sparse_delta: torch-facing pieces shared by the CPU kernels and the CUDA glue.
+//
+// A delta S on W [out, in] is (indices [nnz] int32|int64 holding flat positions r*in + c, sorted ascending and
+// unique; values [nnz] float32 or W's dtype). Every kernel walks S row by row through a CSR view built per call:
+// row_ptr [out+1] int64 (row_ptr[r] = first k with indices[k] >= r*in). Entries outside their row's range are
+// never touched, so malformed indices on CUDA (where the hot path does not validate) give wrong numbers, never an
+// out-of-bounds access; sparse_delta_validate catches them.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace peftcore::sparse_delta {
+
+// Argument checks shared by every backend; `ref` is the activation/weight the delta is applied to.
+void check_delta(const char* op, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& ref);
+void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref);
+// Host-side structural check (sorted, unique, in range). Syncs on CUDA.
+void validate_indices(const char* op, const at::Tensor& indices, int64_t out_features, int64_t in_features);
+// row_ptr [out+1] int64 on indices' device (at::searchsorted: no host sync).
+at::Tensor row_ptr(const at::Tensor& indices, int64_t out_features, int64_t in_features);
+// Output dtype of the values' gradient.
+at::ScalarType values_grad_dtype(const at::Tensor& values);
+// 2-D contiguous view [T, features] of an activation [..., features].
+at::Tensor flatten_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features);
+// Shape of an activation with its last dim replaced.
+std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last);
+
+}  // namespace peftcore::sparse_delta

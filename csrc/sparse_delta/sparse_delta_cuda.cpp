@@ -1,0 +1,265 @@
+// sparse_delta CUDA glue: argument checks (shared with the CPU kernels, sparse_delta.h), the CSR view, dense
+// products through ATen (cuBLAS), and the plain-CUDA launchers of sparse_delta.cu. No host sync anywhere, so
+// every op here can be captured in a CUDA graph. sparse_delta_validate is registered for all backends by the
+// CPU file.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "sparse_delta/sparse_delta.h"
+#include "sparse_delta/sparse_delta_launch.h"
+
+namespace peftcore::sparse_delta {
+namespace {
+
+namespace cu = peftcore::sparse_delta::cuda;
+
+void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  check_float(op, name, t);
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got ", t.device());
+  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": ", name,
+              " must be float32, float16 or bfloat16 on CUDA (float64 runs on CPU only), got ", t.scalar_type());
+}
+
+cu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cu::DType::kFloat32;
+    case at::kHalf: return cu::DType::kFloat16;
+    case at::kBFloat16: return cu::DType::kBFloat16;
+    default: TORCH_CHECK(false, "sparse_delta: no CUDA kernel for dtype ", t);
+  }
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The CSR view of S for one call. Holds the tensors the launch params point into (freed back to the caching
+// allocator after the call, which is safe: later work on the same stream is ordered after the kernels).
+struct Delta {
+  at::Tensor idx, rp, vals;
+  cu::DeltaParams p{};
+};
+
+// `values` may be undefined (SDDMM needs only the structure).
+Delta make_delta(const at::Tensor& indices, const at::Tensor* values, int64_t out, int64_t in, at::ScalarType dtype,
+                 double scale) {
+  Delta d;
+  d.idx = indices.contiguous();
+  d.rp = row_ptr(d.idx, out, in);
+  if (values != nullptr) d.vals = values->to(at::kFloat).contiguous();
+  d.p.dtype = kernel_dtype(dtype);
+  d.p.index64 = d.idx.scalar_type() == at::kLong;
+  d.p.indices = d.idx.const_data_ptr();
+  d.p.row_ptr = d.rp.const_data_ptr<int64_t>();
+  d.p.values = values != nullptr ? d.vals.const_data_ptr<float>() : nullptr;
+  d.p.nnz = d.idx.numel();
+  d.p.out_features = out;
+  d.p.in_features = in;
+  d.p.scale = static_cast<float>(scale);
+  return d;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+at::Tensor sparse_delta_spmm_cuda(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
+                                  int64_t out_features, double scale) {
+  constexpr const char* op = "sparse_delta_spmm";
+  check_activation(op, "x", x);
+  check_delta(op, indices, values, x);
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t in = x.size(-1);
+  auto x2d = flatten_tokens(op, "x", x, in);
+  auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
+  auto d = make_delta(indices, &values, out_features, in, x.scalar_type(), scale);
+  cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), stream());
+  return y2d.view(with_last_dim(x, out_features));
+}
+
+at::Tensor sparse_delta_spmm_t_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& values,
+                                    int64_t in_features, double scale) {
+  constexpr const char* op = "sparse_delta_spmm_t";
+  check_activation(op, "grad", grad);
+  check_delta(op, indices, values, grad);
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t out = grad.size(-1);
+  auto g2d = flatten_tokens(op, "grad", grad, out);
+  auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
+  auto d = make_delta(indices, &values, out, in_features, grad.scalar_type(), scale);
+  cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), g2d.size(0), stream());
+  return gx2d.view(with_last_dim(grad, in_features));
+}
+
+at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& indices,
+                                   double scale, std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* op = "sparse_delta_sddmm";
+  check_activation(op, "grad", grad);
+  check_activation(op, "x", x);
+  check_same_dtype(op, "x", x, grad, "grad");
+  check_same_device(op, "x", x, grad, "grad");
+  check_indices(op, indices, grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t out = grad.size(-1), in = x.size(-1);
+  auto g2d = flatten_tokens(op, "grad", grad, out);
+  auto x2d = flatten_tokens(op, "x", x, in);
+  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad has ", g2d.size(0), " tokens but x has ", x2d.size(0),
+              " (shapes ", grad.sizes(), " and ", x.sizes(), ")");
+  auto d = make_delta(indices, nullptr, out, in, grad.scalar_type(), scale);
+  auto gv = at::zeros({d.p.nnz}, grad.options().dtype(at::kFloat));
+  cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv.mutable_data_ptr<float>(), g2d.size(0), stream());
+  return gv.to(out_dtype.value_or(at::kFloat));
+}
+
+at::Tensor sparse_delta_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& indices, const at::Tensor& values, double scale) {
+  constexpr const char* op = "sparse_delta_linear";
+  check_activation(op, "x", x);
+  check_dim(op, "weight", weight, 2);
+  check_same_dtype(op, "weight", weight, x, "x");
+  check_same_device(op, "weight", weight, x, "x");
+  check_delta(op, indices, values, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  auto x2d = flatten_tokens(op, "x", x, in);
+  at::Tensor y2d;
+  if (bias.has_value() && bias->defined()) {
+    check_same_dtype(op, "bias", *bias, x, "x");
+    check_same_device(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape [", out, "], got ",
+                bias->sizes());
+    y2d = at::addmm(*bias, x2d, weight.t());
+  } else {
+    y2d = at::mm(x2d, weight.t());
+  }
+  y2d = y2d.contiguous();  // a no-op for cuBLAS outputs; the kernel needs row-major [T, out]
+  auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
+  cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), stream());
+  return y2d.view(with_last_dim(x, out));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
+    const at::Tensor& values, double scale, std::array<bool, 3> mask) {
+  constexpr const char* op = "sparse_delta_linear_backward";
+  check_activation(op, "grad_out", grad_out);
+  check_same_dtype(op, "grad_out", grad_out, x, "x");
+  check_same_device(op, "grad_out", grad_out, x, "x");
+  check_dim(op, "weight", weight, 2);
+  check_same_dtype(op, "weight", weight, x, "x");
+  check_same_device(op, "weight", weight, x, "x");
+  check_delta(op, indices, values, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  auto g2d = flatten_tokens(op, "grad_out", grad_out, out);
+  auto x2d = flatten_tokens(op, "x", x, in);
+  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad_out has ", g2d.size(0), " tokens but x has ", x2d.size(0));
+  const int64_t tokens = g2d.size(0);
+  at::Tensor gx, gv, gb;
+  if (mask[0] || mask[1]) {
+    auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
+    if (mask[0]) {
+      gx = at::mm(g2d, weight).contiguous();  // dense part of grad_x; the sparse part is added in place
+      cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx.mutable_data_ptr(), tokens, stream());
+    }
+    if (mask[1]) {
+      auto gv32 = at::zeros({d.p.nnz}, x.options().dtype(at::kFloat));
+      cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv32.mutable_data_ptr<float>(), tokens, stream());
+      gv = gv32.to(values.scalar_type());
+    }
+  }
+  if (mask[2]) gb = g2d.sum(0);
+  auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  return {mask[0] ? gx.view(x.sizes()) : empty(x), mask[1] ? gv : empty(values), mask[2] ? gb : empty(weight)};
+}
+
+void sparse_delta_merge__cuda(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double scale) {
+  constexpr const char* op = "sparse_delta_merge_";
+  check_activation(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got strides ", weight.strides());
+  check_delta(op, indices, values, weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto d = make_delta(indices, &values, weight.size(0), weight.size(1), weight.scalar_type(), scale);
+  cu::merge(d.p, weight.mutable_data_ptr(), stream());
+}
+
+at::Tensor sparse_delta_merge_cuda(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
+                                   double scale) {
+  auto w = weight.clone(at::MemoryFormat::Contiguous);
+  sparse_delta_merge__cuda(w, indices, values, scale);
+  return w;
+}
+
+// Top-k of |grad^T x| outside `exclude`, tile by tile over rows of the [out, in] score matrix: each tile
+// (<= kTopkTileElems scores) is one fp32 GEMM on a row slice, masked (excluded -> -1), and merged into a
+// running candidate set of k with at::topk over cat(candidates, tile). Unlike the CPU version, `exclude` is not
+// checked for order and range here (that needs a host sync); ties may resolve to a different index than on CPU.
+constexpr int64_t kTopkTileElems = int64_t(1) << 22;
+
+std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t k,
+                                                               const std::optional<at::Tensor>& exclude) {
+  constexpr const char* op = "sparse_delta_topk_grad";
+  check_activation(op, "grad", grad);
+  check_activation(op, "x", x);
+  check_same_dtype(op, "x", x, grad, "grad");
+  check_same_device(op, "x", x, grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t out = grad.size(-1), in = x.size(-1);
+  auto g2d = flatten_tokens(op, "grad", grad, out);
+  auto x2d = flatten_tokens(op, "x", x, in);
+  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad has ", g2d.size(0), " tokens but x has ", x2d.size(0));
+  at::Tensor excl;
+  if (exclude.has_value() && exclude->defined() && exclude->numel() > 0) {
+    check_indices(op, *exclude, grad);
+    excl = exclude->to(at::kLong).contiguous();
+  }
+  const int64_t n_excl = excl.defined() ? excl.numel() : 0;
+  const int64_t avail = out * in - n_excl;
+  TORCH_CHECK(k >= 0 && k <= avail, op, ": k must be in [0, ", avail, "] (", out, "*", in, " positions, ", n_excl,
+              " excluded), got ", k);
+  auto long_opts = grad.options().dtype(at::kLong);
+  auto float_opts = grad.options().dtype(at::kFloat);
+  if (k == 0) return {at::empty({0}, long_opts), at::empty({0}, float_opts)};
+  auto gT = g2d.to(at::kFloat).t();  // [out, T]
+  auto xf = x2d.to(at::kFloat);      // [T, in]
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(out, kTopkTileElems / std::max<int64_t>(in, 1)));
+  at::Tensor cand_s = at::empty({0}, float_opts), cand_i = at::empty({0}, long_opts);
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t nr = std::min(rows, out - r0), flat0 = r0 * in, n = nr * in;
+    auto tile = at::mm(gT.slice(0, r0, r0 + nr), xf).contiguous();  // [nr, in] fp32
+    auto scores = at::empty({n}, float_opts);
+    cu::mask_abs_excluded(tile.const_data_ptr<float>(), n, flat0, n_excl ? excl.const_data_ptr<int64_t>() : nullptr,
+                          n_excl, scores.mutable_data_ptr<float>(), stream());
+    const int64_t nc = cand_s.numel();
+    auto pool = nc ? at::cat({cand_s, scores}) : scores;
+    auto [vals, pos] = at::topk(pool, std::min<int64_t>(k, pool.numel()), 0, /*largest=*/true, /*sorted=*/false);
+    // Position -> flat index: the first nc pool entries are the old candidates, the rest this tile.
+    auto flat = pos + (flat0 - nc);
+    if (nc) flat = at::where(pos < nc, cand_i.index_select(0, pos.clamp_max(nc - 1)), flat);
+    cand_s = vals;
+    cand_i = flat;
+  }
+  auto [sorted_i, perm] = at::sort(cand_i);
+  return {sorted_i, cand_s.index_select(0, perm)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
+  m.impl("sparse_delta_linear", &sparse_delta_linear_cuda);
+  m.impl("sparse_delta_linear_backward", &sparse_delta_linear_backward_cuda);
+  m.impl("sparse_delta_spmm", &sparse_delta_spmm_cuda);
+  m.impl("sparse_delta_spmm_t", &sparse_delta_spmm_t_cuda);
+  m.impl("sparse_delta_sddmm", &sparse_delta_sddmm_cuda);
+  m.impl("sparse_delta_merge_", &sparse_delta_merge__cuda);
+  m.impl("sparse_delta_merge", &sparse_delta_merge_cuda);
+  m.impl("sparse_delta_topk_grad", &sparse_delta_topk_grad_cuda);
+}
+
+}  // namespace peftcore::sparse_delta

@@ -1,0 +1,43 @@
+"""peftcore: fast kernels for parameter-efficient fine-tuning.
+
+Every kernel is a ``torch.ops.peftcore.*`` custom op (CPU and, where built, CUDA) with a fake kernel and autograd,
+so it works under ``torch.compile`` and CUDA graphs. ``peftcore.ops.<family>`` holds the documented wrappers;
+``peftcore.tuners`` builds PEFT modules from them.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # registers torch.ops.peftcore.*
+from . import ops  # noqa: F401  (fake kernels and autograd)
+from .ops.sparse_delta import (  # noqa: F401
+    sparse_delta_linear,
+    sparse_delta_merge,
+    sparse_delta_merge_,
+    sparse_delta_sddmm,
+    sparse_delta_spmm,
+    sparse_delta_spmm_t,
+    sparse_delta_topk_grad,
+    sparse_delta_validate,
+)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What this build contains: torch version built against, CUDA on/off and archs, CUTLASS headers."""
+    return {
+        "version": __version__,
+        "torch_built": _C.torch_version(),
+        "torch_runtime": torch.__version__,
+        "with_cuda": _C.with_cuda(),
+        "cuda_archs": _C.cuda_archs(),
+        "has_cutlass": _C.has_cutlass(),
+    }
+
+
+def __getattr__(name):
+    # The tuners import transformers-friendly helpers lazily so `import peftcore` stays light.
+    if name in ("SparseDeltaLinear", "SparseDeltaConfig", "apply_sparse_delta"):
+        from .tuners import sparse_delta as _sd
+
+        return getattr(_sd, name)
+    raise AttributeError(name)

@@ -1,0 +1,2 @@
+"""Op families. Importing a family registers its fake kernels and autograd for ``torch.ops.peftcore``."""
+from . import sparse_delta  # noqa: F401

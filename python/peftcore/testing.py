@@ -1,0 +1,279 @@
+"""The shared op checks every peftcore op goes through (used by tests/, importable by users who extend peftcore).
+
+An :class:`OpCase` describes one op: how to build sample inputs for a device and dtype, a plain-torch reference,
+which dtypes it claims and which arguments are differentiable. :func:`check_op` then runs, per device:
+
+* ``torch.library.opcheck`` on every sample (schema, fake kernel, autograd registration, AOT dispatch);
+* comparison with the reference computed in float64 from the same inputs, accepting at most
+  ``2 x`` the error that the same reference makes in the op's own dtype (FlashAttention's rule), with a small
+  per-dtype floor from :data:`TOLERANCES`, forward and backward;
+* ``torch.autograd.gradcheck`` in float64 (CPU) for differentiable ops;
+* ``torch.compile(fullgraph=True)`` forward and backward matching eager, with a recompilation guard.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+# Floors added to the 2x-reference-error rule, per dtype (absolute, relative to the reference's max magnitude).
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=8e-3),
+}
+
+
+@dataclasses.dataclass
+class Sample:
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+
+@dataclasses.dataclass
+class OpCase:
+    """One op under test.
+
+    ``samples(device, dtype, requires_grad)`` yields :class:`Sample`s; ``reference(*args, **kwargs)`` is plain torch
+    and is called on inputs upcast to float64 (and, for the error baseline, on the inputs as they are);
+    ``grad_args`` are the positions of differentiable tensor arguments; ``mutates`` is the position of an argument
+    the op writes in place (then the reference returns the new value of that argument).
+    """
+
+    name: str
+    op: Any  # torch.ops.peftcore.<name> (OpOverloadPacket) or .default
+    samples: Callable[[str, torch.dtype, bool], Iterable[Sample]]
+    reference: Callable[..., Any]
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16)
+    grad_args: Sequence[int] = ()
+    mutates: Optional[int] = None
+    compile: bool = True
+    cuda: bool = True  # has a CUDA kernel
+
+    def __repr__(self):
+        return self.name
+
+
+def _overload(op):
+    return op.default if hasattr(op, "default") else op
+
+
+def _flat(out) -> list:
+    if out is None:
+        return []
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [o for o in out if isinstance(o, torch.Tensor)]
+
+
+def _upcast(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(torch.float64)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_upcast(v) for v in x)
+    return x
+
+
+def _detach(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detach(v) for v in x)
+    return x
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.to(torch.float64) - b.to(torch.float64)).abs().max().item()
+
+
+def assert_close_to_reference(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: Optional[torch.Tensor], dtype,
+                              what: str = "") -> None:
+    """``|out - ref_hi| <= 2 * |ref_lo - ref_hi| + atol + rtol * max|ref_hi|`` elementwise-max (see module doc)."""
+    assert out.shape == ref_hi.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref_hi.shape)}"
+    tol = TOLERANCES[dtype]
+    base = _max_err(ref_lo, ref_hi) if ref_lo is not None else 0.0
+    scale = ref_hi.abs().max().item() if ref_hi.numel() else 0.0
+    bound = 2.0 * base + tol["atol"] + tol["rtol"] * scale
+    err = _max_err(out, ref_hi)
+    assert err <= bound, (f"{what}: max error {err:.3e} exceeds bound {bound:.3e} "
+                          f"(2 x reference error {base:.3e} in {dtype}, |ref| max {scale:.3e})")
+
+
+def _run(case: OpCase, args, kwargs):
+    args = _detach(args)
+    out = case.op(*args, **kwargs)
+    if case.mutates is not None:
+        return [args[case.mutates]]
+    return _flat(out)
+
+
+def _ref(case: OpCase, args, kwargs):
+    args = _detach(args)
+    return _flat(case.reference(*args, **kwargs))
+
+
+def dtypes_for(case: OpCase, device: str) -> list:
+    """The dtypes a case claims on a device: float64 is a CPU-only dtype (for gradcheck)."""
+    return [d for d in case.dtypes if device == "cpu" or d != torch.float64]
+
+
+def check_opcheck(case: OpCase, device: str) -> None:
+    for dtype in dtypes_for(case, device):
+        for s in case.samples(device, dtype, bool(case.grad_args)):
+            torch.library.opcheck(_overload(case.op), s.args, s.kwargs)
+
+
+def check_reference(case: OpCase, device: str) -> None:
+    """Forward (and backward for differentiable ops) against the float64 reference."""
+    for dtype in dtypes_for(case, device):
+        for s in case.samples(device, dtype, False):
+            outs = _run(case, s.args, s.kwargs)
+            ref_hi = _ref(case, _upcast(s.args), s.kwargs)
+            ref_lo = _ref(case, s.args, s.kwargs) if dtype != torch.float64 else None
+            assert len(outs) == len(ref_hi), f"{case.name}: {len(outs)} outputs, reference has {len(ref_hi)}"
+            for i, (o, rh) in enumerate(zip(outs, ref_hi)):
+                rl = ref_lo[i] if ref_lo is not None else None
+                if not o.is_floating_point():
+                    assert torch.equal(o.cpu(), rh.cpu()), f"{case.name}[{s.name}] output {i} differs"
+                    continue
+                assert o.dtype == rl.dtype if rl is not None else True, \
+                    f"{case.name}[{s.name}] output {i} dtype {o.dtype} != reference {rl.dtype}"
+                assert_close_to_reference(o, rh, rl, dtype, f"{case.name}[{s.name}, {dtype}] output {i}")
+        if not case.grad_args:
+            continue
+        for s in case.samples(device, dtype, True):
+            _check_grads(case, s, dtype)
+
+
+def _grads(fn, args, kwargs, grad_args, seed_grads=None):
+    args = list(_detach(args))
+    for i in grad_args:
+        args[i].requires_grad_(True)
+    outs = _flat(fn(*args, **kwargs))
+    outs = [o for o in outs if o.is_floating_point() and o.requires_grad]
+    if seed_grads is None:
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        seed_grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in outs]
+    gs = torch.autograd.grad(outs, [args[i] for i in grad_args], [g.to(o.dtype) for g, o in zip(seed_grads, outs)],
+                             allow_unused=True)
+    return gs, seed_grads
+
+
+def _check_grads(case: OpCase, s: Sample, dtype) -> None:
+    got, seeds = _grads(case.op, s.args, s.kwargs, case.grad_args)
+    ref_hi, _ = _grads(case.reference, _upcast(s.args), s.kwargs, case.grad_args, seeds)
+    ref_lo, _ = _grads(case.reference, s.args, s.kwargs, case.grad_args, seeds)
+    for i, g, rh, rl in zip(case.grad_args, got, ref_hi, ref_lo):
+        assert (g is None) == (rh is None), f"{case.name}[{s.name}]: grad of arg {i} presence differs"
+        if g is None:
+            continue
+        assert g.dtype == s.args[i].dtype, f"{case.name}: grad of arg {i} has dtype {g.dtype}, input {s.args[i].dtype}"
+        assert_close_to_reference(g, rh, rl if dtype != torch.float64 else None, dtype,
+                                  f"{case.name}[{s.name}, {dtype}] grad of arg {i}")
+
+
+def check_gradcheck(case: OpCase) -> None:
+    """gradcheck in float64 on CPU (every differentiable argument at once)."""
+    if not case.grad_args:
+        return
+    for s in case.samples("cpu", torch.float64, True):
+        args = list(_detach(s.args))
+        for i in case.grad_args:
+            args[i].requires_grad_(True)
+
+        def fn(*diff):
+            a = list(args)
+            for i, d in zip(case.grad_args, diff):
+                a[i] = d
+            return tuple(_flat(case.op(*a, **s.kwargs)))
+
+        assert torch.autograd.gradcheck(fn, tuple(args[i] for i in case.grad_args), eps=1e-6, atol=1e-5,
+                                        rtol=1e-4), f"{case.name}[{s.name}] gradcheck failed"
+
+
+def check_compile(case: OpCase, device: str, backend: str = "aot_eager") -> None:
+    """torch.compile(fullgraph=True) forward and backward equal eager; a second call with new values of the same
+    shapes must not recompile."""
+    if not case.compile:
+        return
+    import torch._dynamo
+
+    dtype = dtypes_for(case, device)[0]
+    samples = list(case.samples(device, dtype, bool(case.grad_args)))
+    s = samples[0]
+
+    def fn(*args):
+        out = case.op(*args, **s.kwargs)
+        if case.mutates is not None:
+            return args[case.mutates]
+        return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    for attempt, sample in enumerate([s, _perturb(s)]):
+        eager_args, comp_args = list(_detach(sample.args)), list(_detach(sample.args))
+        for i in case.grad_args:
+            eager_args[i].requires_grad_(True)
+            comp_args[i].requires_grad_(True)
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if attempt else _null()
+        with ctx:
+            out_c = _flat(compiled(*comp_args))
+        out_e = _flat(fn(*eager_args))
+        for a, b in zip(out_c, out_e):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{case.name} compiled forward: {m}")
+        if case.grad_args:
+            diff = [o for o in out_e if o.is_floating_point() and o.requires_grad]
+            seeds = [torch.randn_like(o) for o in diff]
+            ge = torch.autograd.grad(diff, [eager_args[i] for i in case.grad_args], seeds, allow_unused=True)
+            diff_c = [o for o in out_c if o.is_floating_point() and o.requires_grad]
+            gc = torch.autograd.grad(diff_c, [comp_args[i] for i in case.grad_args], seeds, allow_unused=True)
+            for a, b in zip(gc, ge):
+                if a is None or b is None:
+                    assert a is None and b is None, f"{case.name}: compiled/eager grad presence differs"
+                    continue
+                torch.testing.assert_close(a, b, msg=lambda m: f"{case.name} compiled backward: {m}")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _perturb(s: Sample) -> Sample:
+    """Same shapes and dtypes, new floating values (integer tensors such as indices are kept)."""
+    def p(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return torch.randn_like(x)
+        return x
+    return Sample(tuple(p(a) for a in s.args), dict(s.kwargs), s.name + "+perturbed")
+
+
+def check_op(case: OpCase, device: str) -> None:
+    """Everything above for one device (gradcheck only on CPU)."""
+    check_opcheck(case, device)
+    check_reference(case, device)
+    if device == "cpu":
+        check_gradcheck(case)
+    check_compile(case, device)
+
+
+def devices() -> list:
+    """``cpu`` always, ``cuda`` as a pytest param that skips with a reason when no GPU or no CUDA build."""
+    import pytest
+
+    import peftcore
+
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "no CUDA device on this machine"
+    elif not peftcore.build_info()["with_cuda"]:
+        reason = "peftcore was built without CUDA kernels"
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(reason is not None, reason=reason or ""))]

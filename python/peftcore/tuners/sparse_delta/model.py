@@ -1,0 +1,406 @@
+"""Model-level API: apply / drop-and-grow / merge / unload / save / load / compose sparse deltas."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import SparseDeltaConfig
+from .layer import SparseDeltaLinear
+from .selection import ActivationCapture, gradient_indices, magnitude_indices, random_indices
+
+CONFIG_ATTR = "peftcore_sparse_delta_config"
+FORMAT = "peftcore.sparse_delta/1"
+
+DeltaState = dict[str, torch.Tensor]  # {"indices", "values"}
+GradsFn = Callable[[str], tuple[torch.Tensor, torch.Tensor]]  # module name -> (grad_out [T, out], x [T, in])
+
+
+def sparse_delta_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLinear]]:
+    """``(name, layer)`` for every ``SparseDeltaLinear`` in ``model``, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, SparseDeltaLinear):
+            yield name, m
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _find_targets(model: nn.Module, config: SparseDeltaConfig) -> list[tuple[str, nn.Linear]]:
+    targets, inside_delta = [], set()
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside_delta):
+            continue
+        if isinstance(m, SparseDeltaLinear):
+            inside_delta.add(name)
+            if config.matches(name):
+                raise ValueError(f"apply_sparse_delta: {name!r} already has a sparse delta")
+            continue
+        if not config.matches(name):
+            continue
+        if isinstance(m, nn.Linear):
+            targets.append((name, m))
+        elif type(m).__name__ == "Conv1D":  # transformers' GPT-2 style [in, out] weight
+            raise TypeError(
+                f"apply_sparse_delta: {name!r} is a transformers Conv1D; only nn.Linear is supported "
+                "(GPT-2 style models: convert Conv1D to nn.Linear first)"
+            )
+    if not targets:
+        raise ValueError(f"apply_sparse_delta: no nn.Linear matches target_modules={config.target_modules!r}")
+    return targets
+
+
+def apply_sparse_delta(
+    model: nn.Module, config: SparseDeltaConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None
+) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``SparseDeltaLinear`` in place; freeze every
+    other parameter (only the deltas' ``values`` train); return ``model``.
+
+    ``config.selection``:
+      * ``"random"``: uniform without replacement (one generator seeded by ``config.seed``, modules in order).
+      * ``"magnitude"``: the smallest ``|w|`` of each weight (SaRA), one weight at a time.
+      * ``"gradient"``: ``calib_fn(model)`` must run forward + backward on calibration data (any number of
+        batches; no optimizer step). The layers are first wrapped with zero-valued placeholder deltas, so the
+        model's function is unchanged and no dense weight gradient is ever formed; hooks record each layer's
+        input and output gradient, *concatenated over all batches* (so the score is the exact accumulated
+        ``|sum_b g_b^T x_b|``, up to ``config.max_calib_tokens`` tokens per layer), and
+        ``sparse_delta_topk_grad`` picks the top ``nnz`` positions tile by tile (LT-SFT / SpIEL-AG).
+    """
+    if config.selection == "gradient" and calib_fn is None:
+        raise ValueError("apply_sparse_delta: selection='gradient' needs calib_fn(model) running forward+backward")
+    targets = _find_targets(model, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    new_layers: dict[str, SparseDeltaLinear] = {}
+    for name, lin in targets:
+        k = config.nnz_for(lin.out_features, lin.in_features)
+        if config.selection == "random":
+            idx = random_indices(lin.out_features, lin.in_features, k, gen)
+        elif config.selection == "magnitude":
+            idx = magnitude_indices(lin.weight, k)
+        else:
+            idx = torch.arange(k)  # placeholder until calibration; values are zero so the forward is unchanged
+        layer = SparseDeltaLinear(lin, idx.to(config.torch_index_dtype), config.scale, config.torch_values_dtype)
+        _replace(model, name, layer)
+        new_layers[name] = layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in sparse_delta_layers(model):
+        layer.values.requires_grad_(True)
+
+    if config.selection == "gradient":
+        with ActivationCapture(new_layers, max_tokens=config.max_calib_tokens) as cap:
+            calib_fn(model)
+        for name, layer in new_layers.items():
+            if not cap.has(name):
+                warnings.warn(f"apply_sparse_delta: calib_fn gave no gradient for {name!r}; keeping random indices")
+                k = layer.nnz
+                idx = random_indices(layer.out_features, layer.in_features, k, gen)
+            else:
+                idx = gradient_indices(*cap.get(name), layer.nnz)
+            layer.set_delta(idx, torch.zeros_like(layer.values))
+            layer.values.grad = None
+        del cap
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- drop and grow
+
+
+@torch.no_grad()
+def _drop_and_grow_layer(
+    layer: SparseDeltaLinear, optimizer: Optional[torch.optim.Optimizer], n: int, g: torch.Tensor, x: torch.Tensor
+) -> int:
+    nnz, v, dev = layer.nnz, layer.values, layer.values.device
+    n = min(n, nnz)
+    if n <= 0:
+        return 0
+    order = torch.argsort(v.detach().abs().float(), stable=True)
+    keep = torch.ones(nnz, dtype=torch.bool, device=dev)
+    keep[order[:n]] = False
+    kept_pos = keep.nonzero().squeeze(1)  # ascending, so kept indices stay sorted
+    old_idx = layer.indices.long()
+    kept_idx = old_idx[kept_pos]
+    grown = gradient_indices(g, x, n, exclude=kept_idx).to(dev)
+    new_idx, perm = torch.cat([kept_idx, grown]).sort()
+    src = torch.cat([kept_pos, torch.full((n,), -1, dtype=kept_pos.dtype, device=dev)])[perm]
+    is_new = src < 0
+    src = src.clamp(min=0)
+
+    def realign(t: torch.Tensor) -> None:  # in place: same storage, so every reference stays valid
+        out = t[src.to(t.device)]
+        out[is_new.to(t.device)] = 0
+        t.copy_(out)
+
+    realign(v.data)
+    if v.grad is not None:
+        realign(v.grad)
+    if optimizer is not None:
+        # Adam/AdamW exp_avg, exp_avg_sq (max_exp_avg_sq), SGD momentum_buffer...: every per-entry state tensor.
+        for t in optimizer.state.get(v, {}).values():
+            if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == nnz:
+                realign(t)
+    added = int((~torch.isin(grown, old_idx)).sum())  # before the copy: old_idx may alias layer.indices
+    layer.indices.copy_(new_idx.to(layer.indices.dtype))
+    return added
+
+
+def drop_and_grow(
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    fraction: float,
+    grads_fn: Union[GradsFn, ActivationCapture],
+) -> dict[str, int]:
+    """SpIEL-style update of every ``SparseDeltaLinear``'s support, nnz constant.
+
+    Per layer: drop the ``round(fraction * nnz)`` entries of smallest ``|values|``; grow as many new positions,
+    the largest ``|grad_out^T x|`` not among the kept ones (``sparse_delta_topk_grad(..., exclude=kept)``; a just
+    dropped position may come back, reset to zero); merge kept + grown indices sorted. ``values`` (same
+    ``Parameter`` and storage), its ``.grad`` and every per-entry optimizer state tensor (Adam's ``exp_avg``,
+    ``exp_avg_sq``) are permuted the same way, kept entries bit-exact, new entries zero; the optimizer's
+    ``param_groups`` keep the same parameter object.
+
+    ``grads_fn(name) -> (grad_out [T, out], x [T, in])`` of the last backward, or an ``ActivationCapture``
+    that recorded it. Layers without captured data are left alone. Returns ``{name: positions newly added}``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"drop_and_grow: fraction must be in [0, 1], got {fraction}")
+    stats = {}
+    for name, layer in sparse_delta_layers(model):
+        if layer.merged:
+            raise RuntimeError(f"drop_and_grow: {name!r} is merged; unmerge first")
+        if isinstance(grads_fn, ActivationCapture):
+            if not grads_fn.has(name):
+                continue
+            g, x = grads_fn.get(name)
+        else:
+            g, x = grads_fn(name)
+        stats[name] = _drop_and_grow_layer(layer, optimizer, round(fraction * layer.nnz), g, x)
+    return stats
+
+
+class SparseDeltaScheduler:
+    """Periodic drop-and-grow during training (SpIEL). Call ``step()`` right after ``optimizer.step()``.
+
+    Every ``every_n_steps`` steps (from ``start_step``, up to ``end_step`` if given) it runs
+    :func:`drop_and_grow` with the inputs / output gradients of that step's forward+backward (all micro-batches
+    of the step, concatenated), which hooks record only during the steps that are due. The drop fraction is
+    ``drop_fraction``, cosine-annealed to 0 at ``end_step`` when ``anneal="cosine"`` (as in RigL).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer],
+        drop_fraction: float = 0.1,
+        every_n_steps: int = 100,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        anneal: str = "constant",
+        max_tokens: Optional[int] = None,
+    ):
+        if every_n_steps < 1:
+            raise ValueError(f"SparseDeltaScheduler: every_n_steps must be >= 1, got {every_n_steps}")
+        if anneal not in ("constant", "cosine"):
+            raise ValueError(f"SparseDeltaScheduler: anneal must be 'constant' or 'cosine', got {anneal!r}")
+        if anneal == "cosine" and end_step is None:
+            raise ValueError("SparseDeltaScheduler: anneal='cosine' needs end_step")
+        self.model, self.optimizer = model, optimizer
+        self.drop_fraction, self.every_n_steps = drop_fraction, every_n_steps
+        self.start_step, self.end_step, self.anneal = start_step, end_step, anneal
+        layers = dict(sparse_delta_layers(model))
+        if not layers:
+            raise ValueError("SparseDeltaScheduler: the model has no SparseDeltaLinear")
+        self.capture = ActivationCapture(layers, max_tokens)
+        self.step_count = 0
+        self.history: list[tuple[int, float, dict[str, int]]] = []
+        self._arm()
+
+    def is_due(self, step: int) -> bool:
+        return (
+            step > self.start_step
+            and (step - self.start_step) % self.every_n_steps == 0
+            and (self.end_step is None or step <= self.end_step)
+        )
+
+    def fraction_at(self, step: int) -> float:
+        if self.anneal == "cosine":
+            return self.drop_fraction * 0.5 * (1 + math.cos(math.pi * min(step, self.end_step) / self.end_step))
+        return self.drop_fraction
+
+    def _arm(self) -> None:
+        self.capture.remove()
+        self.capture.clear()
+        if self.is_due(self.step_count + 1):
+            self.capture.__enter__()
+
+    def step(self) -> Optional[dict[str, int]]:
+        self.step_count += 1
+        stats = None
+        if self.is_due(self.step_count):
+            frac = self.fraction_at(self.step_count)
+            stats = drop_and_grow(self.model, self.optimizer, frac, self.capture)
+            self.history.append((self.step_count, frac, stats))
+        self._arm()
+        return stats
+
+    def close(self) -> None:
+        self.capture.remove()
+        self.capture.clear()
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self._arm()
+
+
+# ------------------------------------------------------------------------------------------ merge and unload
+
+
+def merge_sparse_delta(model: nn.Module) -> nn.Module:
+    """Add every delta into its base weight in place (forward becomes the plain linear)."""
+    for _, layer in sparse_delta_layers(model):
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_sparse_delta(model: nn.Module) -> nn.Module:
+    for _, layer in sparse_delta_layers(model):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def unload_sparse_delta(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace each ``SparseDeltaLinear`` by its base ``nn.Linear``: with the delta merged (``merge=True``)
+    or dropped (``merge=False``, the original weights). Returns ``model``."""
+    for name, layer in list(sparse_delta_layers(model)):
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _replace(model, name, layer.base_layer)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+# --------------------------------------------------------------------------------------- save / load / compose
+
+
+def sparse_delta_state(model: nn.Module) -> dict[str, DeltaState]:
+    """``{module name: {"indices", "values"}}`` of every delta in ``model``."""
+    return {name: layer.delta_state() for name, layer in sparse_delta_layers(model)}
+
+
+def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SparseDeltaConfig] = None):
+    """Write every delta to a safetensors file: tensors ``"<module>.indices"`` / ``"<module>.values"``; metadata
+    ``format``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and ``scales``."""
+    from safetensors.torch import save_file
+
+    config = config or getattr(model, CONFIG_ATTR, None)
+    tensors, shapes, scales = {}, {}, {}
+    for name, layer in sparse_delta_layers(model):
+        tensors[f"{name}.indices"] = layer.indices.detach().cpu().contiguous()
+        tensors[f"{name}.values"] = layer.values.detach().cpu().contiguous()
+        shapes[name] = [layer.out_features, layer.in_features]
+        scales[name] = layer.scale
+    if not tensors:
+        raise ValueError("save_sparse_delta: the model has no SparseDeltaLinear")
+    meta = {"format": FORMAT, "shapes": json.dumps(shapes), "scales": json.dumps(scales)}
+    if config is not None:
+        meta["config"] = config.to_json()
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def read_sparse_delta(path: Union[str, os.PathLike]) -> tuple[dict[str, DeltaState], dict[str, str]]:
+    """``({module: {"indices", "values"}}, metadata)`` from a file written by :func:`save_sparse_delta`."""
+    from safetensors import safe_open
+
+    state: dict[str, DeltaState] = {}
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+        for key in f.keys():
+            name, _, kind = key.rpartition(".")
+            state.setdefault(name, {})[kind] = f.get_tensor(key)
+    for name, d in state.items():
+        if set(d) != {"indices", "values"}:
+            raise ValueError(f"read_sparse_delta: {name!r} has tensors {sorted(d)}, expected indices and values")
+    return state, meta
+
+
+def load_sparse_delta(
+    model: nn.Module, source: Union[str, os.PathLike, dict[str, DeltaState]], scale: Optional[float] = None
+) -> nn.Module:
+    """Load deltas (a file from :func:`save_sparse_delta`, or a ``{module: {"indices", "values"}}`` state such as
+    :func:`compose_deltas` returns) into ``model``. Modules that already are ``SparseDeltaLinear`` get the new
+    delta (same ``values`` Parameter); plain ``nn.Linear`` modules are wrapped (base frozen, values trainable).
+    The scale is ``scale`` if given, else the file's per-module scale, else the layer's / 1.0. Returns ``model``."""
+    meta: dict[str, str] = {}
+    if isinstance(source, dict):
+        state = source
+    else:
+        state, meta = read_sparse_delta(source)
+    shapes = json.loads(meta.get("shapes", "{}"))
+    scales = json.loads(meta.get("scales", "{}"))
+    config = SparseDeltaConfig.from_json(meta["config"]) if "config" in meta else None
+    for name, d in state.items():
+        mod = model.get_submodule(name)
+        if name in shapes and list(shapes[name]) != [mod.out_features, mod.in_features]:
+            raise ValueError(
+                f"load_sparse_delta: {name!r} is [{mod.out_features}, {mod.in_features}], the delta is for {shapes[name]}"
+            )
+        s = scale if scale is not None else scales.get(name)
+        if isinstance(mod, SparseDeltaLinear):
+            mod.set_delta(d["indices"], d["values"])
+            if s is not None:
+                mod.scale = float(s)
+        elif isinstance(mod, nn.Linear):
+            layer = SparseDeltaLinear(mod, d["indices"], 1.0 if s is None else s, d["values"].dtype)
+            layer.set_delta(d["indices"], d["values"], validate=False)
+            _replace(model, name, layer)
+        else:
+            raise TypeError(f"load_sparse_delta: {name!r} is a {type(mod).__name__}, not nn.Linear")
+    if config is not None and not hasattr(model, CONFIG_ATTR):
+        setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _compose_one(deltas: list[DeltaState], weights: list[float]) -> DeltaState:
+    idx = torch.cat([d["indices"].long().cpu() for d in deltas])
+    vals = torch.cat([w * d["values"].detach().float().cpu() for d, w in zip(deltas, weights)])
+    uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
+    return {"indices": uniq, "values": torch.zeros(uniq.numel()).index_add_(0, inv, vals)}
+
+
+def compose_deltas(*deltas, weights: Optional[list[float]] = None):
+    """Sum sparse deltas: indices are the (sorted) union, values summed where positions overlap (float32).
+
+    Each argument is one weight's delta ``{"indices", "values"}`` — the result is one such dict — or a whole
+    model's ``{module: {"indices", "values"}}`` (from :func:`sparse_delta_state` / :func:`read_sparse_delta`) or
+    a path to a saved file — the result then is per module, modules of any input included. ``weights`` scales
+    each input's values (e.g. the layers' scales if they differ: then load the result with ``scale=1``).
+    """
+    if not deltas:
+        raise ValueError("compose_deltas: nothing to compose")
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(weights) != len(deltas):
+        raise ValueError(f"compose_deltas: {len(deltas)} deltas but {len(weights)} weights")
+    loaded = [read_sparse_delta(d)[0] if isinstance(d, (str, os.PathLike)) else d for d in deltas]
+    if all(set(d) == {"indices", "values"} and isinstance(d["values"], torch.Tensor) for d in loaded):
+        return _compose_one(loaded, weights)
+    out = {}
+    for name in dict.fromkeys(n for d in loaded for n in d):
+        parts = [(d[name], w) for d, w in zip(loaded, weights) if name in d]
+        out[name] = _compose_one([p for p, _ in parts], [w for _, w in parts])
+    return out

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by scripts/test.sh and scripts/bench.sh:
+# a venv at .venv with pinned torch and the build tools, then an incremental build of peftcore.
+# Env: PEFTCORE_TORCH (default 2.14.1, the CUDA 13.0 wheel; 2.13.0 is the CPU-only one),
+#      PEFTCORE_CUDA=ON|OFF|AUTO (default AUTO: CUDA kernels are compiled when torch has CUDA and nvcc exists),
+#      PEFTCORE_CUDA_ARCHS (default "80;90").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${PEFTCORE_TORCH:-2.14.1}"
+PY="${PEFTCORE_PYTHON:-python3.11}"
+VENV=.venv
+stamp="$VENV/.peftcore-deps-$TORCH_VERSION-v1"
+if [ ! -f "$stamp" ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 \
+      numpy pytest pytest-benchmark safetensors matplotlib "transformers>=4.40" "peft>=0.11"
+  "$VENV/bin/pip" install -q --no-deps "nvidia-cutlass==4.2.0.0"
+  rm -f "$VENV"/.peftcore-deps-*
+  touch "$stamp"
+fi
+# ccache speeds rebuilds when present (CI machines reuse it between runs); install it when apt can.
+if ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -qq ccache >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq ccache >/dev/null 2>&1; }) || true
+fi
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$PWD/$VENV/bin:$PATH"
+# Rebuild (incrementally, in build/) only when sources changed since the last install. The install is editable:
+# Python files are used in place; C++/CUDA changes need this step. A lock keeps concurrent builds apart.
+exec 9>"${TMPDIR:-/tmp}/peftcore-setup.lock"
+flock 9
+src_hash=$( (find csrc CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 sha1sum; \
+             echo "${PEFTCORE_CUDA:-AUTO} ${PEFTCORE_CUDA_ARCHS:-80;90}") | sha1sum | cut -c1-16)
+if [ "$(cat "$VENV/.peftcore-build" 2>/dev/null)" != "$src_hash" ]; then
+  echo "[setup] building peftcore (PEFTCORE_CUDA=${PEFTCORE_CUDA:-AUTO}, archs ${PEFTCORE_CUDA_ARCHS:-80;90})"
+  "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \
+      -Ccmake.define.PEFTCORE_CUDA="${PEFTCORE_CUDA:-AUTO}" \
+      -Ccmake.define.PEFTCORE_CUDA_ARCHS="${PEFTCORE_CUDA_ARCHS:-80;90}"
+  echo "$src_hash" > "$VENV/.peftcore-build"
+fi
