@@ -35,9 +35,8 @@ def sizes(device: str, quick: bool):
     return [(2048, 2048, 1024, torch.float32)]
 
 
-def _step_fns(x, w, idx, vals, g, lora):
+def _step_fns(x, w, idx, vals, g):
     """{method: (forward fn, training-step fn)}; a step returns nothing and leaves no .grad behind."""
-    a, b = lora
     v = vals.detach().clone().requires_grad_(True)
 
     def fwd(f):
@@ -78,7 +77,7 @@ def _fixed_fns(x, w, g, lora):
     return {"dense": (fwd(dense), step(dense, (x,))), "lora_r16": (fwd(lora_f), step(lora_f, (x, a, b)))}
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 3, min_run_time: float = 0.3) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
     rows = []
     for out, inn, tokens, dtype in sizes(device, quick):
         gen = torch.Generator().manual_seed(0)
@@ -92,7 +91,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 3, min_run_time:
         per_density = {}
         for dens in DENSITIES:
             idx, vals = make_delta(out, inn, dens, torch.int64, torch.float32, device, seed=1)
-            per_density[dens] = (_step_fns(x, w, idx, vals, g, lora), idx, vals)
+            per_density[dens] = (_step_fns(x, w, idx, vals, g), idx, vals)
         # Every method of this size is timed in the same interleaved rounds.
         fns = {}
         for mode, pos in (("forward", 0), ("train_step", 1)):
@@ -101,18 +100,18 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 3, min_run_time:
             for dens, (pairs, _, _) in per_density.items():
                 for name, pair in pairs.items():
                     fns[(name, dens, mode)] = pair[pos]
-        times = compare(fns, device, rounds=rounds, min_run_time=min_run_time)
+        times = compare(fns, device, rounds=rounds)
         for (name, dens, mode), t in times.items():
             base = times[("dense", None, mode)]
             rows.append(dict(family="sparse_delta", op="sparse_delta_linear", case=case, method=name,
                              density=dens if dens is not None else "", mode=mode, ms=t * 1e3, ratio=t / base,
                              ratio_to="dense", peak_mb=peak_memory(fns[(name, dens, mode)], device) / 2 ** 20,
                              device=device))
-        rows += _op_rows(device, case, x.detach(), w, g, *per_density[0.01][1:], rounds, min_run_time)
+        rows += _op_rows(device, case, x.detach(), w, g, *per_density[0.01][1:], rounds)
     return rows
 
 
-def _op_rows(device, case, x, w, g, idx, vals, rounds, min_run_time):
+def _op_rows(device, case, x, w, g, idx, vals, rounds):
     """Standalone ops at 1% density, each beside the plain-torch way of getting the same result."""
     out, inn = w.shape
     wt = w.detach().clone()
@@ -139,7 +138,7 @@ def _op_rows(device, case, x, w, g, idx, vals, rounds, min_run_time):
         fns[(op, "peftcore")] = mine
         fns[(op, "baseline")] = base
     with torch.no_grad():
-        times = compare(fns, device, rounds=rounds, min_run_time=min_run_time / 2)
+        times = compare(fns, device, rounds=max(3, rounds // 2))
         rows = []
         for op, (mine, base, base_name) in pairs.items():
             for who, fn in (("peftcore", mine), ("baseline", base)):

@@ -1,8 +1,8 @@
 """Shared bench machinery: side-by-side timing (interleaved rounds, median), peak memory, rows for the CSV.
 
-Timing: CPU uses torch.utils.benchmark.Timer (handles threads and warm-up); GPU uses CUDA events. Methods of one
-comparison are measured in interleaved rounds within one run and each one's median over rounds is kept, so the
-ratios see the same machine state (these machines are noisy).
+Timing: the methods of one comparison are timed call by call in interleaved rounds within one run (GPU:
+synchronised around each sample) and each one's median over rounds is kept, so the ratios see the same machine
+state (these machines are noisy).
 
 Peak memory: GPU, torch.cuda.max_memory_allocated above the memory held before the step; CPU, the process's
 resident high-water mark (VmHWM, reset through /proc/self/clear_refs) above its resident size before the step,
@@ -54,38 +54,44 @@ def peak_memory(fn, device: str) -> float:
     return float(max(0, _proc_mem()[0] - before))
 
 
-def _time_once(fn, device: str, min_run_time: float) -> float:
+def _sync(device):
     if device == "cuda":
-        for _ in range(3):
-            fn()
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        n = 5
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        per = start.elapsed_time(end) / 1e3 / n
-        reps = max(1, int(min_run_time / max(per, 1e-6)))
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-    from torch.utils.benchmark import Timer
-
-    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def compare(fns: dict, device: str, rounds: int = 3, min_run_time: float = 0.3) -> dict:
-    """{name: median seconds} for callables measured in interleaved rounds."""
+def _calls_per_sample(fn, device: str, target: float) -> int:
+    """How many back-to-back calls make one sample of at least `target` seconds (fast ops need several)."""
+    import time
+
+    fn()
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    dt = max(time.perf_counter() - t, 1e-7)
+    return max(1, int(target / dt))
+
+
+def compare(fns: dict, device: str, rounds: int = 15, target: float = 0.01) -> dict:
+    """{name: median seconds per call} for callables timed side by side.
+
+    Every round times each callable once (one sample = enough back-to-back calls to last `target` seconds,
+    CUDA-synchronised on GPU), so slow drifts of the machine hit every method alike; the median over rounds is
+    kept. Interleaving call by call matters on these shared machines: timing one method for a second, then the
+    next, gave ratios off by 10-15% against the interleaved ones.
+    """
+    import time
+
+    reps = {k: _calls_per_sample(f, device, target) for k, f in fns.items()}
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            times[k].append(_time_once(f, device, min_run_time))
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(reps[k]):
+                f()
+            _sync(device)
+            times[k].append((time.perf_counter() - t) / reps[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 

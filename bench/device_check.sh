@@ -60,7 +60,7 @@ fi
 
 # (a) build
 BUILD_OK=0
-run_step build 180 "$PY" -m pip install -v --no-build-isolation --no-deps . && BUILD_OK=1
+run_step build 160 "$PY" -m pip install -v --no-build-isolation --no-deps . && BUILD_OK=1
 if [ $BUILD_OK = 1 ]; then
   (cd /tmp && "$PY" -c "import torch, peftcore._C as c; print('with_cuda', c.with_cuda(), 'archs', c.cuda_archs())") \
     >>"$OUT/build.log" 2>&1
@@ -86,7 +86,7 @@ if [ $BUILD_OK = 1 ]; then
   fi
   # (d) GPU benches
   if [ -f bench/run.py ]; then
-    run_step bench 70 "$PY" bench/run.py --device cuda --out "$OUT"
+    run_step bench 90 "$PY" bench/run.py --device cuda --rounds 2 --out "$OUT"
   else
     skip_step bench "bench/run.py missing"
   fi

@@ -82,14 +82,14 @@ def write_png(rows, path: Path, title: str):
         ax = axes[ci][0]
         ax.bar(range(len(labels)), times, color=colors)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
         ax.set_ylabel("train step time / frozen dense")
         ax.set_title(f"{case}: time (lower is better)")
         for i, v in enumerate(times):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax = axes[ci][1]
         ax.bar(range(len(labels)), mems, color=colors)
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
         ax.set_ylabel("peak MB above inputs")
         ax.set_title(f"{case}: peak memory of one step")
     fig.suptitle(title)
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--only", nargs="*", default=FAMILIES)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     _reexec_with_pinned_malloc()
     sys.path.insert(0, str(HERE))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
-import math
 import os
 import statistics
 import sysconfig
@@ -159,7 +158,7 @@ def run(name, setup, base, args, batches, calib, held_out):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     model.train()
-    losses, times = [], []
+    losses, times, regrow_times = [], [], []
 
     def step(ids):
         loss = model(input_ids=ids, labels=ids).loss
@@ -167,7 +166,9 @@ def run(name, setup, base, args, batches, calib, held_out):
         loss.backward()
         opt.step()
         if sched is not None:
-            sched.step()
+            t0 = time.perf_counter()
+            if sched.step() is not None:
+                regrow_times.append(time.perf_counter() - t0)
         losses.append(loss.item())
 
     held_before = tensor_bytes(model, opt)
@@ -187,6 +188,7 @@ def run(name, setup, base, args, batches, calib, held_out):
     )
     if sched is not None:
         res["regrown"] = sum(sum(s.values()) for _, _, s in sched.history)
+        res["regrow_ms"] = statistics.fmean(regrow_times) * 1e3 if regrow_times else 0.0
         sched.close()
     return res
 
@@ -260,7 +262,7 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--lr-sparse", type=float, default=1e-2)
+    p.add_argument("--lr-sparse", type=float, default=3e-2)
     p.add_argument("--lr-full", type=float, default=1e-3)
     p.add_argument("--lr-lora", type=float, default=3e-3)
     p.add_argument("--corpus-bytes", type=int, default=8 << 20)
@@ -295,7 +297,8 @@ def main():
         r = run(key, setup, base, args, batches, calib, held_out)
         r["label"] = label
         print(f"[{key}] done in {time.perf_counter() - t0:.0f} s: final {r['final']:.3f}, held-out {r['held_out']:.3f}"
-              + (f", {r['regrown']} positions regrown" if "regrown" in r else ""))
+              + (f", {r['regrown']} positions regrown ({r['regrow_ms']:.0f} ms per drop-and-grow)" if "regrown" in r else "")
+              + f", wall {r['wall']:.0f} s over {len(r['times'])} timed steps")
         results.append(r)
 
     write_plot(results, os.path.join(args.out, "finetune_loss.png"), args)

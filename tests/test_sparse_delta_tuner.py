@@ -301,7 +301,7 @@ def test_drop_and_grow_realigns_values_and_adam_state():
     before = {
         n: dict(idx=l.indices.clone(), v=l.values.detach().clone(),
                 m=opt.state[l.values]["exp_avg"].clone(), s=opt.state[l.values]["exp_avg_sq"].clone(),
-                obj=l.values, storage=l.values.data_ptr())
+                gr=l.values.grad.clone(), obj=l.values, storage=l.values.data_ptr())
         for n, l in layers.items()
     }
     frac = 0.3
@@ -333,6 +333,7 @@ def test_drop_and_grow_realigns_values_and_adam_state():
         assert torch.equal(l.values.detach()[~is_new], b["v"][pos])
         assert torch.equal(st["exp_avg"][~is_new], b["m"][pos])
         assert torch.equal(st["exp_avg_sq"][~is_new], b["s"][pos])
+        assert torch.equal(l.values.grad[~is_new], b["gr"][pos]) and torch.count_nonzero(l.values.grad[is_new]) == 0
         # dropped = smallest |values|; grown = largest |dense grad| outside the kept set
         assert b["v"].abs()[pos].min() >= b["v"].abs()[dropped_sorted].max()
         g = ref.get_submodule(n).weight.grad.abs().flatten()

@@ -187,9 +187,10 @@ PEFTCORE_AVX2 inline void transpose8(__m256 r[8]) {
 // Full tile (kTile rows), fp32 buffer: buf[f * kTile + j] = src[(t0 + j) * ld + f], 8x8 blocks in registers.
 template <typename scalar_t>
 PEFTCORE_AVX2 void load_tile_t_avx2(const scalar_t* src, int64_t ld, int64_t t0, int64_t features, float* buf) {
+  // 8 source rows at a time (rows kTile apart in features often alias in L1; 8 stay within its ways).
   const int64_t fv = features & ~int64_t(7);
-  for (int64_t f0 = 0; f0 < fv; f0 += 8)
-    for (int64_t jb = 0; jb < kTile; jb += 8) {
+  for (int64_t jb = 0; jb < kTile; jb += 8)
+    for (int64_t f0 = 0; f0 < fv; f0 += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = load8_ps(src + (t0 + jb + i) * ld + f0);
       transpose8(r);
@@ -203,8 +204,8 @@ PEFTCORE_AVX2 inline void add_tile_t_avx2(const float* buf, float scale, int64_t
                                           int64_t ld) {
   const int64_t fv = features & ~int64_t(7);
   const __m256 sc = _mm256_set1_ps(scale);
-  for (int64_t f0 = 0; f0 < fv; f0 += 8)
-    for (int64_t jb = 0; jb < kTile; jb += 8) {
+  for (int64_t jb = 0; jb < kTile; jb += 8)
+    for (int64_t f0 = 0; f0 < fv; f0 += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(buf + (f0 + i) * kTile + jb);
       transpose8(r);

@@ -193,6 +193,8 @@ class SparseDeltaScheduler:
     :func:`drop_and_grow` with the inputs / output gradients of that step's forward+backward (all micro-batches
     of the step, concatenated), which hooks record only during the steps that are due. The drop fraction is
     ``drop_fraction``, cosine-annealed to 0 at ``end_step`` when ``anneal="cosine"`` (as in RigL).
+    Extra memory on due steps only: each layer's output gradient ``[tokens, out]`` (the inputs are the tensors
+    autograd saves anyway), released after the update.
     """
 
     def __init__(
@@ -356,6 +358,8 @@ def load_sparse_delta(
     config = SparseDeltaConfig.from_json(meta["config"]) if "config" in meta else None
     for name, d in state.items():
         mod = model.get_submodule(name)
+        if not isinstance(mod, (SparseDeltaLinear, nn.Linear)):
+            raise TypeError(f"load_sparse_delta: {name!r} is a {type(mod).__name__}, not nn.Linear")
         if name in shapes and list(shapes[name]) != [mod.out_features, mod.in_features]:
             raise ValueError(
                 f"load_sparse_delta: {name!r} is [{mod.out_features}, {mod.in_features}], the delta is for {shapes[name]}"
@@ -369,8 +373,6 @@ def load_sparse_delta(
             layer = SparseDeltaLinear(mod, d["indices"], 1.0 if s is None else s, d["values"].dtype)
             layer.set_delta(d["indices"], d["values"], validate=False)
             _replace(model, name, layer)
-        else:
-            raise TypeError(f"load_sparse_delta: {name!r} is a {type(mod).__name__}, not nn.Linear")
     if config is not None and not hasattr(model, CONFIG_ATTR):
         setattr(model, CONFIG_ATTR, config)
     return model
