@@ -8,6 +8,10 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+#include <utility>
+#include <vector>
+
 namespace peftcore::sparse_delta {
 
 // Argument checks shared by every backend; `ref` is the activation/weight the delta is applied to.
@@ -23,5 +27,14 @@ at::ScalarType values_grad_dtype(const at::Tensor& values);
 at::Tensor flatten_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features);
 // Shape of an activation with its last dim replaced.
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last);
+// Two activations that share their tokens (e.g. grad [..., out] and x [..., in]): same dtype and device, same
+// token count; returned as 2-D contiguous [T, features] views.
+std::pair<at::Tensor, at::Tensor> token_pair(const char* op, const char* a_name, const at::Tensor& a,
+                                             const char* b_name, const at::Tensor& b);
+// weight [out, in] and bias [out] (when given) against x: 2-D, same dtype and device.
+void check_weight(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& x);
+// The dense half of the forward, x2d @ weight^T (+ bias), through ATen (BLAS / cuBLAS); row-major [T, out].
+at::Tensor dense_forward(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 }  // namespace peftcore::sparse_delta

@@ -64,6 +64,35 @@ std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   return s;
 }
 
+std::pair<at::Tensor, at::Tensor> token_pair(const char* op, const char* a_name, const at::Tensor& a,
+                                             const char* b_name, const at::Tensor& b) {
+  check_same_dtype(op, b_name, b, a, a_name);
+  check_same_device(op, b_name, b, a, a_name);
+  auto a2d = flatten_tokens(op, a_name, a, a.dim() ? a.size(-1) : 0);
+  auto b2d = flatten_tokens(op, b_name, b, b.dim() ? b.size(-1) : 0);
+  TORCH_CHECK(a2d.size(0) == b2d.size(0), op, ": ", a_name, " has ", a2d.size(0), " tokens but ", b_name, " has ",
+              b2d.size(0), " (shapes ", a.sizes(), " and ", b.sizes(), ")");
+  return {a2d, b2d};
+}
+
+void check_weight(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& x) {
+  check_dim(op, "weight", weight, 2);
+  check_same_dtype(op, "weight", weight, x, "x");
+  check_same_device(op, "weight", weight, x, "x");
+  if (bias.has_value() && bias->defined()) {
+    check_same_dtype(op, "bias", *bias, x, "x");
+    check_same_device(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [", weight.size(0),
+                "], got ", bias->sizes());
+  }
+}
+
+at::Tensor dense_forward(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  auto y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+  return y.contiguous();  // a no-op for BLAS outputs; the sparse kernels accumulate into row-major [T, out]
+}
+
 at::Tensor row_ptr(const at::Tensor& indices, int64_t out_features, int64_t in_features) {
   auto bounds = at::arange(0, out_features + 1, indices.options().dtype(at::kLong)).mul_(in_features);
   return at::searchsorted(indices.to(at::kLong), bounds);  // int64 [out+1]; no host sync on CUDA
@@ -477,13 +506,9 @@ at::Tensor sparse_delta_sddmm_cpu(const at::Tensor& grad, const at::Tensor& x, c
   constexpr const char* op = "sparse_delta_sddmm";
   check_activation(op, "grad", grad);
   check_activation(op, "x", x);
-  check_same_dtype(op, "x", x, grad, "grad");
   check_indices(op, indices, grad);
-  const int64_t out = grad.size(-1), in = x.size(-1);
-  auto g2d = flatten_tokens(op, "grad", grad, out);
-  auto x2d = flatten_tokens(op, "x", x, in);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad has ", g2d.size(0), " tokens but x has ", x2d.size(0),
-              " (shapes ", grad.sizes(), " and ", x.sizes(), ")");
+  auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
+  const int64_t out = g2d.size(1), in = x2d.size(1);
   at::Tensor result;
   PEFTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -500,22 +525,11 @@ at::Tensor sparse_delta_linear_cpu(const at::Tensor& x, const at::Tensor& weight
                                    const at::Tensor& indices, const at::Tensor& values, double scale) {
   constexpr const char* op = "sparse_delta_linear";
   check_activation(op, "x", x);
-  check_dim(op, "weight", weight, 2);
-  check_same_dtype(op, "weight", weight, x, "x");
-  check_same_device(op, "weight", weight, x, "x");
+  check_weight(op, weight, bias, x);
   check_delta(op, indices, values, x);
   const int64_t out = weight.size(0), in = weight.size(1);
   auto x2d = flatten_tokens(op, "x", x, in);
-  at::Tensor y2d;
-  if (bias.has_value() && bias->defined()) {
-    check_same_dtype(op, "bias", *bias, x, "x");
-    check_same_device(op, "bias", *bias, x, "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape [", out, "], got ",
-                bias->sizes());
-    y2d = at::addmm(*bias, x2d, weight.t());
-  } else {
-    y2d = at::mm(x2d, weight.t());
-  }
+  auto y2d = dense_forward(x2d, weight, bias);
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     auto s = make_csr<at::opmath_type<scalar_t>>(op, indices, &values, out, in);
     spmm_accumulate_cpu<scalar_t>(x2d, s, scale, y2d);
@@ -528,14 +542,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
     const at::Tensor& values, double scale, std::array<bool, 3> mask) {
   constexpr const char* op = "sparse_delta_linear_backward";
   check_activation(op, "grad_out", grad_out);
-  check_same_dtype(op, "grad_out", grad_out, x, "x");
-  check_dim(op, "weight", weight, 2);
-  check_same_dtype(op, "weight", weight, x, "x");
+  check_weight(op, weight, std::nullopt, x);
   check_delta(op, indices, values, x);
   const int64_t out = weight.size(0), in = weight.size(1);
-  auto g2d = flatten_tokens(op, "grad_out", grad_out, out);
-  auto x2d = flatten_tokens(op, "x", x, in);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad_out has ", g2d.size(0), " tokens but x has ", x2d.size(0));
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == out, op, ": grad_out must have last dim ", out,
+              ", got shape ", grad_out.sizes());
+  auto [g2d, x2d] = token_pair(op, "grad_out", grad_out, "x", x);
+  TORCH_CHECK(x2d.size(1) == in, op, ": x must have last dim ", in, ", got shape ", x.sizes());
   at::Tensor gx, gv, gb;
   if (mask[0]) gx = at::mm(g2d, weight);
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
@@ -591,11 +604,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cpu(const at::Tensor& 
   constexpr const char* op = "sparse_delta_topk_grad";
   check_activation(op, "grad", grad);
   check_activation(op, "x", x);
-  check_same_dtype(op, "x", x, grad, "grad");
-  const int64_t out = grad.size(-1), in = x.size(-1);
-  auto g2d = flatten_tokens(op, "grad", grad, out);
-  auto x2d = flatten_tokens(op, "x", x, in);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad has ", g2d.size(0), " tokens but x has ", x2d.size(0));
+  auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
+  const int64_t out = g2d.size(1), in = x2d.size(1);
   std::vector<int64_t> excl;
   if (exclude.has_value() && exclude->defined() && exclude->numel() > 0) {
     check_indices(op, *exclude, grad);

@@ -101,15 +101,10 @@ at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, 
   constexpr const char* op = "sparse_delta_sddmm";
   check_activation(op, "grad", grad);
   check_activation(op, "x", x);
-  check_same_dtype(op, "x", x, grad, "grad");
-  check_same_device(op, "x", x, grad, "grad");
   check_indices(op, indices, grad);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t out = grad.size(-1), in = x.size(-1);
-  auto g2d = flatten_tokens(op, "grad", grad, out);
-  auto x2d = flatten_tokens(op, "x", x, in);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad has ", g2d.size(0), " tokens but x has ", x2d.size(0),
-              " (shapes ", grad.sizes(), " and ", x.sizes(), ")");
+  auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
+  const int64_t out = g2d.size(1), in = x2d.size(1);
   auto d = make_delta(indices, nullptr, out, in, grad.scalar_type(), scale);
   auto gv = at::zeros({d.p.nnz}, grad.options().dtype(at::kFloat));
   cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv.mutable_data_ptr<float>(), g2d.size(0), stream());
@@ -120,24 +115,12 @@ at::Tensor sparse_delta_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
                                     const at::Tensor& indices, const at::Tensor& values, double scale) {
   constexpr const char* op = "sparse_delta_linear";
   check_activation(op, "x", x);
-  check_dim(op, "weight", weight, 2);
-  check_same_dtype(op, "weight", weight, x, "x");
-  check_same_device(op, "weight", weight, x, "x");
+  check_weight(op, weight, bias, x);
   check_delta(op, indices, values, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = weight.size(0), in = weight.size(1);
   auto x2d = flatten_tokens(op, "x", x, in);
-  at::Tensor y2d;
-  if (bias.has_value() && bias->defined()) {
-    check_same_dtype(op, "bias", *bias, x, "x");
-    check_same_device(op, "bias", *bias, x, "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape [", out, "], got ",
-                bias->sizes());
-    y2d = at::addmm(*bias, x2d, weight.t());
-  } else {
-    y2d = at::mm(x2d, weight.t());
-  }
-  y2d = y2d.contiguous();  // a no-op for cuBLAS outputs; the kernel needs row-major [T, out]
+  auto y2d = dense_forward(x2d, weight, bias);
   auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
   cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), stream());
   return y2d.view(with_last_dim(x, out));
@@ -148,17 +131,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
     const at::Tensor& values, double scale, std::array<bool, 3> mask) {
   constexpr const char* op = "sparse_delta_linear_backward";
   check_activation(op, "grad_out", grad_out);
-  check_same_dtype(op, "grad_out", grad_out, x, "x");
-  check_same_device(op, "grad_out", grad_out, x, "x");
-  check_dim(op, "weight", weight, 2);
-  check_same_dtype(op, "weight", weight, x, "x");
-  check_same_device(op, "weight", weight, x, "x");
+  check_weight(op, weight, std::nullopt, x);
   check_delta(op, indices, values, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = weight.size(0), in = weight.size(1);
-  auto g2d = flatten_tokens(op, "grad_out", grad_out, out);
-  auto x2d = flatten_tokens(op, "x", x, in);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad_out has ", g2d.size(0), " tokens but x has ", x2d.size(0));
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == out, op, ": grad_out must have last dim ", out,
+              ", got shape ", grad_out.sizes());
+  auto [g2d, x2d] = token_pair(op, "grad_out", grad_out, "x", x);
+  TORCH_CHECK(x2d.size(1) == in, op, ": x must have last dim ", in, ", got shape ", x.sizes());
   const int64_t tokens = g2d.size(0);
   at::Tensor gx, gv, gb;
   if (mask[0] || mask[1]) {
@@ -207,13 +187,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cuda(const at::Tensor&
   constexpr const char* op = "sparse_delta_topk_grad";
   check_activation(op, "grad", grad);
   check_activation(op, "x", x);
-  check_same_dtype(op, "x", x, grad, "grad");
-  check_same_device(op, "x", x, grad, "grad");
   const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t out = grad.size(-1), in = x.size(-1);
-  auto g2d = flatten_tokens(op, "grad", grad, out);
-  auto x2d = flatten_tokens(op, "x", x, in);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad has ", g2d.size(0), " tokens but x has ", x2d.size(0));
+  auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
+  const int64_t out = g2d.size(1), in = x2d.size(1);
   at::Tensor excl;
   if (exclude.has_value() && exclude->defined() && exclude->numel() > 0) {
     check_indices(op, *exclude, grad);
