@@ -36,7 +36,9 @@ def _fmt(v, nd=2):
 def print_table(rows):
     cols = [("op", "op"), ("case", "case"), ("method", "method"), ("density", "density"), ("mode", "mode"),
             ("ms", "ms"), ("ratio", "x base"), ("ratio_to", "base"), ("peak_mb", "peak MB")]
-    table = [[_fmt(r[k], 3 if k == "ratio" else 2) for k, _ in cols] for r in rows]
+    if any("saved_mb" in r for r in rows):
+        cols.append(("saved_mb", "saved for bwd MB"))
+    table = [[_fmt(r.get(k, ""), 3 if k == "ratio" else 2) for k, _ in cols] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h) in enumerate(cols)]
     line = "  ".join(h.ljust(w) for (_, h), w in zip(cols, widths))
     print(line)
@@ -48,10 +50,13 @@ def print_table(rows):
 def write_csv(rows, path: Path, env: dict):
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     fields = ["timestamp", "family", "op", "case", "method", "density", "mode", "ms", "ratio", "ratio_to", "peak_mb",
-              "device", "env"]
+              "saved_mb", "device", "env"]
     new = not path.exists()
+    if not new:  # append under the file's own header (columns added later are left out of old files)
+        with path.open() as f:
+            fields = next(csv.reader(f))
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         env_s = ";".join(f"{k}={v}" for k, v in env.items())
