@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = ["sparse_delta"]
+FAMILIES = ["sparse_delta", "partial", "s2ft"]
 
 
 def _reexec_with_pinned_malloc():
@@ -72,6 +72,8 @@ def write_png(rows, path: Path, title: str):
 
     lin = [r for r in rows if r["op"] == "sparse_delta_linear"]
     cases = sorted({r["case"] for r in lin})
+    if not cases:  # e.g. --only partial: nothing to chart yet
+        return
     fig, axes = plt.subplots(len(cases), 2, figsize=(12, 4 * len(cases)), squeeze=False)
     for ci, case in enumerate(cases):
         sub = [r for r in lin if r["case"] == case and r["mode"] == "train_step"]

@@ -25,6 +25,17 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("sparse_delta_topk_grad(Tensor grad, Tensor x, int k, Tensor? exclude=None) -> (Tensor, Tensor)");
   // Host-side validation (syncs on CUDA): indices 1-D int32/int64, sorted ascending, unique, in [0, out*in).
   m.def("sparse_delta_validate(Tensor indices, int out_features, int in_features) -> ()");
+  // ---- partial: trainable delta on the rows (dim 0) or columns (dim 1) of W picked by a sorted unique int64 index ----
+  // y = x @ W_eff^T + bias, W_eff = W with delta ([k,in] / [out,k]) added at index; range_start >= 0: index is [range_start, +k).
+  m.def("partial_linear(Tensor x, Tensor weight, Tensor? bias, Tensor delta, Tensor index, int dim, int range_start=-1) -> Tensor");
+  // Backward of partial_linear: (grad_x, grad_delta, grad_bias); saved is x[..., index] (dim 1) or x (dim 0); unasked outputs empty.
+  m.def("partial_linear_backward(Tensor grad_out, Tensor saved, Tensor weight, Tensor delta, Tensor index, int dim, bool[3] output_mask, int range_start=-1) -> (Tensor, Tensor, Tensor)");
+  // x[..., index]: gather along the last dim.
+  m.def("partial_gather(Tensor x, Tensor index) -> Tensor");
+  // zeros [..., size] with src [..., k] added at columns index (the gather's adjoint).
+  m.def("partial_scatter_add(Tensor src, Tensor index, int size) -> Tensor");
+  // Host-side validation (syncs on CUDA): index 1-D int64, sorted ascending, unique, in [0, size).
+  m.def("partial_validate(Tensor index, int size) -> ()");
 }
 
 namespace {

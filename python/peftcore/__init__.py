@@ -8,6 +8,13 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers torch.ops.peftcore.*
 from . import ops  # noqa: F401  (fake kernels and autograd)
+from .ops.partial import (  # noqa: F401
+    partial_gather,
+    partial_linear,
+    partial_range_start,
+    partial_scatter_add,
+    partial_validate,
+)
 from .ops.sparse_delta import (  # noqa: F401
     sparse_delta_linear,
     sparse_delta_merge,

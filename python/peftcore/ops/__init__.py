@@ -1,2 +1,3 @@
 """Op families. Importing a family registers its fake kernels and autograd for ``torch.ops.peftcore``."""
+from . import partial  # noqa: F401
 from . import sparse_delta  # noqa: F401

@@ -13,3 +13,14 @@ from .sparse_delta import (  # noqa: F401
     unload_sparse_delta,
     unmerge_sparse_delta,
 )
+from .s2ft import (  # noqa: F401
+    S2FTConfig,
+    S2FTLinear,
+    apply_s2ft,
+    load_s2ft,
+    merge_s2ft,
+    save_s2ft,
+    s2ft_state,
+    unload_s2ft,
+    unmerge_s2ft,
+)

@@ -1,0 +1,170 @@
+"""partial bench: training step (forward + backward, x needing its gradient) and forward of
+peftcore.partial_linear (dim 1, a contiguous range of columns, as S2FT's co-permutation gives) at selection ratios
+1%, 5%, 10% against
+  (a) masked_full — the naive way: W itself trainable, its dense [out, in] gradient masked afterwards;
+  (b) s2ft_torch  — S2FT's formulation in plain torch: F.linear(x, W) + F.linear(x[:, a:b], delta);
+  (c) lora_r16    — LoRA r=16 in plain torch;
+  (d) dense       — a frozen dense linear, the speed of light (every ratio is against it);
+with, per method, the activation memory its autograd graph keeps for the backward ("saved_mb": unique storages
+handed to saved_tensors_hooks, the trainable parameters and W excluded; a saved view counts its whole storage,
+since that is what stays alive). Plus the standalone ops (partial_gather, partial_scatter_add, partial_validate)
+against plain-torch equivalents. Baselines are imported from tests/test_partial.py (one reference, not two).
+
+Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_partial.py [--device cuda] [--quick].
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import compare, peak_memory
+
+import peftcore  # noqa: F401
+from peftcore.ops import partial as pt
+from test_partial import make_index, ref_gather, ref_masked_full, ref_s2ft, ref_scatter_add
+
+RATIOS = (0.01, 0.05, 0.10)
+
+
+def sizes(device: str, quick: bool):
+    """(out, in, tokens, dtype). CPU sizes keep the CPU suite within a few minutes on 2 cores."""
+    if device == "cuda":
+        if quick:
+            return [(4096, 4096, 2048, torch.bfloat16)]
+        return [(4096, 4096, 2048, torch.bfloat16), (11008, 4096, 4096, torch.bfloat16)]
+    if quick:
+        return [(512, 512, 256, torch.float32)]
+    return [(2048, 2048, 1024, torch.float32)]
+
+
+def saved_bytes(fn, exclude) -> int:
+    """Bytes of the unique storages autograd saves while fn() builds its graph, `exclude`'s storages left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _fwd(f):
+    def run():
+        with torch.no_grad():
+            f()
+    return run
+
+
+def _step(f, wrt, g, after=None):
+    def run():
+        grads = torch.autograd.grad(f(), wrt, g)
+        if after is not None:
+            after(grads)
+    return run
+
+
+def _ratio_fns(x, w, g, ratio):
+    """{method: (forward fn, step fn, forward-with-graph fn, params)} at one selection ratio."""
+    out, inn = w.shape
+    k = max(1, int(round(inn * ratio)))
+    a = (inn - k) // 3  # a range inside W, as co-permutation gives
+    idx, _ = make_index(inn, k, "range", a, device=x.device)
+    delta = torch.zeros(out, k, dtype=torch.float32, device=x.device).requires_grad_(True)
+    wt = w.detach().clone().requires_grad_(True)
+    col_mask = torch.zeros(1, inn, dtype=w.dtype, device=w.device)
+    col_mask[:, a:a + k] = 1
+
+    partial = lambda: pt.partial_linear(x, w, None, delta, idx, 1, a)  # noqa: E731
+    s2ft = lambda: ref_s2ft(x, w, None, delta, a)  # noqa: E731
+    masked = lambda: ref_masked_full(x, wt, None, col_mask)  # noqa: E731
+    return {
+        "partial": (_fwd(partial), _step(partial, (x, delta), g), partial, (w, delta)),
+        "s2ft_torch": (_fwd(s2ft), _step(s2ft, (x, delta), g), s2ft, (w, delta)),
+        "masked_full": (_fwd(masked), _step(masked, (x, wt), g, lambda gr: gr[1].mul_(col_mask)), masked, (wt,)),
+    }
+
+
+def _fixed_fns(x, w, g, lora):
+    a, b = lora
+    dense = lambda: F.linear(x, w)  # noqa: E731
+    lora_f = lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0  # noqa: E731
+    return {"dense": (_fwd(dense), _step(dense, (x,), g), dense, (w,)),
+            "lora_r16": (_fwd(lora_f), _step(lora_f, (x, a, b), g), lora_f, (w, a, b))}
+
+
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+    rows = []
+    for out, inn, tokens, dtype in sizes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        w = (torch.randn(out, inn, generator=gen) * inn ** -0.5).to(dtype).to(device)
+        x = torch.randn(tokens, inn, generator=gen).to(dtype).to(device).requires_grad_(True)
+        g = torch.randn(tokens, out, generator=gen).to(dtype).to(device)
+        lora = ((torch.randn(16, inn, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(True),
+                torch.zeros(out, 16, dtype=dtype, device=device).requires_grad_(True))
+        case = f"{out}x{inn} T={tokens} {str(dtype).replace('torch.', '')}"
+        methods = {(name, None): v for name, v in _fixed_fns(x, w, g, lora).items()}
+        for ratio in RATIOS:
+            methods.update({(name, ratio): v for name, v in _ratio_fns(x, w, g, ratio).items()})
+        # Every method of this size is timed in the same interleaved rounds.
+        fns = {(name, r, mode): v[pos] for (name, r), v in methods.items()
+               for mode, pos in (("forward", 0), ("train_step", 1))}
+        times = compare(fns, device, rounds=rounds)
+        for (name, r, mode), t in times.items():
+            _, _, graph_fn, params = methods[(name, r)]
+            saved = saved_bytes(graph_fn, params) if mode == "train_step" else 0
+            rows.append(dict(family="partial", op="partial_linear", case=case, method=name,
+                             density=r if r is not None else "", mode=mode, ms=t * 1e3,
+                             ratio=t / times[("dense", None, mode)], ratio_to="dense",
+                             peak_mb=peak_memory(fns[(name, r, mode)], device) / 2 ** 20,
+                             saved_mb=saved / 2 ** 20, device=device))
+        rows += _op_rows(device, case, x.detach(), rounds)
+    return rows
+
+
+def _op_rows(device, case, x, rounds):
+    """Standalone ops at a 5% scattered selection, each beside the plain-torch way of getting the same result."""
+    inn = x.shape[-1]
+    k = max(1, int(round(inn * 0.05)))
+    idx, _ = make_index(inn, k, "scatter", seed=3, device=x.device)
+    src = x[:, :k].contiguous()
+    pairs = {
+        "partial_gather": (lambda: pt.partial_gather(x, idx), lambda: x.index_select(-1, idx), "index_select"),
+        "partial_scatter_add": (lambda: pt.partial_scatter_add(src, idx, inn), lambda: ref_scatter_add(src, idx, inn),
+                                "zeros_index_add"),
+        "partial_validate": (lambda: pt.partial_validate(idx, inn),
+                             lambda: bool((idx[1:] > idx[:-1]).all()) and int(idx.min()) >= 0 and int(idx.max()) < inn,
+                             "torch_checks"),
+    }
+    assert torch.equal(pt.partial_gather(x, idx), ref_gather(x, idx))
+    fns = {}
+    for op, (mine, base, _) in pairs.items():
+        fns[(op, "peftcore")] = mine
+        fns[(op, "baseline")] = base
+    with torch.no_grad():
+        times = compare(fns, device, rounds=max(3, rounds // 2))
+        rows = []
+        for op, (mine, base, base_name) in pairs.items():
+            for who, fn in (("peftcore", mine), ("baseline", base)):
+                t = times[(op, who)]
+                rows.append(dict(family="partial", op=op, case=case, method=op if who == "peftcore" else base_name,
+                                 density=0.05, mode="op", ms=t * 1e3, ratio=t / times[(op, "baseline")],
+                                 ratio_to=base_name, peak_mb=peak_memory(fn, device) / 2 ** 20, saved_mb="",
+                                 device=device))
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    for r in run(args.device, args.quick, args.rounds):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
