@@ -18,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = ["sparse_delta", "partial", "s2ft"]
+FAMILY_ORDER = {"sparse_delta_linear": 0, "partial_linear": 1, "s2ft_model": 2}
 
 
 def _reexec_with_pinned_malloc():
@@ -70,35 +71,37 @@ def write_png(rows, path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lin = [r for r in rows if r["op"] == "sparse_delta_linear"]
-    cases = sorted({r["case"] for r in lin})
-    if not cases:  # e.g. --only partial: nothing to chart yet
+    # One chart row per (op, case) that has training-step rows: time ratio and peak memory, side by side.
+    steps = [r for r in rows if r["mode"] == "train_step"]
+    groups = sorted({(r["op"], r["case"]) for r in steps}, key=lambda g: (FAMILY_ORDER.get(g[0], 99), g))
+    if not groups:
         return
-    fig, axes = plt.subplots(len(cases), 2, figsize=(12, 4 * len(cases)), squeeze=False)
-    for ci, case in enumerate(cases):
-        sub = [r for r in lin if r["case"] == case and r["mode"] == "train_step"]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4 * len(groups)), squeeze=False)
+    base_colors = {"dense": "#888888", "full_ft": "#888888", "lora_r16": "#4c72b0", "peft_lora_r16": "#4c72b0"}
+    ours = {"sparse_delta", "partial", "s2ft"}
+    for ci, (op, case) in enumerate(groups):
+        sub = [r for r in steps if r["op"] == op and r["case"] == case]
         labels, times, mems, colors = [], [], [], []
-        palette = {"dense": "#888888", "lora_r16": "#4c72b0", "ref_scatter": "#dd8452", "sparse_delta": "#55a868"}
-        for r in sorted(sub, key=lambda r: (r["method"] != "dense", r["method"] != "lora_r16", str(r["density"]),
-                                            r["method"])):
+        for r in sorted(sub, key=lambda r: (r["density"] != "", str(r["density"]), r["method"] in ours, r["method"])):
             d = f"\n{float(r['density']) * 100:g}%" if r["density"] != "" else ""
             labels.append(r["method"] + d)
             times.append(r["ratio"])
             mems.append(r["peak_mb"])
-            colors.append(palette.get(r["method"], "#999999"))
+            colors.append(base_colors.get(r["method"], "#55a868" if r["method"] in ours else "#dd8452"))
+        case = f"{op}, {case}"
         ax = axes[ci][0]
         ax.bar(range(len(labels)), times, color=colors)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
-        ax.set_ylabel("train step time / frozen dense")
-        ax.set_title(f"{case}: time (lower is better)")
+        ax.set_ylabel(f"train step time / {sub[0]['ratio_to']}")
+        ax.set_title(f"{case}: time (lower is better)", fontsize=9)
         for i, v in enumerate(times):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax = axes[ci][1]
         ax.bar(range(len(labels)), mems, color=colors)
         ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
         ax.set_ylabel("peak MB above inputs")
-        ax.set_title(f"{case}: peak memory of one step")
+        ax.set_title(f"{case}: peak memory of one step", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

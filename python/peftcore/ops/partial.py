@@ -15,11 +15,14 @@ Activation memory: for ``dim=1`` the autograd graph saves only ``x[..., index]``
 delta's gradient ``g[..., index]^T x`` needs all of ``x``, which is saved.
 
 Contiguous ranges (``range_start``). When ``index`` is the range ``[a, a+k)`` (what S2FT's co-permutation of
-the weights produces) the ops split the dense GEMM around the selected block, whose slice of ``W`` is replaced by
-``W_sel + delta``: no extra GEMM and no gather, so a training step costs what a frozen linear costs (plus the
-delta's own gradient). The CPU ops detect ranges themselves; on CUDA that would need a host sync, so pass
-``range_start=a`` explicitly (then ``index`` only gives ``k`` and is not read; :func:`partial_range_start`
-computes ``a`` once, e.g. when the adapter is created). ``range_start=None`` / ``-1`` means "use index".
+the weights produces) the selected block is a strided view of ``x``, ``W`` and the outputs: no gather, no
+scatter. On CPU the delta's product is one small GEMM accumulated into the view of the dense result (measured
+faster here than splitting the dense GEMM around the block, which makes BLAS re-pack the shared operand per
+block); on CUDA the dense GEMM is split around the block, whose slice of ``W`` is replaced by ``W_sel + delta``
+(no extra GEMM; a choice still to be measured on a GPU). The CPU ops detect ranges themselves; on CUDA that
+would need a host sync, so pass ``range_start=a`` explicitly (then ``index`` only gives ``k`` and is not read;
+:func:`partial_range_start` computes ``a`` once, e.g. when the adapter is created). ``range_start=None`` / ``-1``
+means "use index".
 
 Validation: on CPU every op checks the index (sorted, unique, in range) on the way. On CUDA the hot path never
 syncs with the host (the ops are CUDA-graph capturable), so the structural checks live in
