@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import compare, peak_memory
+from common import compare, forward_only, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import partial as pt
@@ -55,21 +55,6 @@ def saved_bytes(fn, exclude) -> int:
     return sum(seen.values())
 
 
-def _fwd(f):
-    def run():
-        with torch.no_grad():
-            f()
-    return run
-
-
-def _step(f, wrt, g, after=None):
-    def run():
-        grads = torch.autograd.grad(f(), wrt, g)
-        if after is not None:
-            after(grads)
-    return run
-
-
 def _ratio_fns(x, w, g, ratio):
     """{method: (forward fn, step fn, forward-with-graph fn, params)} at one selection ratio."""
     out, inn = w.shape
@@ -85,9 +70,9 @@ def _ratio_fns(x, w, g, ratio):
     s2ft = lambda: ref_s2ft(x, w, None, delta, a)  # noqa: E731
     masked = lambda: ref_masked_full(x, wt, None, col_mask)  # noqa: E731
     return {
-        "partial": (_fwd(partial), _step(partial, (x, delta), g), partial, (w, delta)),
-        "s2ft_torch": (_fwd(s2ft), _step(s2ft, (x, delta), g), s2ft, (w, delta)),
-        "masked_full": (_fwd(masked), _step(masked, (x, wt), g, lambda gr: gr[1].mul_(col_mask)), masked, (wt,)),
+        "partial": (forward_only(partial), train_step(partial, (x, delta), g), partial, (w, delta)),
+        "s2ft_torch": (forward_only(s2ft), train_step(s2ft, (x, delta), g), s2ft, (w, delta)),
+        "masked_full": (forward_only(masked), train_step(masked, (x, wt), g, lambda gr: gr[1].mul_(col_mask)), masked, (wt,)),
     }
 
 
@@ -95,8 +80,8 @@ def _fixed_fns(x, w, g, lora):
     a, b = lora
     dense = lambda: F.linear(x, w)  # noqa: E731
     lora_f = lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0  # noqa: E731
-    return {"dense": (_fwd(dense), _step(dense, (x,), g), dense, (w,)),
-            "lora_r16": (_fwd(lora_f), _step(lora_f, (x, a, b), g), lora_f, (w, a, b))}
+    return {"dense": (forward_only(dense), train_step(dense, (x,), g), dense, (w,)),
+            "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g), lora_f, (w, a, b))}
 
 
 def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:

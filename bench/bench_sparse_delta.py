@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import compare, peak_memory
+from common import compare, forward_only, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import sparse_delta as sd
@@ -39,22 +39,11 @@ def _step_fns(x, w, idx, vals, g):
     """{method: (forward fn, training-step fn)}; a step returns nothing and leaves no .grad behind."""
     v = vals.detach().clone().requires_grad_(True)
 
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f()
-        return run
-
-    def step(f, wrt):
-        def run():
-            torch.autograd.grad(f(), wrt, g)
-        return run
-
     sparse = lambda: sd.sparse_delta_linear(x, w, None, idx, v, 2.0)  # noqa: E731
     scatter = lambda: ref_linear_scatter(x, w, None, idx, v, 2.0)  # noqa: E731
     return {
-        "sparse_delta": (fwd(sparse), step(sparse, (x, v))),
-        "ref_scatter": (fwd(scatter), step(scatter, (x, v))),
+        "sparse_delta": (forward_only(sparse), train_step(sparse, (x, v), g)),
+        "ref_scatter": (forward_only(scatter), train_step(scatter, (x, v), g)),
     }
 
 
@@ -63,18 +52,8 @@ def _fixed_fns(x, w, g, lora):
     dense = lambda: F.linear(x, w)  # noqa: E731
     lora_f = lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0  # noqa: E731
 
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f()
-        return run
-
-    def step(f, wrt):
-        def run():
-            torch.autograd.grad(f(), wrt, g)
-        return run
-
-    return {"dense": (fwd(dense), step(dense, (x,))), "lora_r16": (fwd(lora_f), step(lora_f, (x, a, b)))}
+    return {"dense": (forward_only(dense), train_step(dense, (x,), g)),
+            "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g))}
 
 
 def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:

@@ -117,3 +117,20 @@ def environment() -> dict:
         pass
     env["nproc"] = os.cpu_count()
     return env
+
+
+def forward_only(f):
+    """A callable running f() under no_grad (the inference forward)."""
+    def run():
+        with torch.no_grad():
+            f()
+    return run
+
+
+def train_step(f, wrt, g, after=None):
+    """A callable running f() and its backward into the tensors `wrt` with output gradient g (no .grad left)."""
+    def run():
+        grads = torch.autograd.grad(f(), wrt, g)
+        if after is not None:
+            after(grads)
+    return run

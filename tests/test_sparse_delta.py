@@ -4,7 +4,7 @@ import torch
 
 import peftcore  # noqa: F401
 from peftcore.ops import sparse_delta as sd
-from peftcore.testing import OpCase, Sample, check_compile, check_gradcheck, check_opcheck, check_reference, devices
+from peftcore.testing import OpCase, Sample, devices, op_test_suite
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -180,27 +180,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(case, device):
-    check_opcheck(case, device)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_reference(case, device):
-    check_reference(case, device)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c.grad_args], ids=str)
-def test_gradcheck(case):
-    check_gradcheck(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile(case, device):
-    check_compile(case, device)
+test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES)
 
 
 def test_compile_inductor_training_step():

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda_glue.h"
 #include "partial/partial.h"
 #include "partial/partial_launch.h"
 
@@ -19,13 +20,6 @@ namespace peftcore::partial {
 namespace {
 
 namespace cu = peftcore::partial::cuda;
-
-void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  check_float(op, name, t);
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got ", t.device());
-  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": ", name,
-              " must be float32, float16 or bfloat16 on CUDA (float64 runs on CPU only), got ", t.scalar_type());
-}
 
 cu::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -36,14 +30,13 @@ cu::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor gather_cuda_kernel(const at::Tensor& x2d, const at::Tensor& index) {
   auto idx = index.contiguous();
   const int64_t T = x2d.size(0), F = x2d.size(1), k = idx.numel();
   auto out = at::empty({T, k}, x2d.options());
   cu::gather(kernel_dtype(x2d.scalar_type()), x2d.const_data_ptr(), x2d.stride(0), F, idx.const_data_ptr<int64_t>(),
-             k, out.mutable_data_ptr(), T, stream());
+             k, out.mutable_data_ptr(), T, current_stream());
   return out;
 }
 
@@ -53,7 +46,7 @@ void scatter_add_into_cuda_kernel(const at::Tensor& y2d, const at::Tensor& src, 
   const int64_t T = y2d.size(0), F = y2d.size(1), k = idx.numel();
   TORCH_CHECK(y2d.stride(1) == 1, "partial_scatter_add: output must be row-major, got strides ", y2d.strides());
   cu::scatter_add(kernel_dtype(y2d.scalar_type()), s.const_data_ptr(), idx.const_data_ptr<int64_t>(), k,
-                  y2d.mutable_data_ptr(), y2d.stride(0), F, T, stream());
+                  y2d.mutable_data_ptr(), y2d.stride(0), F, T, current_stream());
 }
 
 // N split on: cuBLAS writes column views through ldc with no re-packing (unmeasured: no GPU here yet).
@@ -63,7 +56,7 @@ const Kernels kCudaKernels{&gather_cuda_kernel, &scatter_add_into_cuda_kernel, /
 at::Tensor partial_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& delta, const at::Tensor& index, int64_t dim, int64_t range_start) {
   constexpr const char* op = "partial_linear";
-  check_activation(op, "x", x);
+  check_cuda_activation(op, "x", x);
   check_linear_args(op, "x", x, weight, delta, index, dim, range_start);
   const c10::cuda::CUDAGuard guard(x.device());
   return linear_forward(x, weight, bias, delta, index, dim, range_start, kCudaKernels);
@@ -73,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_linear_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& weight, const at::Tensor& delta,
     const at::Tensor& index, int64_t dim, std::array<bool, 3> mask, int64_t range_start) {
   constexpr const char* op = "partial_linear_backward";
-  check_activation(op, "grad_out", grad_out);
+  check_cuda_activation(op, "grad_out", grad_out);
   check_linear_args(op, "grad_out", grad_out, weight, delta, index, dim, range_start);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   return linear_backward(grad_out, saved, weight, delta, index, dim, mask, range_start, kCudaKernels);
@@ -81,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_linear_backward_cuda(
 
 at::Tensor partial_gather_cuda(const at::Tensor& x, const at::Tensor& index) {
   constexpr const char* op = "partial_gather";
-  check_activation(op, "x", x);
+  check_cuda_activation(op, "x", x);
   check_index(op, index, x);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim, got a scalar");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -92,7 +85,7 @@ at::Tensor partial_gather_cuda(const at::Tensor& x, const at::Tensor& index) {
 
 at::Tensor partial_scatter_add_cuda(const at::Tensor& src, const at::Tensor& index, int64_t size) {
   constexpr const char* op = "partial_scatter_add";
-  check_activation(op, "src", src);
+  check_cuda_activation(op, "src", src);
   check_index(op, index, src);
   TORCH_CHECK(size >= 0, op, ": size must be >= 0, got ", size);
   const c10::cuda::CUDAGuard guard(src.device());

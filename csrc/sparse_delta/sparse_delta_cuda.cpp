@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda_glue.h"
 #include "sparse_delta/sparse_delta.h"
 #include "sparse_delta/sparse_delta_launch.h"
 
@@ -20,13 +21,6 @@ namespace peftcore::sparse_delta {
 namespace {
 
 namespace cu = peftcore::sparse_delta::cuda;
-
-void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  check_float(op, name, t);
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got ", t.device());
-  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": ", name,
-              " must be float32, float16 or bfloat16 on CUDA (float64 runs on CPU only), got ", t.scalar_type());
-}
 
 cu::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -37,7 +31,6 @@ cu::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // The CSR view of S for one call. Holds the tensors the launch params point into (freed back to the caching
 // allocator after the call, which is safe: later work on the same stream is ordered after the kernels).
@@ -69,7 +62,7 @@ Delta make_delta(const at::Tensor& indices, const at::Tensor* values, int64_t ou
 at::Tensor sparse_delta_spmm_cuda(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
                                   int64_t out_features, double scale) {
   constexpr const char* op = "sparse_delta_spmm";
-  check_activation(op, "x", x);
+  check_cuda_activation(op, "x", x);
   check_delta(op, indices, values, x);
   TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -77,14 +70,14 @@ at::Tensor sparse_delta_spmm_cuda(const at::Tensor& x, const at::Tensor& indices
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
   auto d = make_delta(indices, &values, out_features, in, x.scalar_type(), scale);
-  cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), stream());
+  cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), current_stream());
   return y2d.view(with_last_dim(x, out_features));
 }
 
 at::Tensor sparse_delta_spmm_t_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& values,
                                     int64_t in_features, double scale) {
   constexpr const char* op = "sparse_delta_spmm_t";
-  check_activation(op, "grad", grad);
+  check_cuda_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
   TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
   const c10::cuda::CUDAGuard guard(grad.device());
@@ -92,29 +85,29 @@ at::Tensor sparse_delta_spmm_t_cuda(const at::Tensor& grad, const at::Tensor& in
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
   auto d = make_delta(indices, &values, out, in_features, grad.scalar_type(), scale);
-  cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), g2d.size(0), stream());
+  cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), g2d.size(0), current_stream());
   return gx2d.view(with_last_dim(grad, in_features));
 }
 
 at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& indices,
                                    double scale, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "sparse_delta_sddmm";
-  check_activation(op, "grad", grad);
-  check_activation(op, "x", x);
+  check_cuda_activation(op, "grad", grad);
+  check_cuda_activation(op, "x", x);
   check_indices(op, indices, grad);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
   auto d = make_delta(indices, nullptr, out, in, grad.scalar_type(), scale);
   auto gv = at::zeros({d.p.nnz}, grad.options().dtype(at::kFloat));
-  cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv.mutable_data_ptr<float>(), g2d.size(0), stream());
+  cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv.mutable_data_ptr<float>(), g2d.size(0), current_stream());
   return gv.to(out_dtype.value_or(at::kFloat));
 }
 
 at::Tensor sparse_delta_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                     const at::Tensor& indices, const at::Tensor& values, double scale) {
   constexpr const char* op = "sparse_delta_linear";
-  check_activation(op, "x", x);
+  check_cuda_activation(op, "x", x);
   check_weight(op, weight, bias, x);
   check_delta(op, indices, values, x);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -122,7 +115,7 @@ at::Tensor sparse_delta_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = dense_forward(x2d, weight, bias);
   auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
-  cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), stream());
+  cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), current_stream());
   return y2d.view(with_last_dim(x, out));
 }
 
@@ -130,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
     const at::Tensor& values, double scale, std::array<bool, 3> mask) {
   constexpr const char* op = "sparse_delta_linear_backward";
-  check_activation(op, "grad_out", grad_out);
+  check_cuda_activation(op, "grad_out", grad_out);
   check_weight(op, weight, std::nullopt, x);
   check_delta(op, indices, values, x);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -145,11 +138,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
     auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
     if (mask[0]) {
       gx = at::mm(g2d, weight).contiguous();  // dense part of grad_x; the sparse part is added in place
-      cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx.mutable_data_ptr(), tokens, stream());
+      cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx.mutable_data_ptr(), tokens, current_stream());
     }
     if (mask[1]) {
       auto gv32 = at::zeros({d.p.nnz}, x.options().dtype(at::kFloat));
-      cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv32.mutable_data_ptr<float>(), tokens, stream());
+      cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv32.mutable_data_ptr<float>(), tokens, current_stream());
       gv = gv32.to(values.scalar_type());
     }
   }
@@ -160,13 +153,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
 
 void sparse_delta_merge__cuda(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double scale) {
   constexpr const char* op = "sparse_delta_merge_";
-  check_activation(op, "weight", weight);
+  check_cuda_activation(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got strides ", weight.strides());
   check_delta(op, indices, values, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
   auto d = make_delta(indices, &values, weight.size(0), weight.size(1), weight.scalar_type(), scale);
-  cu::merge(d.p, weight.mutable_data_ptr(), stream());
+  cu::merge(d.p, weight.mutable_data_ptr(), current_stream());
 }
 
 at::Tensor sparse_delta_merge_cuda(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
@@ -185,8 +178,8 @@ constexpr int64_t kTopkTileElems = int64_t(1) << 22;
 std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t k,
                                                                const std::optional<at::Tensor>& exclude) {
   constexpr const char* op = "sparse_delta_topk_grad";
-  check_activation(op, "grad", grad);
-  check_activation(op, "x", x);
+  check_cuda_activation(op, "grad", grad);
+  check_cuda_activation(op, "x", x);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
@@ -211,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cuda(const at::Tensor&
     auto tile = at::mm(gT.slice(0, r0, r0 + nr), xf).contiguous();  // [nr, in] fp32
     auto scores = at::empty({n}, float_opts);
     cu::mask_abs_excluded(tile.const_data_ptr<float>(), n, flat0, n_excl ? excl.const_data_ptr<int64_t>() : nullptr,
-                          n_excl, scores.mutable_data_ptr<float>(), stream());
+                          n_excl, scores.mutable_data_ptr<float>(), current_stream());
     const int64_t nc = cand_s.numel();
     auto pool = nc ? at::cat({cand_s, scores}) : scores;
     auto [vals, pos] = at::topk(pool, std::min<int64_t>(k, pool.numel()), 0, /*largest=*/true, /*sorted=*/false);

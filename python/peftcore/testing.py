@@ -277,3 +277,34 @@ def devices() -> list:
     elif not peftcore.build_info()["with_cuda"]:
         reason = "peftcore was built without CUDA kernels"
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(reason is not None, reason=reason or ""))]
+
+
+def op_test_suite(cases: Sequence[OpCase]):
+    """The four parametrised pytest tests every family runs over its cases:
+
+        test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES)
+    """
+    import pytest
+
+    devs = devices()
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    @pytest.mark.parametrize("device", devs)
+    def test_opcheck(case, device):
+        check_opcheck(case, device)
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    @pytest.mark.parametrize("device", devs)
+    def test_reference(case, device):
+        check_reference(case, device)
+
+    @pytest.mark.parametrize("case", [c for c in cases if c.grad_args], ids=str)
+    def test_gradcheck(case):
+        check_gradcheck(case)
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    @pytest.mark.parametrize("device", devs)
+    def test_compile(case, device):
+        check_compile(case, device)
+
+    return test_opcheck, test_reference, test_gradcheck, test_compile

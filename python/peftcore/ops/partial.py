@@ -35,6 +35,8 @@ from typing import Optional
 
 import torch
 
+from ._common import same_device, with_last
+
 _lib = torch.ops.peftcore
 
 __all__ = [
@@ -98,27 +100,17 @@ def partial_range_start(index) -> int:
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
-def _with_last(t, last):
-    return (*t.shape[:-1], last)
-
-
-def _same_device(op, ref, **tensors):
-    for name, t in tensors.items():
-        if t is not None:
-            torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but the input is on {ref.device}")
-
-
 @torch.library.register_fake("peftcore::partial_linear")
 def _(x, weight, bias, delta, index, dim, range_start=-1):
-    _same_device("partial_linear", x, weight=weight, bias=bias, delta=delta, index=index)
+    same_device("partial_linear", x, weight=weight, bias=bias, delta=delta, index=index)
     torch._check(dim in (0, 1), lambda: f"partial_linear: dim must be 0 (rows) or 1 (columns), got {dim}")
     torch._check(x.shape[-1] == weight.shape[1], lambda: "partial_linear: x's last dim must equal in_features")
-    return x.new_empty(_with_last(x, weight.shape[0]))
+    return x.new_empty(with_last(x, weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::partial_linear_backward")
 def _(grad_out, saved, weight, delta, index, dim, output_mask, range_start=-1):
-    gx = saved.new_empty(_with_last(saved, weight.shape[1])) if output_mask[0] else saved.new_empty((0,))
+    gx = saved.new_empty(with_last(saved, weight.shape[1])) if output_mask[0] else saved.new_empty((0,))
     gd = delta.new_empty(delta.shape) if output_mask[1] else delta.new_empty((0,))
     gb = grad_out.new_empty((weight.shape[0],)) if output_mask[2] else grad_out.new_empty((0,))
     return gx, gd, gb
@@ -126,14 +118,14 @@ def _(grad_out, saved, weight, delta, index, dim, output_mask, range_start=-1):
 
 @torch.library.register_fake("peftcore::partial_gather")
 def _(x, index):
-    _same_device("partial_gather", x, index=index)
-    return x.new_empty(_with_last(x, index.shape[0]))
+    same_device("partial_gather", x, index=index)
+    return x.new_empty(with_last(x, index.shape[0]))
 
 
 @torch.library.register_fake("peftcore::partial_scatter_add")
 def _(src, index, size):
-    _same_device("partial_scatter_add", src, index=index)
-    return src.new_empty(_with_last(src, size))
+    same_device("partial_scatter_add", src, index=index)
+    return src.new_empty(with_last(src, size))
 
 
 @torch.library.register_fake("peftcore::partial_validate")

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from ._common import same_device, with_last
+
 _lib = torch.ops.peftcore
 
 __all__ = [
@@ -99,21 +101,11 @@ def sparse_delta_validate(indices, out_features: int, in_features: int) -> None:
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
-def _with_last(t, last):
-    return (*t.shape[:-1], last)
-
-
-def _same_device(op, ref, **tensors):
-    for name, t in tensors.items():
-        if t is not None:
-            torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but the input is on {ref.device}")
-
-
 @torch.library.register_fake("peftcore::sparse_delta_linear")
 def _(x, weight, bias, indices, values, scale=1.0):
-    _same_device("sparse_delta_linear", x, weight=weight, bias=bias, indices=indices, values=values)
+    same_device("sparse_delta_linear", x, weight=weight, bias=bias, indices=indices, values=values)
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_delta_linear: x's last dim must equal in_features")
-    return x.new_empty(_with_last(x, weight.shape[0]))
+    return x.new_empty(with_last(x, weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear_backward")
@@ -126,14 +118,14 @@ def _(grad_out, x, weight, indices, values, scale, output_mask):
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm")
 def _(x, indices, values, out_features, scale=1.0):
-    _same_device("sparse_delta_spmm", x, indices=indices, values=values)
-    return x.new_empty(_with_last(x, out_features))
+    same_device("sparse_delta_spmm", x, indices=indices, values=values)
+    return x.new_empty(with_last(x, out_features))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm_t")
 def _(grad, indices, values, in_features, scale=1.0):
-    _same_device("sparse_delta_spmm_t", grad, indices=indices, values=values)
-    return grad.new_empty(_with_last(grad, in_features))
+    same_device("sparse_delta_spmm_t", grad, indices=indices, values=values)
+    return grad.new_empty(with_last(grad, in_features))
 
 
 def _sddmm_dtype(grad, out_dtype):
@@ -144,7 +136,7 @@ def _sddmm_dtype(grad, out_dtype):
 
 @torch.library.register_fake("peftcore::sparse_delta_sddmm")
 def _(grad, x, indices, scale=1.0, out_dtype=None):
-    _same_device("sparse_delta_sddmm", grad, x=x, indices=indices)
+    same_device("sparse_delta_sddmm", grad, x=x, indices=indices)
     return grad.new_empty((indices.shape[0],), dtype=_sddmm_dtype(grad, out_dtype))
 
 

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+
+from .._config import TunerConfigMixin, dtype_name
 
 SELECTIONS = ("random", "weight", "gradient")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -16,14 +16,11 @@ PROJ_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 0, 
 
 
 def _dtype_name(dtype: Union[str, torch.dtype]) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
-        raise ValueError(f"S2FTConfig: unknown floating dtype {dtype!r}")
-    return name
+    return dtype_name("S2FTConfig", dtype, floating=True)
 
 
 @dataclass
-class S2FTConfig:
+class S2FTConfig(TunerConfigMixin):
     """Configuration of S2FT (structured sparse fine-tuning, "select sparsely, compute densely").
 
     Per decoder block, a few attention heads and FFN channels are selected; the block's weights are co-permuted
@@ -95,31 +92,3 @@ class S2FTConfig:
     def channels_for(self, intermediate: int) -> int:
         c = self.num_channels if self.num_channels is not None else round(self.channel_ratio * intermediate)
         return min(intermediate, max(1, c))
-
-    def matches(self, name: str) -> bool:
-        """Whether the projection called ``name`` trains (PEFT's rules: exact name, ``.suffix``, or regex)."""
-        if self.exclude_modules and _match(self.exclude_modules, name):
-            return False
-        if self.target_modules is None:
-            raise ValueError("S2FTConfig: target_modules must be set")
-        return _match(self.target_modules, name)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "S2FTConfig":
-        return cls(**{k: v for k, v in d.items() if k != "peft_type"})
-
-    @classmethod
-    def from_json(cls, s: str) -> "S2FTConfig":
-        return cls.from_dict(json.loads(s))
-
-
-def _match(patterns: Union[list[str], str], name: str) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)

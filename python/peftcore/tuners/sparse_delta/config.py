@@ -1,26 +1,21 @@
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+
+from .._config import TunerConfigMixin, dtype_name
 
 SELECTIONS = ("random", "magnitude", "gradient")
 
 
 def _dtype_name(dtype: Union[str, torch.dtype]) -> str:
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
-    name = str(dtype).removeprefix("torch.")
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ValueError(f"SparseDeltaConfig: unknown dtype {dtype!r}")
-    return name
+    return dtype_name("SparseDeltaConfig", dtype)
 
 
 @dataclass
-class SparseDeltaConfig:
+class SparseDeltaConfig(TunerConfigMixin):
     """Configuration of a sparse delta on the chosen linear layers: ``W_eff = W + scale * S``.
 
     Args:
@@ -75,32 +70,3 @@ class SparseDeltaConfig:
     def nnz_for(self, out_features: int, in_features: int) -> int:
         numel = out_features * in_features
         return min(numel, max(1, round(self.density * numel)))
-
-    def matches(self, name: str) -> bool:
-        """Whether the module called ``name`` is targeted (PEFT's rules: exact name, ``.suffix``, or regex)."""
-        if self.exclude_modules and _match(self.exclude_modules, name):
-            return False
-        if self.target_modules is None:
-            raise ValueError("SparseDeltaConfig: target_modules must be set")
-        return _match(self.target_modules, name)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SparseDeltaConfig":
-        d = {k: v for k, v in d.items() if k != "peft_type"}
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "SparseDeltaConfig":
-        return cls.from_dict(json.loads(s))
-
-
-def _match(patterns: Union[list[str], str], name: str) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
