@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import compare, forward_only, peak_memory, train_step
+from common import backward_only, compare, forward_only, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import partial as pt
@@ -56,7 +56,7 @@ def saved_bytes(fn, exclude) -> int:
 
 
 def _ratio_fns(x, w, g, ratio):
-    """{method: (forward fn, step fn, forward-with-graph fn, params)} at one selection ratio."""
+    """{method: (forward fn, step fn, forward-with-graph fn, params, backward fn)} at one selection ratio."""
     out, inn = w.shape
     k = max(1, int(round(inn * ratio)))
     a = (inn - k) // 3  # a range inside W, as co-permutation gives
@@ -69,10 +69,14 @@ def _ratio_fns(x, w, g, ratio):
     partial = lambda: pt.partial_linear(x, w, None, delta, idx, 1, a)  # noqa: E731
     s2ft = lambda: ref_s2ft(x, w, None, delta, a)  # noqa: E731
     masked = lambda: ref_masked_full(x, wt, None, col_mask)  # noqa: E731
+    mask_grad = lambda gr: gr[1].mul_(col_mask)  # noqa: E731
     return {
-        "partial": (forward_only(partial), train_step(partial, (x, delta), g), partial, (w, delta)),
-        "s2ft_torch": (forward_only(s2ft), train_step(s2ft, (x, delta), g), s2ft, (w, delta)),
-        "masked_full": (forward_only(masked), train_step(masked, (x, wt), g, lambda gr: gr[1].mul_(col_mask)), masked, (wt,)),
+        "partial": (forward_only(partial), train_step(partial, (x, delta), g), partial, (w, delta),
+                    backward_only(partial, (x, delta), g)),
+        "s2ft_torch": (forward_only(s2ft), train_step(s2ft, (x, delta), g), s2ft, (w, delta),
+                       backward_only(s2ft, (x, delta), g)),
+        "masked_full": (forward_only(masked), train_step(masked, (x, wt), g, mask_grad), masked, (wt,),
+                        backward_only(masked, (x, wt), g, mask_grad)),
     }
 
 
@@ -80,8 +84,9 @@ def _fixed_fns(x, w, g, lora):
     a, b = lora
     dense = lambda: F.linear(x, w)  # noqa: E731
     lora_f = lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0  # noqa: E731
-    return {"dense": (forward_only(dense), train_step(dense, (x,), g), dense, (w,)),
-            "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g), lora_f, (w, a, b))}
+    return {"dense": (forward_only(dense), train_step(dense, (x,), g), dense, (w,), backward_only(dense, (x,), g)),
+            "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g), lora_f, (w, a, b),
+                         backward_only(lora_f, (x, a, b), g))}
 
 
 def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
@@ -99,10 +104,10 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
             methods.update({(name, ratio): v for name, v in _ratio_fns(x, w, g, ratio).items()})
         # Every method of this size is timed in the same interleaved rounds.
         fns = {(name, r, mode): v[pos] for (name, r), v in methods.items()
-               for mode, pos in (("forward", 0), ("train_step", 1))}
+               for mode, pos in (("forward", 0), ("backward", 4), ("train_step", 1))}
         times = compare(fns, device, rounds=rounds)
         for (name, r, mode), t in times.items():
-            _, _, graph_fn, params = methods[(name, r)]
+            graph_fn, params = methods[(name, r)][2:4]
             saved = saved_bytes(graph_fn, params) if mode == "train_step" else 0
             rows.append(dict(family="partial", op="partial_linear", case=case, method=name,
                              density=r if r is not None else "", mode=mode, ms=t * 1e3,

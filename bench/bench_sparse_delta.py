@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import compare, forward_only, peak_memory, train_step
+from common import backward_only, compare, forward_only, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import sparse_delta as sd
@@ -36,14 +36,14 @@ def sizes(device: str, quick: bool):
 
 
 def _step_fns(x, w, idx, vals, g):
-    """{method: (forward fn, training-step fn)}; a step returns nothing and leaves no .grad behind."""
+    """{method: (forward fn, training-step fn, backward-only fn)}; none leaves a .grad behind."""
     v = vals.detach().clone().requires_grad_(True)
 
     sparse = lambda: sd.sparse_delta_linear(x, w, None, idx, v, 2.0)  # noqa: E731
     scatter = lambda: ref_linear_scatter(x, w, None, idx, v, 2.0)  # noqa: E731
     return {
-        "sparse_delta": (forward_only(sparse), train_step(sparse, (x, v), g)),
-        "ref_scatter": (forward_only(scatter), train_step(scatter, (x, v), g)),
+        "sparse_delta": (forward_only(sparse), train_step(sparse, (x, v), g), backward_only(sparse, (x, v), g)),
+        "ref_scatter": (forward_only(scatter), train_step(scatter, (x, v), g), backward_only(scatter, (x, v), g)),
     }
 
 
@@ -52,8 +52,8 @@ def _fixed_fns(x, w, g, lora):
     dense = lambda: F.linear(x, w)  # noqa: E731
     lora_f = lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0  # noqa: E731
 
-    return {"dense": (forward_only(dense), train_step(dense, (x,), g)),
-            "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g))}
+    return {"dense": (forward_only(dense), train_step(dense, (x,), g), backward_only(dense, (x,), g)),
+            "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g), backward_only(lora_f, (x, a, b), g))}
 
 
 def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
@@ -73,7 +73,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
             per_density[dens] = (_step_fns(x, w, idx, vals, g), idx, vals)
         # Every method of this size is timed in the same interleaved rounds.
         fns = {}
-        for mode, pos in (("forward", 0), ("train_step", 1)):
+        for mode, pos in (("forward", 0), ("backward", 2), ("train_step", 1)):
             for name, pair in fixed.items():
                 fns[(name, None, mode)] = pair[pos]
             for dens, (pairs, _, _) in per_density.items():

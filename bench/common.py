@@ -134,3 +134,17 @@ def train_step(f, wrt, g, after=None):
         if after is not None:
             after(grads)
     return run
+
+
+def backward_only(f, wrt, g, after=None):
+    """A callable running only the backward: the graph of f() is built on the first call and kept
+    (retain_graph), so each call times the gradient computation alone."""
+    state = {}
+
+    def run():
+        if "y" not in state:
+            state["y"] = f()
+        grads = torch.autograd.grad(state["y"], wrt, g, retain_graph=True)
+        if after is not None:
+            after(grads)
+    return run
