@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--only", nargs="*", default=FAMILIES)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=11)
     args = ap.parse_args()
     _reexec_with_pinned_malloc()
     sys.path.insert(0, str(HERE))
