@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -8,8 +7,10 @@ from torch import nn
 
 from peftcore.ops.partial import partial_linear
 
+from .._layer import FrozenLinearAdapter
 
-class S2FTLinear(nn.Module):
+
+class S2FTLinear(FrozenLinearAdapter):
     """An ``nn.Linear`` whose selected rows (``dim=0``) or columns (``dim=1``) train:
     ``W_eff = W`` except ``W_eff[index, :] = W[index, :] + delta`` (dim 0, ``delta`` [k, in]) or
     ``W_eff[:, index] = W[:, index] + delta`` (dim 1, ``delta`` [out, k]).
@@ -31,14 +32,9 @@ class S2FTLinear(nn.Module):
         orig_index: Optional[torch.Tensor] = None,
         delta_dtype: torch.dtype = torch.float32,
     ):
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"S2FTLinear: base_layer must be nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
         if dim not in (0, 1):
             raise ValueError(f"S2FTLinear: dim must be 0 (rows) or 1 (columns), got {dim}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
         w = base_layer.weight
         index = torch.as_tensor(index).to(device=w.device)
         if index.dtype != torch.int64 or index.dim() != 1 or index.numel() == 0:
@@ -61,40 +57,17 @@ class S2FTLinear(nn.Module):
         self.range_start = range_start
         shape = (k, w.shape[1]) if dim == 0 else (w.shape[0], k)
         self.delta = nn.Parameter(torch.zeros(shape, dtype=delta_dtype, device=w.device))
-        self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
 
     @property
     def k(self) -> int:
         return self.index.numel()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return partial_linear(
             x, self.base_layer.weight, self.base_layer.bias, self.delta, self.index, self.dim, self.range_start
         )
 
-    def get_base_layer(self) -> nn.Linear:
-        return self.base_layer
-
-    @torch.no_grad()
-    def _add_delta(self, sign: float) -> None:
+    def add_to_weight(self, sign: float) -> None:
         w = self.base_layer.weight
         d = self.delta.detach().to(w.dtype)
         if self.range_start is not None:
@@ -102,26 +75,10 @@ class S2FTLinear(nn.Module):
         else:
             w.index_add_(self.dim, self.index, d, alpha=sign)
 
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        """``W[selection] += delta`` in place. ``safe_merge`` first checks the merged slice is finite. The keyword
-        arguments match PEFT's tuner layers."""
-        if self.merged:
-            warnings.warn("S2FTLinear.merge: already merged; nothing done")
-            return
-        if safe_merge:
-            w = self.base_layer.weight
-            cur = w.detach().index_select(self.dim, self.index)
-            if not torch.isfinite(cur + self.delta.detach().to(w.dtype)).all():
-                raise ValueError("S2FTLinear.merge: the merged weight has NaN/inf; not merged")
-        self._add_delta(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("S2FTLinear.unmerge: not merged; nothing done")
-            return
-        self._add_delta(-1.0)
-        self.merged = False
+    def merged_weight_is_finite(self) -> bool:
+        w = self.base_layer.weight
+        cur = w.detach().index_select(self.dim, self.index)
+        return bool(torch.isfinite(cur + self.delta.detach().to(w.dtype)).all())
 
     def extra_repr(self) -> str:
         n = self.base_layer.weight.shape[self.dim]

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-import warnings
-from typing import Optional
 
 import torch
 from torch import nn
 
 from peftcore.ops import sparse_delta as sd
 
+from .._layer import FrozenLinearAdapter
 
-class SparseDeltaLinear(nn.Module):
+
+class SparseDeltaLinear(FrozenLinearAdapter):
     """An ``nn.Linear`` with a trainable sparse delta: ``y = x @ (W + scale * S)^T + b``.
 
     ``base_layer`` is kept (frozen) and never copied; ``S`` is held as ``indices`` (buffer, sorted unique flat
@@ -27,12 +27,7 @@ class SparseDeltaLinear(nn.Module):
         values_dtype: torch.dtype = torch.float32,
         validate: bool = True,
     ):
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SparseDeltaLinear: base_layer must be nn.Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        super().__init__(base_layer)
         w = base_layer.weight
         indices = indices.to(device=w.device)
         if indices.dtype not in (torch.int32, torch.int64):
@@ -42,63 +37,22 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", indices.contiguous())
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=w.device))
         self.scale = float(scale)
-        self.merged = False
-
-    # -- the base layer's surface, so code that reads module.weight / in_features keeps working
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
 
     @property
     def nnz(self) -> int:
         return self.indices.numel()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return sd.sparse_delta_linear(
             x, self.base_layer.weight, self.base_layer.bias, self.indices, self.values, self.scale
         )
 
-    def get_base_layer(self) -> nn.Linear:
-        return self.base_layer
+    def add_to_weight(self, sign: float) -> None:
+        sd.sparse_delta_merge_(self.base_layer.weight, self.indices, self.values.detach(), sign * self.scale)
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        """``W += scale * S`` in place. ``safe_merge`` first checks the merged weight is finite. The keyword
-        arguments match PEFT's tuner layers, so PEFT's ``merge_and_unload`` also merges and unloads these."""
-        if self.merged:
-            warnings.warn("SparseDeltaLinear.merge: already merged; nothing done")
-            return
+    def merged_weight_is_finite(self) -> bool:
         w = self.base_layer.weight
-        if safe_merge:
-            merged = sd.sparse_delta_merge(w, self.indices, self.values.detach(), self.scale)
-            if not torch.isfinite(merged).all():
-                raise ValueError("SparseDeltaLinear.merge: the merged weight has NaN/inf; not merged")
-            w.copy_(merged)
-        else:
-            sd.sparse_delta_merge_(w, self.indices, self.values.detach(), self.scale)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("SparseDeltaLinear.unmerge: not merged; nothing done")
-            return
-        sd.sparse_delta_merge_(self.base_layer.weight, self.indices, self.values.detach(), -self.scale)
-        self.merged = False
+        return bool(torch.isfinite(sd.sparse_delta_merge(w, self.indices, self.values.detach(), self.scale)).all())
 
     def delta_state(self) -> dict[str, torch.Tensor]:
         """``{"indices", "values"}`` of this layer's delta (detached; values as trained, not scaled)."""
