@@ -36,6 +36,28 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("partial_scatter_add(Tensor src, Tensor index, int size) -> Tensor");
   // Host-side validation (syncs on CUDA): index 1-D int64, sorted ascending, unique, in [0, size).
   m.def("partial_validate(Tensor index, int size) -> ()");
+  // ---- blockdiag: block-diagonal and Monarch (two block-diagonal stages + a stride permutation) matmuls ----
+  // y[..., j*bo:(j+1)*bo] = x[..., j*bi:(j+1)*bi] @ blocks[j]^T for blocks [nb, bo, bi], x [..., nb*bi].
+  m.def("blockdiag_matmul(Tensor x, Tensor blocks) -> Tensor");
+  // Backward of blockdiag_matmul: (grad_x, grad_blocks); outputs not asked for in output_mask are empty.
+  m.def("blockdiag_matmul_backward(Tensor grad_out, Tensor x, Tensor blocks, bool[2] output_mask) -> (Tensor, Tensor)");
+  // fly's blockdiag_butterfly_multiply, fused: w1 [k, q, p], w2 [l, s, r], l*r == k*q; x [..., k*p] -> [..., l*s].
+  m.def("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor");
+  // Backward of monarch_matmul: (grad_x, grad_w1, grad_w2), the intermediate recomputed; unasked outputs empty.
+  m.def("monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // ---- orthogonal: OFT / BOFT orthogonal blocks from free params A [nb, b, b] (S = (A - A^T)/2) and the butterfly chain ----
+  // R = (I - S)(I + S)^{-1} per block (PEFT BOFT cayley_batch / OFT use_cayley_neumann=False), fp32 accumulation.
+  m.def("orthogonal_cayley(Tensor params) -> Tensor");
+  // Backward of orthogonal_cayley from its output R: dL/dA = skew(-1/2 (I + R)^T grad (I + R)^T).
+  m.def("orthogonal_cayley_backward(Tensor grad, Tensor R) -> Tensor");
+  // PEFT OFT's truncated Neumann series: I + 2S + ... + 2S^(terms-2) + S^(terms-1) per block.
+  m.def("orthogonal_cayley_neumann(Tensor params, int terms=5) -> Tensor");
+  // Backward of orthogonal_cayley_neumann: dL/dA.
+  m.def("orthogonal_cayley_neumann_backward(Tensor grad, Tensor params, int terms) -> Tensor");
+  // BOFT chain on x [..., d]: for i = m-1..0, x <- (x[..., inv(perm[i])] @ blockdiag(rotations[i]))[..., perm[i]].
+  m.def("orthogonal_boft_apply(Tensor x, Tensor rotations, Tensor perm) -> Tensor");
+  // Backward of orthogonal_boft_apply: (grad_x, grad_rotations), x's chain recomputed; unasked outputs empty.
+  m.def("orthogonal_boft_apply_backward(Tensor grad_out, Tensor x, Tensor rotations, Tensor perm, bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 namespace {

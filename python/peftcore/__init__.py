@@ -8,6 +8,14 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers torch.ops.peftcore.*
 from . import ops  # noqa: F401  (fake kernels and autograd)
+from .ops.blockdiag import blockdiag_matmul, monarch_matmul  # noqa: F401
+from .ops.orthogonal import (  # noqa: F401
+    boft_apply,
+    boft_permutations,
+    orthogonal_boft_apply,
+    orthogonal_cayley,
+    orthogonal_cayley_neumann,
+)
 from .ops.partial import (  # noqa: F401
     partial_gather,
     partial_linear,

@@ -1,0 +1,102 @@
+"""blockdiag bench: peftcore.monarch_matmul (fused, the intermediate kept per token tile) forward / backward /
+training step against
+  (a) two_bmm — HazyResearch fly's two-bmm form (ref_monarch_two_bmm, imported from tests/test_blockdiag.py);
+  (b) dense   — a dense linear of the same in / out shape (every ratio is against the two-bmm form; the dense row
+                shows what the structure saves);
+plus blockdiag_matmul against one bmm between permutes (ref_blockdiag). Peak memory per call (bench/common.py).
+
+Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_blockdiag.py [--device cuda] [--quick].
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import backward_only, compare, forward_only, peak_memory, train_step
+
+import peftcore  # noqa: F401
+from peftcore.ops import blockdiag as bd
+from test_blockdiag import ref_blockdiag, ref_monarch_two_bmm
+
+
+def sizes(device: str, quick: bool):
+    """(d, block counts, tokens, dtype). CPU: two sizes x two block counts keep the family under ~45 s."""
+    if device == "cuda":
+        if quick:
+            return [(2048, (4, 32), 4096, torch.bfloat16)]
+        return [(1024, (4, 32), 8192, torch.bfloat16), (2048, (4, 16, 64), 8192, torch.bfloat16),
+                (4096, (4, 16, 64), 8192, torch.bfloat16)]
+    if quick:
+        return [(512, (4, 16), 256, torch.float32)]
+    return [(1024, (4, 32), 1024, torch.float32), (2048, (4, 32), 512, torch.float32)]
+
+
+def _monarch_weights(d, nb, dtype, device, gen):
+    """Square Monarch factors for d features and nb blocks: w1 [nb, d/nb, d/nb], w2 [nb, d/nb, d/nb]."""
+    b = d // nb
+    w1 = (torch.randn(nb, b, b, generator=gen) * b ** -0.5).to(dtype).to(device).requires_grad_(True)
+    w2 = (torch.randn(nb, b, b, generator=gen) * b ** -0.5).to(dtype).to(device).requires_grad_(True)
+    return w1, w2
+
+
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+    # CPU: the two-bmm backward takes ~2 s per call at 32 blocks (strided bmm gradients), so 3 rounds keep the
+    # family within ~45 s; the medians are noisier than the other families'.
+    if device == "cpu":
+        rounds = min(rounds, 3)
+    rows = []
+    for d, nbs, tokens, dtype in sizes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, d, generator=gen).to(dtype).to(device).requires_grad_(True)
+        g = torch.randn(tokens, d, generator=gen).to(dtype).to(device)
+        w = (torch.randn(d, d, generator=gen) * d ** -0.5).to(dtype).to(device).requires_grad_(True)
+        for nb in nbs:
+            w1, w2 = _monarch_weights(d, nb, dtype, device, gen)
+            case = f"d={d} nb={nb} T={tokens} {str(dtype).replace('torch.', '')}"
+            ours = lambda: bd.monarch_matmul(x, w1, w2)  # noqa: E731
+            two = lambda: ref_monarch_two_bmm(x, w1, w2)  # noqa: E731
+            dense = lambda: F.linear(x, w)  # noqa: E731
+            with torch.no_grad():
+                torch.testing.assert_close(ours(), two(), atol=1e-2, rtol=1e-2)
+            methods = {"monarch_matmul": (ours, (x, w1, w2)), "two_bmm": (two, (x, w1, w2)), "dense": (dense, (x, w))}
+            fns = {}
+            for name, (f, wrt) in methods.items():
+                fns[(name, "forward")] = forward_only(f)
+                fns[(name, "backward")] = backward_only(f, wrt, g)
+                fns[(name, "train_step")] = train_step(f, wrt, g)
+            times = compare(fns, device, rounds=rounds)
+            for (name, mode), t in times.items():
+                rows.append(dict(family="blockdiag", op="monarch_matmul", case=case, method=name, density="",
+                                 mode=mode, ms=t * 1e3, ratio=t / times[("two_bmm", mode)], ratio_to="two_bmm",
+                                 peak_mb=peak_memory(fns[(name, mode)], device) / 2 ** 20, device=device))
+            rows += _blockdiag_rows(device, case, x.detach(), w1.detach(), g, rounds)
+    return rows
+
+
+def _blockdiag_rows(device, case, x, blocks, g, rounds):
+    """blockdiag_matmul vs one bmm between permutes, forward and training step."""
+    x = x.clone().requires_grad_(True)
+    blocks = blocks.clone().requires_grad_(True)
+    ours = lambda: bd.blockdiag_matmul(x, blocks)  # noqa: E731
+    base = lambda: ref_blockdiag(x, blocks)  # noqa: E731
+    fns = {}
+    for name, f in (("blockdiag_matmul", ours), ("bmm_permute", base)):
+        fns[(name, "forward")] = forward_only(f)
+        fns[(name, "train_step")] = train_step(f, (x, blocks), g)
+    times = compare(fns, device, rounds=max(3, rounds // 2))
+    return [dict(family="blockdiag", op="blockdiag_matmul", case=case, method=name, density="", mode=mode,
+                 ms=t * 1e3, ratio=t / times[("bmm_permute", mode)], ratio_to="bmm_permute",
+                 peak_mb=peak_memory(fns[(name, mode)], device) / 2 ** 20, device=device)
+            for (name, mode), t in times.items()]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    for r in run(args.device, args.quick, args.rounds):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})

@@ -1,0 +1,99 @@
+"""orthogonal bench: a BOFT / OFT layer's training step (forward + backward into x and the adapter parameters) and
+inference forward at d = 1024, 1024 tokens:
+  (a) peftcore — the op path (peftcore.tuners.boft.BOFTLinear / peftcore.tuners.oft.OFTLinear: Cayley blocks +
+      the butterfly chain on the activations, no d x d matrix);
+  (b) peft     — HF PEFT's own layer of the same config (BOFT builds the d x d rotation; on a machine without its
+      fbd_cuda extension the test's plain-torch stand-in keeps n_butterfly_factor > 1, as PEFT would on a GPU);
+  (c) dense    — the frozen linear alone (every ratio is against it; speedup_vs_peft in the row too);
+with peak memory per call. The interop layers and the fbd stand-in come from tests/test_orthogonal.py.
+
+Run through bench/run.py or alone: python bench/bench_orthogonal.py [--device cuda] [--quick].
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from common import compare, forward_only, peak_memory, train_step
+
+import peftcore  # noqa: F401
+from test_orthogonal import _FakeFBD, _Tiny
+
+
+def sizes(device: str, quick: bool):
+    """(d, tokens, dtype)."""
+    if device == "cuda":
+        return [(1024, 1024, torch.bfloat16)] if quick else [(1024, 1024, torch.bfloat16), (4096, 2048, torch.bfloat16)]
+    return [(256, 256, torch.float32)] if quick else [(1024, 1024, torch.float32)]
+
+
+CONFIGS = [  # (method, kwargs)
+    ("boft", dict(boft_block_size=32, boft_n_butterfly_factor=2)),
+    ("oft", dict(oft_block_size=32, r=0)),
+]
+
+
+def _peft_layer(kind, kw, d, device, dtype):
+    import peft
+    import peft.tuners.boft.layer as boft_layer
+
+    from peftcore.tuners.boft import BOFTLinear
+    from peftcore.tuners.oft import OFTLinear
+
+    if boft_layer._FBD_CUDA is None:
+        boft_layer._FBD_CUDA = _FakeFBD()  # never compile the extension here; keep the butterfly factor
+    cfg = (peft.BOFTConfig(target_modules=["lin"], init_weights=False, **kw) if kind == "boft"
+           else peft.OFTConfig(target_modules=["lin"], init_weights=False, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_Tiny(d, d), cfg).to(device)
+    model.base_model.model.lin.base_layer.to(dtype)
+    layer = model.base_model.model.lin
+    ours = BOFTLinear.from_peft(layer) if kind == "boft" else OFTLinear.from_peft(layer)
+    params = ([layer.boft_R["default"], layer.boft_s["default"]] if kind == "boft"
+              else [layer.oft_R["default"].weight])
+    return layer, ours, params
+
+
+def run(device: str = "cpu", quick: bool = False, rounds: int = 3) -> list:
+    rows = []
+    for d, tokens, dtype in sizes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, d, generator=gen).to(dtype).to(device).requires_grad_(True)
+        g = torch.randn(tokens, d, generator=gen).to(dtype).to(device)
+        case = f"d={d} T={tokens} {str(dtype).replace('torch.', '')}"
+        fns, meta = {}, {}
+        for kind, kw in CONFIGS:
+            layer, ours, params = _peft_layer(kind, kw, d, device, dtype)
+            w = layer.get_base_layer().weight
+            dense = lambda w=w: F.linear(x, w)  # noqa: E731
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x).float(), layer(x).float(), atol=1e-3, rtol=1e-3)
+            for method, f, wrt in (("peftcore", lambda o=ours: o(x), [x, *params]),
+                                   ("peft", lambda m=layer: m(x), [x, *params]), ("dense", dense, [x])):
+                fns[(kind, method, "train_step")] = train_step(f, wrt, g)
+                fns[(kind, method, "forward")] = forward_only(f)
+            cfg = ",".join(f"{k}={v}" for k, v in kw.items())
+            meta[kind] = cfg
+        # PEFT's BOFT layer takes seconds a step on CPU: at most 3 interleaved rounds keep the family < 45 s.
+        times = compare(fns, device, rounds=min(rounds, 3) if device == "cpu" else rounds)
+        for (kind, method, mode), t in times.items():
+            rows.append(dict(family="orthogonal", op=f"{kind}_layer", case=f"{case} {meta[kind]}", method=method,
+                             density="", mode=mode, ms=t * 1e3, ratio=t / times[(kind, "dense", mode)],
+                             ratio_to="dense", speedup_vs_peft=times[(kind, "peft", mode)] / t,
+                             peak_mb=peak_memory(fns[(kind, method, mode)], device) / 2 ** 20, saved_mb="",
+                             device=device))
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    for r in run(args.device, args.quick, args.rounds):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})

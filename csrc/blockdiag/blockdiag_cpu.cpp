@@ -1,0 +1,600 @@
+// blockdiag CPU kernels: block-diagonal matmul and the fused two-stage Monarch matmul, forward and backward, and
+// the argument checks both backends share (blockdiag.h).
+//
+// Layout and tiling. Activations are flattened to [T, features] row-major and split into tiles of TB tokens
+// (at::parallel_for over tiles). Per tile, everything lives in thread-local buffers in the accumulate type
+// (fp32 for half types, fp64 for double): the input tile, the Monarch intermediate h [TB, k*q] (kept in the
+// permuted layout hp[b, j*r + m] = h[b, m*l + j], so that every stage-2 block reads a contiguous [TB, r] panel
+// with row stride l*r) and the output tile. The permutation is folded into the copy that scatters each stage-1
+// block's [TB, q] result into hp; the output's t*l + j interleave into the copy that writes each stage-2 block.
+// The small GEMMs are one register-blocked micro-kernel (4 rows x 16 columns of accumulators); for float an
+// AVX2+FMA version is picked at run time (the extension is built without -march), else a portable loop.
+// Large blocks (>= 128x128) take BLAS: per tile in the forward, the batched-GEMM form in the backward (and in
+// the Monarch forward too from 384x384 on).
+// Weight gradients reduce over tokens: each thread accumulates into its own [k*q*p] / [l*s*r] buffer (K = TB per
+// tile), summed once at the end, so no atomics.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "dispatch.h"
+#include "blockdiag/blockdiag.h"
+
+namespace peftcore::blockdiag {
+
+// ------------------------------------------------------------------------------------------------------------
+// Shared helpers (also used by the CUDA glue).
+
+at::Tensor flatten_tokens(const at::Tensor& t) {
+  int64_t tokens = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) tokens *= t.size(i);
+  return t.reshape({tokens, t.size(-1)}).contiguous();
+}
+
+std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  auto s = t.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+namespace {
+void check_weight(const char* op, const char* name, const at::Tensor& w, const at::Tensor& x, const char* x_name) {
+  check_dim(op, name, w, 3);
+  check_same_dtype(op, name, w, x, x_name);
+  check_same_device(op, name, w, x, x_name);
+  TORCH_CHECK(w.size(0) > 0 && w.size(1) > 0 && w.size(2) > 0, op, ": ", name, " must have non-empty dims, got shape ",
+              w.sizes());
+}
+}  // namespace
+
+void check_blockdiag_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& blocks,
+                          bool out_side) {
+  check_float(op, x_name, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dim, got a scalar");
+  check_weight(op, "blocks", blocks, x, x_name);
+  const int64_t nb = blocks.size(0), bo = blocks.size(1), bi = blocks.size(2);
+  const int64_t want = out_side ? nb * bo : nb * bi;
+  TORCH_CHECK(x.size(-1) == want, op, ": ", x_name, " must have last dim ", want, " (nb*", out_side ? "bo" : "bi",
+              " for blocks [nb, bo, bi] = ", blocks.sizes(), "), got shape ", x.sizes());
+}
+
+void check_monarch_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& w1,
+                        const at::Tensor& w2, bool out_side) {
+  check_float(op, x_name, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dim, got a scalar");
+  check_weight(op, "w1", w1, x, x_name);
+  check_weight(op, "w2", w2, x, x_name);
+  const int64_t k = w1.size(0), q = w1.size(1), p = w1.size(2);
+  const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  TORCH_CHECK(l * r == k * q, op, ": w2 [l, s, r] must have l*r == k*q; got w1 [k, q, p] = ", w1.sizes(),
+              " (k*q = ", k * q, ") and w2 = ", w2.sizes(), " (l*r = ", l * r, ")");
+  const int64_t want = out_side ? l * s : k * p;
+  TORCH_CHECK(x.size(-1) == want, op, ": ", x_name, " must have last dim ", want,
+              out_side ? " (l*s for w2 [l, s, r] = " : " (k*p for w1 [k, q, p] = ", out_side ? w2.sizes() : w1.sizes(),
+              "), got shape ", x.sizes());
+}
+
+void check_grad_pair(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  check_same_dtype(op, "grad_out", grad_out, x, "x");
+  check_same_device(op, "grad_out", grad_out, x, "x");
+  TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              op, ": grad_out and x must have the same leading (token) dims, got ", grad_out.sizes(), " and ",
+              x.sizes());
+}
+
+// Batched-GEMM forms (backend independent; see blockdiag.h).
+at::Tensor bmm_blockdiag_forward(const at::Tensor& x2d, const at::Tensor& blocks) {
+  const int64_t T = x2d.size(0), nb = blocks.size(0), bo = blocks.size(1), bi = blocks.size(2);
+  auto out = at::bmm(x2d.view({T, nb, bi}).transpose(0, 1), blocks.transpose(1, 2));  // [nb, T, bo]
+  return out.transpose(0, 1).reshape({T, nb * bo});
+}
+
+std::tuple<at::Tensor, at::Tensor> bmm_blockdiag_backward(const at::Tensor& g2d, const at::Tensor& x2d,
+                                                          const at::Tensor& blocks, std::array<bool, 2> mask) {
+  const int64_t T = x2d.size(0), nb = blocks.size(0), bo = blocks.size(1), bi = blocks.size(2);
+  auto gb = g2d.view({T, nb, bo}).transpose(0, 1);  // [nb, T, bo]
+  at::Tensor gx, gw;
+  if (mask[0]) gx = at::bmm(gb, blocks).transpose(0, 1).reshape({T, nb * bi});
+  if (mask[1]) gw = at::bmm(gb.transpose(1, 2), x2d.view({T, nb, bi}).transpose(0, 1));
+  return {gx, gw};
+}
+
+namespace {
+// h [T, k*q] -> the stage-2 operand z [l, T, r] with z[j, b, m] = h[b, m*l + j].
+at::Tensor stage2_operand(const at::Tensor& h, int64_t l, int64_t r) {
+  return h.view({h.size(0), r, l}).permute({2, 0, 1});
+}
+}  // namespace
+
+at::Tensor bmm_monarch_forward(const at::Tensor& x2d, const at::Tensor& w1, const at::Tensor& w2) {
+  const int64_t T = x2d.size(0), l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  auto out2 = at::bmm(stage2_operand(bmm_blockdiag_forward(x2d, w1), l, r), w2.transpose(1, 2));  // [l, T, s]
+  return out2.permute({1, 2, 0}).reshape({T, s * l});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bmm_monarch_backward(const at::Tensor& g2d, const at::Tensor& x2d,
+                                                                    const at::Tensor& w1, const at::Tensor& w2,
+                                                                    std::array<bool, 3> mask) {
+  const int64_t T = x2d.size(0), k = w1.size(0), q = w1.size(1), l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  auto gj = g2d.view({T, s, l}).permute({2, 0, 1});  // [l, T, s]: gj[j, b, t] = g[b, t*l + j]
+  at::Tensor gx, g1, g2;
+  if (mask[2]) g2 = at::bmm(gj.transpose(1, 2), stage2_operand(bmm_blockdiag_forward(x2d, w1), l, r));
+  if (mask[0] || mask[1]) {
+    auto gh = at::bmm(gj, w2).permute({1, 2, 0}).reshape({T, k * q});  // gh[b, m*l + j] = (gj @ w2)[j, b, m]
+    std::tie(gx, g1) = bmm_blockdiag_backward(gh, x2d, w1, {mask[0], mask[1]});
+  }
+  return {gx, g1, g2};
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------
+// Small GEMM: C[M, N] (+)= A[M, K] @ B[K, N], all row-major with leading dims. Register blocked 4 x 16 (the
+// accumulators stay in vector registers; B's row is read once per 4 rows of A); tails take a plain loop.
+template <typename T>
+__attribute__((always_inline)) inline void gemm_body(int64_t M, int64_t N, int64_t K, const T* __restrict__ A,
+                                                     int64_t lda, const T* __restrict__ B, int64_t ldb,
+                                                     T* __restrict__ C, int64_t ldc, bool accumulate) {
+  constexpr int MR = 4, NR = 16;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) {
+    int64_t n = 0;
+    for (; n + NR <= N; n += NR) {
+      T acc[MR][NR];
+      for (int u = 0; u < MR; ++u)
+        for (int v = 0; v < NR; ++v) acc[u][v] = accumulate ? C[(m + u) * ldc + n + v] : T(0);
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const T* b = B + kk * ldb + n;
+        for (int u = 0; u < MR; ++u) {
+          const T a = A[(m + u) * lda + kk];
+          for (int v = 0; v < NR; ++v) acc[u][v] += a * b[v];
+        }
+      }
+      for (int u = 0; u < MR; ++u)
+        for (int v = 0; v < NR; ++v) C[(m + u) * ldc + n + v] = acc[u][v];
+    }
+    if (n < N) {
+      for (int u = 0; u < MR; ++u) {
+        T* c = C + (m + u) * ldc;
+        if (!accumulate) for (int64_t j = n; j < N; ++j) c[j] = T(0);
+        for (int64_t kk = 0; kk < K; ++kk) {
+          const T a = A[(m + u) * lda + kk];
+          const T* b = B + kk * ldb;
+          for (int64_t j = n; j < N; ++j) c[j] += a * b[j];
+        }
+      }
+    }
+  }
+  for (; m < M; ++m) {
+    T* c = C + m * ldc;
+    if (!accumulate) for (int64_t j = 0; j < N; ++j) c[j] = T(0);
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const T a = A[m * lda + kk];
+      const T* b = B + kk * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// float: the 4 x 16 tile as eight 8-lane vectors (GCC vector extensions, ymm FMAs); a[u] is broadcast, B's row segment loaded once per kk for the four rows.
+// No helper calls inside the AVX2 function: GCC does not inline default-target always_inline helpers into it.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));  // unaligned 8-lane load / store
+
+__attribute__((noinline)) void gemm_tail_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                             const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_body<float>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+__attribute__((target("avx2,fma"))) void gemm_f32_avx2(int64_t M, int64_t N, int64_t K, const float* __restrict__ A,
+                                                       int64_t lda, const float* __restrict__ B, int64_t ldb,
+                                                       float* __restrict__ C, int64_t ldc, bool accumulate) {
+  constexpr int MR = 4, NR = 16;
+  const int64_t M4 = M / MR * MR, N16 = N / NR * NR;
+  // n outer: one [K, 16] panel of B (the weight) serves every row strip of the tile while it is in L1/L2.
+  for (int64_t n = 0; n < N16; n += NR) {
+    for (int64_t m = 0; m < M4; m += MR) {
+      v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      if (accumulate) {
+        c00 = *reinterpret_cast<const v8f*>(C + (m + 0) * ldc + n); c01 = *reinterpret_cast<const v8f*>(C + (m + 0) * ldc + n + 8);
+        c10 = *reinterpret_cast<const v8f*>(C + (m + 1) * ldc + n); c11 = *reinterpret_cast<const v8f*>(C + (m + 1) * ldc + n + 8);
+        c20 = *reinterpret_cast<const v8f*>(C + (m + 2) * ldc + n); c21 = *reinterpret_cast<const v8f*>(C + (m + 2) * ldc + n + 8);
+        c30 = *reinterpret_cast<const v8f*>(C + (m + 3) * ldc + n); c31 = *reinterpret_cast<const v8f*>(C + (m + 3) * ldc + n + 8);
+      }
+      const float* a0 = A + (m + 0) * lda;
+      const float* a1 = A + (m + 1) * lda;
+      const float* a2 = A + (m + 2) * lda;
+      const float* a3 = A + (m + 3) * lda;
+      const float* b = B + n;
+      for (int64_t kk = 0; kk < K; ++kk, b += ldb) {
+        const v8f b0 = *reinterpret_cast<const v8f*>(b), b1 = *reinterpret_cast<const v8f*>(b + 8);
+        c00 += a0[kk] * b0; c01 += a0[kk] * b1;
+        c10 += a1[kk] * b0; c11 += a1[kk] * b1;
+        c20 += a2[kk] * b0; c21 += a2[kk] * b1;
+        c30 += a3[kk] * b0; c31 += a3[kk] * b1;
+      }
+      *reinterpret_cast<v8f*>(C + (m + 0) * ldc + n) = c00; *reinterpret_cast<v8f*>(C + (m + 0) * ldc + n + 8) = c01;
+      *reinterpret_cast<v8f*>(C + (m + 1) * ldc + n) = c10; *reinterpret_cast<v8f*>(C + (m + 1) * ldc + n + 8) = c11;
+      *reinterpret_cast<v8f*>(C + (m + 2) * ldc + n) = c20; *reinterpret_cast<v8f*>(C + (m + 2) * ldc + n + 8) = c21;
+      *reinterpret_cast<v8f*>(C + (m + 3) * ldc + n) = c30; *reinterpret_cast<v8f*>(C + (m + 3) * ldc + n + 8) = c31;
+    }
+  }
+  // Tails (columns past N16 of the blocked rows, rows past M4): the generic loops.
+  if (N16 < N && M4 > 0) gemm_tail_f32(M4, N - N16, K, A, lda, B + N16, ldb, C + N16, ldc, accumulate);
+  if (M4 < M) gemm_tail_f32(M - M4, N, K, A + M4 * lda, lda, B, ldb, C + M4 * ldc, ldc, accumulate);
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+// Blocks this large (K*N weights) go to BLAS on views of the tile buffers: its packed, cache-blocked GEMM beats the
+// unpacked micro-kernel once a weight panel no longer stays in L1/L2 (measured: 512x512 blocks 2.5x faster),
+// and the per-call overhead is amortised. Inside at::parallel_for the BLAS call runs on the calling thread.
+constexpr int64_t kBlasMinWeights = 128 * 128;
+// Blocks of 384x384 and up: the forward too is the batched-GEMM form (the fused forward's per-tile BLAS calls
+// measured 1.28x the two-bmm forward at 512x512 blocks, d=2048; 0.73x at 256x256, d=1024).
+constexpr int64_t kBmmForwardMinWeights = 384 * 384;
+// kLargeBlocksBackward: with blocks this large the backward is batched GEMMs over all tokens (bmm_* above): the
+// tiled backward's weight-gradient GEMMs have K = tile tokens and re-read per-thread [k*q*p] accumulators every
+// tile (measured 1.3-1.8x slower than the two-bmm backward at 256..512-wide blocks).
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+              int64_t ldc, bool accumulate) {
+  if (K * N >= kBlasMinWeights && M >= 16) {
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    auto a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opt);
+    auto b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opt);
+    auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+    if (accumulate) c.addmm_(a, b);
+    else at::mm_out(c, a, b);
+    return;
+  }
+  if (kHasAvx2) gemm_f32_avx2(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  else gemm_body<float>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+void gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+              double* C, int64_t ldc, bool accumulate) {
+  gemm_body<double>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool acc) {
+  gemm_f32(M, N, K, A, lda, B, ldb, C, ldc, acc);
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                 double* C, int64_t ldc, bool acc) {
+  gemm_f64(M, N, K, A, lda, B, ldb, C, ldc, acc);
+}
+
+// Tokens per tile: the widest tile buffer stays within ~256 KB (L2), 4..64 tokens, a multiple of 4.
+int64_t tile_tokens(int64_t widest, int64_t acc_bytes) {
+  const int64_t tb = (int64_t{1} << 18) / std::max<int64_t>(1, widest * acc_bytes);
+  return std::clamp<int64_t>(tb / 4 * 4, 4, 64);
+}
+
+template <typename acc_t>
+at::Tensor as_acc(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+// rows [t0, t0+tb) of a [T, F] scalar_t matrix into a [tb, F] acc_t buffer.
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* src, int64_t F, int64_t t0, int64_t tb, acc_t* dst) {
+  const scalar_t* s = src + t0 * F;
+  for (int64_t i = 0; i < tb * F; ++i) dst[i] = static_cast<acc_t>(s[i]);
+}
+template <typename scalar_t, typename acc_t>
+void store_tile(const acc_t* src, int64_t F, int64_t t0, int64_t tb, scalar_t* dst) {
+  scalar_t* d = dst + t0 * F;
+  for (int64_t i = 0; i < tb * F; ++i) d[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Per-thread weight-gradient accumulators, summed at the end in acc_t and cast to the weight's dtype.
+template <typename acc_t>
+struct ThreadAccum {
+  int64_t size;
+  std::vector<acc_t> buf;
+  explicit ThreadAccum(int64_t n) : size(n), buf(static_cast<size_t>(n) * at::get_num_threads(), acc_t(0)) {}
+  acc_t* mine() { return buf.data() + static_cast<int64_t>(at::get_thread_num()) * size; }
+  at::Tensor reduce(at::IntArrayRef shape, at::ScalarType out) const {
+    const int64_t nt = static_cast<int64_t>(buf.size()) / std::max<int64_t>(size, 1);
+    at::Tensor acc = at::zeros({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* a = acc.mutable_data_ptr<acc_t>();
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t i = 0; i < size; ++i) a[i] += buf[t * size + i];
+    return acc.view(shape).to(out);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Block-diagonal matmul.
+
+template <typename scalar_t>
+at::Tensor blockdiag_forward_impl(const at::Tensor& x2d, const at::Tensor& blocks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x2d.size(0), nb = blocks.size(0), bo = blocks.size(1), bi = blocks.size(2);
+  const int64_t in = nb * bi, out = nb * bo;
+  auto y = at::empty({T, out}, x2d.options());
+  if (T == 0) return y;
+  at::Tensor bt = as_acc<acc_t>(blocks.transpose(1, 2));  // [nb, bi, bo]: B operand of x_j @ blocks[j]^T
+  const acc_t* btp = bt.const_data_ptr<acc_t>();
+  const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t TB = tile_tokens(std::max(in, out), sizeof(acc_t));
+  const int64_t tiles = (T + TB - 1) / TB;
+  at::parallel_for(0, tiles, 1, [&](int64_t tb0, int64_t tb1) {
+    std::vector<acc_t> xb(TB * in), yb(TB * out);
+    for (int64_t tile = tb0; tile < tb1; ++tile) {
+      const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+      load_tile(xp, in, t0, tb, xb.data());
+      for (int64_t j = 0; j < nb; ++j)
+        gemm(tb, bo, bi, xb.data() + j * bi, in, btp + j * bi * bo, bo, yb.data() + j * bo, out, false);
+      store_tile(yb.data(), out, t0, tb, yp);
+    }
+  });
+  return y;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> blockdiag_backward_impl(const at::Tensor& g2d, const at::Tensor& x2d,
+                                                           const at::Tensor& blocks, std::array<bool, 2> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x2d.size(0), nb = blocks.size(0), bo = blocks.size(1), bi = blocks.size(2);
+  const int64_t in = nb * bi, out = nb * bo;
+  at::Tensor gx = mask[0] ? at::empty({T, in}, x2d.options()) : at::Tensor();
+  at::Tensor bw = as_acc<acc_t>(blocks);  // [nb, bo, bi]: B operand of g_j @ blocks[j]
+  const acc_t* bwp = bw.const_data_ptr<acc_t>();
+  const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g2d.const_data_ptr<scalar_t>();
+  ThreadAccum<acc_t> gw(mask[1] ? nb * bo * bi : 0);
+  const int64_t TB = tile_tokens(std::max(in, out), sizeof(acc_t));
+  const int64_t tiles = (T + TB - 1) / TB;
+  if (T > 0) {
+    at::parallel_for(0, tiles, 1, [&](int64_t tb0, int64_t tb1) {
+      std::vector<acc_t> xb(mask[1] ? TB * in : 0), gb(TB * out), gxb(mask[0] ? TB * in : 0),
+          gt(mask[1] ? bo * TB : 0);
+      acc_t* gwp = mask[1] ? gw.mine() : nullptr;
+      for (int64_t tile = tb0; tile < tb1; ++tile) {
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        load_tile(gp, out, t0, tb, gb.data());
+        if (mask[1]) load_tile(xp, in, t0, tb, xb.data());
+        for (int64_t j = 0; j < nb; ++j) {
+          if (mask[0])
+            gemm(tb, bi, bo, gb.data() + j * bo, out, bwp + j * bo * bi, bi, gxb.data() + j * bi, in, false);
+          if (mask[1]) {
+            // grad_blocks[j] [bo, bi] += g_j^T [bo, tb] @ x_j [tb, bi]
+            for (int64_t b = 0; b < tb; ++b)
+              for (int64_t o = 0; o < bo; ++o) gt[o * tb + b] = gb[b * out + j * bo + o];
+            gemm(bo, bi, tb, gt.data(), tb, xb.data() + j * bi, in, gwp + j * bo * bi, bi, true);
+          }
+        }
+        if (mask[0]) store_tile(gxb.data(), in, t0, tb, gx.mutable_data_ptr<scalar_t>());
+      }
+    });
+  }
+  at::Tensor gw_t = mask[1] ? gw.reduce(blocks.sizes(), blocks.scalar_type()) : at::Tensor();
+  return {gx, gw_t};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Monarch matmul, fused: stage 1 into the tile's hp buffer, stage 2 out of it (see the file comment).
+
+struct MonarchDims {
+  int64_t k, q, p, l, s, r, in, mid, out;
+  MonarchDims(const at::Tensor& w1, const at::Tensor& w2)
+      : k(w1.size(0)), q(w1.size(1)), p(w1.size(2)), l(w2.size(0)), s(w2.size(1)), r(w2.size(2)),
+        in(k * p), mid(k * q), out(l * s) {}
+  // position in hp of stage-1 feature n = i*q + a: h[n] with n = m*l + j sits at hp[j*r + m].
+  int64_t hp_pos(int64_t n) const { return (n % l) * r + n / l; }
+};
+
+// hp [tb, mid] (permuted h) of a tile from its input xb [tb, in]; h1 is a [tb, q] scratch.
+template <typename acc_t>
+void monarch_stage1(const MonarchDims& d, int64_t tb, const acc_t* xb, const acc_t* w1t, acc_t* h1, acc_t* hp,
+                    const int64_t* pos) {
+  for (int64_t i = 0; i < d.k; ++i) {
+    gemm(tb, d.q, d.p, xb + i * d.p, d.in, w1t + i * d.p * d.q, d.q, h1, d.q, false);
+    const int64_t* ps = pos + i * d.q;
+    for (int64_t b = 0; b < tb; ++b)
+      for (int64_t a = 0; a < d.q; ++a) hp[b * d.mid + ps[a]] = h1[b * d.q + a];
+  }
+}
+
+std::vector<int64_t> hp_positions(const MonarchDims& d) {
+  std::vector<int64_t> pos(d.mid);
+  for (int64_t n = 0; n < d.mid; ++n) pos[n] = d.hp_pos(n);
+  return pos;
+}
+
+template <typename scalar_t>
+at::Tensor monarch_forward_impl(const at::Tensor& x2d, const at::Tensor& w1, const at::Tensor& w2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const MonarchDims d(w1, w2);
+  const int64_t T = x2d.size(0);
+  auto y = at::empty({T, d.out}, x2d.options());
+  if (T == 0) return y;
+  at::Tensor w1t = as_acc<acc_t>(w1.transpose(1, 2));  // [k, p, q]
+  at::Tensor w2t = as_acc<acc_t>(w2.transpose(1, 2));  // [l, r, s]
+  const acc_t* w1p = w1t.const_data_ptr<acc_t>();
+  const acc_t* w2p = w2t.const_data_ptr<acc_t>();
+  const auto pos = hp_positions(d);
+  const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t TB = tile_tokens(std::max({d.in, d.mid, d.out}), sizeof(acc_t));
+  const int64_t tiles = (T + TB - 1) / TB;
+  at::parallel_for(0, tiles, 1, [&](int64_t tb0, int64_t tb1) {
+    std::vector<acc_t> xb(TB * d.in), h1(TB * d.q), hp(TB * d.mid), o2(TB * d.s), yb(TB * d.out);
+    for (int64_t tile = tb0; tile < tb1; ++tile) {
+      const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+      load_tile(xp, d.in, t0, tb, xb.data());
+      monarch_stage1(d, tb, xb.data(), w1p, h1.data(), hp.data(), pos.data());
+      for (int64_t j = 0; j < d.l; ++j) {
+        gemm(tb, d.s, d.r, hp.data() + j * d.r, d.mid, w2p + j * d.r * d.s, d.s, o2.data(), d.s, false);
+        for (int64_t b = 0; b < tb; ++b)
+          for (int64_t t = 0; t < d.s; ++t) yb[b * d.out + t * d.l + j] = o2[b * d.s + t];
+      }
+      store_tile(yb.data(), d.out, t0, tb, yp);
+    }
+  });
+  return y;
+}
+
+// grad_h (permuted, ghp) = per j: g_j [tb, s] @ w2[j] [s, r]; grad_x = per i: gh_i [tb, q] @ w1[i] [q, p];
+// grad_w2[j] += g_j^T @ hp_j; grad_w1[i] += gh_i^T @ x_i. hp is recomputed from x (stage 1) when grad_w2 is asked.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_impl(const at::Tensor& g2d, const at::Tensor& x2d,
+                                                                     const at::Tensor& w1, const at::Tensor& w2,
+                                                                     std::array<bool, 3> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const MonarchDims d(w1, w2);
+  const int64_t T = x2d.size(0);
+  const bool need_gh = mask[0] || mask[1];
+  at::Tensor gx = mask[0] ? at::empty({T, d.in}, x2d.options()) : at::Tensor();
+  at::Tensor w1a = as_acc<acc_t>(w1);                                              // [k, q, p]
+  at::Tensor w2a = as_acc<acc_t>(w2);                                              // [l, s, r]
+  at::Tensor w1t = mask[2] ? as_acc<acc_t>(w1.transpose(1, 2)) : at::Tensor();  // [k, p, q] for the recompute
+  const auto pos = hp_positions(d);
+  const acc_t* w1ap = w1a.const_data_ptr<acc_t>();
+  const acc_t* w2ap = w2a.const_data_ptr<acc_t>();
+  const acc_t* w1tp = mask[2] ? w1t.const_data_ptr<acc_t>() : nullptr;
+  ThreadAccum<acc_t> gw1(mask[1] ? d.k * d.q * d.p : 0), gw2(mask[2] ? d.l * d.s * d.r : 0);
+  const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g2d.const_data_ptr<scalar_t>();
+  const int64_t TB = tile_tokens(std::max({d.in, d.mid, d.out}), sizeof(acc_t));
+  const int64_t tiles = (T + TB - 1) / TB;
+  if (T > 0 && (need_gh || mask[2])) {
+    at::parallel_for(0, tiles, 1, [&](int64_t tb0, int64_t tb1) {
+      const bool need_x = mask[1] || mask[2];
+      std::vector<acc_t> xb(need_x ? TB * d.in : 0), gb(TB * d.out), gj(TB * d.s), gjt(mask[2] ? d.s * TB : 0),
+          h1(mask[2] ? TB * d.q : 0), hp(mask[2] ? TB * d.mid : 0), ghp(need_gh ? TB * d.mid : 0),
+          ghi(need_gh ? TB * d.q : 0), ghit(mask[1] ? d.q * TB : 0), gxb(mask[0] ? TB * d.in : 0);
+      acc_t* gw1p = mask[1] ? gw1.mine() : nullptr;
+      acc_t* gw2p = mask[2] ? gw2.mine() : nullptr;
+      for (int64_t tile = tb0; tile < tb1; ++tile) {
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        load_tile(gp, d.out, t0, tb, gb.data());
+        if (need_x) load_tile(xp, d.in, t0, tb, xb.data());
+        if (mask[2])
+          monarch_stage1(d, tb, xb.data(), w1tp, h1.data(), hp.data(), pos.data());
+        for (int64_t j = 0; j < d.l; ++j) {
+          for (int64_t b = 0; b < tb; ++b)
+            for (int64_t t = 0; t < d.s; ++t) gj[b * d.s + t] = gb[b * d.out + t * d.l + j];
+          if (need_gh)
+            gemm(tb, d.r, d.s, gj.data(), d.s, w2ap + j * d.s * d.r, d.r,
+                 ghp.data() + j * d.r, d.mid, false);
+          if (mask[2]) {
+            for (int64_t b = 0; b < tb; ++b)
+              for (int64_t t = 0; t < d.s; ++t) gjt[t * tb + b] = gj[b * d.s + t];
+            gemm(d.s, d.r, tb, gjt.data(), tb, hp.data() + j * d.r, d.mid, gw2p + j * d.s * d.r, d.r, true);
+          }
+        }
+        if (need_gh) {
+          for (int64_t i = 0; i < d.k; ++i) {
+            const int64_t* ps = pos.data() + i * d.q;
+            for (int64_t b = 0; b < tb; ++b)
+              for (int64_t a = 0; a < d.q; ++a) ghi[b * d.q + a] = ghp[b * d.mid + ps[a]];
+            if (mask[0])
+              gemm(tb, d.p, d.q, ghi.data(), d.q, w1ap + i * d.q * d.p, d.p,
+                   gxb.data() + i * d.p, d.in, false);
+            if (mask[1]) {
+              for (int64_t b = 0; b < tb; ++b)
+                for (int64_t a = 0; a < d.q; ++a) ghit[a * tb + b] = ghi[b * d.q + a];
+              gemm(d.q, d.p, tb, ghit.data(), tb, xb.data() + i * d.p, d.in, gw1p + i * d.q * d.p, d.p, true);
+            }
+          }
+        }
+        if (mask[0]) store_tile(gxb.data(), d.in, t0, tb, gx.mutable_data_ptr<scalar_t>());
+      }
+    });
+  }
+  at::Tensor g1 = mask[1] ? gw1.reduce(w1.sizes(), w1.scalar_type()) : at::Tensor();
+  at::Tensor g2 = mask[2] ? gw2.reduce(w2.sizes(), w2.scalar_type()) : at::Tensor();
+  return {gx, g1, g2};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Ops (CPU).
+
+void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", t.device());
+}
+
+at::Tensor empty_like_none(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+at::Tensor blockdiag_matmul_cpu(const at::Tensor& x, const at::Tensor& blocks) {
+  constexpr const char* op = "blockdiag_matmul";
+  check_cpu(op, "x", x);
+  check_blockdiag_args(op, "x", x, blocks, false);
+  auto x2d = flatten_tokens(x);
+  at::Tensor y;
+  PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] { y = blockdiag_forward_impl<scalar_t>(x2d, blocks); });
+  return y.view(with_last_dim(x, blocks.size(0) * blocks.size(1)));
+}
+
+std::tuple<at::Tensor, at::Tensor> blockdiag_matmul_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                 const at::Tensor& blocks, std::array<bool, 2> mask) {
+  constexpr const char* op = "blockdiag_matmul_backward";
+  check_cpu(op, "grad_out", grad_out);
+  check_blockdiag_args(op, "x", x, blocks, false);
+  check_blockdiag_args(op, "grad_out", grad_out, blocks, true);
+  check_grad_pair(op, grad_out, x);
+  auto g2d = flatten_tokens(grad_out), x2d = flatten_tokens(x);
+  at::Tensor gx, gw;
+  if (blocks.size(1) * blocks.size(2) >= kBlasMinWeights) {
+    std::tie(gx, gw) = bmm_blockdiag_backward(g2d, x2d, blocks, mask);  // see kLargeBlocksBackward
+  } else {
+    PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op,
+                               [&] { std::tie(gx, gw) = blockdiag_backward_impl<scalar_t>(g2d, x2d, blocks, mask); });
+  }
+  return {mask[0] ? gx.view(x.sizes()) : empty_like_none(x), mask[1] ? gw : empty_like_none(blocks)};
+}
+
+at::Tensor monarch_matmul_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
+  constexpr const char* op = "monarch_matmul";
+  check_cpu(op, "x", x);
+  check_monarch_args(op, "x", x, w1, w2, false);
+  auto x2d = flatten_tokens(x);
+  at::Tensor y;
+  if (std::min(w1.size(1) * w1.size(2), w2.size(1) * w2.size(2)) >= kBmmForwardMinWeights) {
+    y = bmm_monarch_forward(x2d, w1, w2);
+  } else {
+    PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] { y = monarch_forward_impl<scalar_t>(x2d, w1, w2); });
+  }
+  return y.view(with_last_dim(x, w2.size(0) * w2.size(1)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_matmul_backward_cpu(const at::Tensor& grad_out,
+                                                                           const at::Tensor& x, const at::Tensor& w1,
+                                                                           const at::Tensor& w2,
+                                                                           std::array<bool, 3> mask) {
+  constexpr const char* op = "monarch_matmul_backward";
+  check_cpu(op, "grad_out", grad_out);
+  check_monarch_args(op, "x", x, w1, w2, false);
+  check_monarch_args(op, "grad_out", grad_out, w1, w2, true);
+  check_grad_pair(op, grad_out, x);
+  auto g2d = flatten_tokens(grad_out), x2d = flatten_tokens(x);
+  at::Tensor gx, g1, g2;
+  if (std::min(w1.size(1) * w1.size(2), w2.size(1) * w2.size(2)) >= kBlasMinWeights) {
+    std::tie(gx, g1, g2) = bmm_monarch_backward(g2d, x2d, w1, w2, mask);  // see kLargeBlocksBackward
+  } else {
+    PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op,
+                               [&] { std::tie(gx, g1, g2) = monarch_backward_impl<scalar_t>(g2d, x2d, w1, w2, mask); });
+  }
+  return {mask[0] ? gx.view(x.sizes()) : empty_like_none(x), mask[1] ? g1 : empty_like_none(w1),
+          mask[2] ? g2 : empty_like_none(w2)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
+  m.impl("blockdiag_matmul", &blockdiag_matmul_cpu);
+  m.impl("blockdiag_matmul_backward", &blockdiag_matmul_backward_cpu);
+  m.impl("monarch_matmul", &monarch_matmul_cpu);
+  m.impl("monarch_matmul_backward", &monarch_matmul_backward_cpu);
+}
+
+}  // namespace peftcore::blockdiag

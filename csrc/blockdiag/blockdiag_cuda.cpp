@@ -1,0 +1,93 @@
+// blockdiag CUDA glue: argument checks (blockdiag.h), the fused Monarch forward of blockdiag.cu, and the other ops
+// as cuBLAS batched GEMMs through ATen on permuted views (the bmm_* forms of blockdiag_cpu.cpp) (blockdiag_matmul forward / backward, the Monarch
+// backward with the intermediate recomputed, and the Monarch forward when one token's tile does not fit in shared
+// memory). No host sync anywhere: every op here can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "checks.h"
+#include "cuda_glue.h"
+#include "blockdiag/blockdiag.h"
+#include "blockdiag/blockdiag_launch.h"
+
+namespace peftcore::blockdiag {
+namespace {
+
+namespace cu = peftcore::blockdiag::cuda;
+
+cu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cu::DType::kFloat32;
+    case at::kHalf: return cu::DType::kFloat16;
+    case at::kBFloat16: return cu::DType::kBFloat16;
+    default: TORCH_CHECK(false, "blockdiag: no CUDA kernel for dtype ", t);
+  }
+}
+
+at::Tensor empty_like_none(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+at::Tensor blockdiag_matmul_cuda(const at::Tensor& x, const at::Tensor& blocks) {
+  constexpr const char* op = "blockdiag_matmul";
+  check_cuda_activation(op, "x", x);
+  check_blockdiag_args(op, "x", x, blocks, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return bmm_blockdiag_forward(flatten_tokens(x), blocks).view(with_last_dim(x, blocks.size(0) * blocks.size(1)));
+}
+
+std::tuple<at::Tensor, at::Tensor> blockdiag_matmul_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                  const at::Tensor& blocks, std::array<bool, 2> mask) {
+  constexpr const char* op = "blockdiag_matmul_backward";
+  check_cuda_activation(op, "grad_out", grad_out);
+  check_blockdiag_args(op, "x", x, blocks, false);
+  check_blockdiag_args(op, "grad_out", grad_out, blocks, true);
+  check_grad_pair(op, grad_out, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [gx, gw] = bmm_blockdiag_backward(flatten_tokens(grad_out), flatten_tokens(x), blocks, mask);
+  return {mask[0] ? gx.view(x.sizes()) : empty_like_none(x), mask[1] ? gw : empty_like_none(blocks)};
+}
+
+at::Tensor monarch_matmul_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
+  constexpr const char* op = "monarch_matmul";
+  check_cuda_activation(op, "x", x);
+  check_monarch_args(op, "x", x, w1, w2, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto x2d = flatten_tokens(x);
+  auto w1c = w1.contiguous(), w2c = w2.contiguous();
+  const int64_t T = x2d.size(0), l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  auto y = at::empty({T, l * s}, x.options());
+  const bool fused = cu::monarch_forward(kernel_dtype(x.scalar_type()), x2d.const_data_ptr(), w1c.const_data_ptr(),
+                                         w2c.const_data_ptr(), y.mutable_data_ptr(), T, w1.size(0), w1.size(1),
+                                         w1.size(2), l, s, r, current_stream());
+  if (!fused) y.copy_(bmm_monarch_forward(x2d, w1c, w2c));
+  return y.view(with_last_dim(x, l * s));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_matmul_backward_cuda(const at::Tensor& grad_out,
+                                                                            const at::Tensor& x, const at::Tensor& w1,
+                                                                            const at::Tensor& w2,
+                                                                            std::array<bool, 3> mask) {
+  constexpr const char* op = "monarch_matmul_backward";
+  check_cuda_activation(op, "grad_out", grad_out);
+  check_monarch_args(op, "x", x, w1, w2, false);
+  check_monarch_args(op, "grad_out", grad_out, w1, w2, true);
+  check_grad_pair(op, grad_out, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [gx, g1, g2] = bmm_monarch_backward(flatten_tokens(grad_out), flatten_tokens(x), w1, w2, mask);
+  return {mask[0] ? gx.view(x.sizes()) : empty_like_none(x), mask[1] ? g1 : empty_like_none(w1),
+          mask[2] ? g2 : empty_like_none(w2)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
+  m.impl("blockdiag_matmul", &blockdiag_matmul_cuda);
+  m.impl("blockdiag_matmul_backward", &blockdiag_matmul_backward_cuda);
+  m.impl("monarch_matmul", &monarch_matmul_cuda);
+  m.impl("monarch_matmul_backward", &monarch_matmul_backward_cuda);
+}
+
+}  // namespace peftcore::blockdiag

@@ -1,0 +1,384 @@
+// orthogonal CPU kernels (Cayley / Neumann blocks and their backward) and the BOFT chain shared with the CUDA
+// glue (orthogonal.h).
+//
+// Small-matrix kernels: blocks are independent, so ranges of blocks go to threads (at::parallel_for); each
+// block is loaded into a per-thread fp32 (fp64 for double) buffer of a few b x b tiles, worked on there and
+// written back once. The Cayley solve is Gauss-Jordan with partial pivoting on (I + S) X = (I - S) (I + S is
+// never singular for skew S: its eigenvalues are 1 + i*lambda). Backward identities (R = (I - S)(I + S)^{-1}):
+//   I + R = 2 (I + S)^{-1}  =>  dL/dS = -1/2 (I + R)^T G (I + R)^T, so only R is saved;
+// Neumann R = sum_k c_k S^k: dL/dS = sum_k c_k H_k with H_1 = G, H_{k+1} = H_k S^T + (S^T)^k G.
+// dL/dA = (dL/dS - dL/dS^T) / 2 (S = (A - A^T) / 2).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "dispatch.h"
+#include "orthogonal/orthogonal.h"
+
+namespace peftcore::orthogonal {
+
+// ------------------------------------------------------------------------------------------------------------
+// Shared helpers (also used by the CUDA glue).
+
+void check_params(const char* op, const char* name, const at::Tensor& p) {
+  check_float(op, name, p);
+  TORCH_CHECK(p.dim() == 3 && p.size(1) == p.size(2), op, ": ", name,
+              " must be [num_blocks, b, b] (square blocks), got shape ", p.sizes());
+}
+
+void check_boft_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& rotations,
+                     const at::Tensor& perm) {
+  check_float(op, x_name, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dim, got a scalar");
+  check_float(op, "rotations", rotations);
+  check_same_device(op, "rotations", rotations, x, x_name);
+  TORCH_CHECK(rotations.dim() == 4 && rotations.size(2) == rotations.size(3), op,
+              ": rotations must be [m, num_blocks, b, b] (square blocks), got shape ", rotations.sizes());
+  TORCH_CHECK(rotations.scalar_type() == at::kFloat || rotations.scalar_type() == x.scalar_type(), op,
+              ": rotations must be float32 or the input's dtype (", x.scalar_type(), "), got ",
+              rotations.scalar_type());
+  const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2), d = x.size(-1);
+  TORCH_CHECK(nb * b == d, op, ": rotations' num_blocks * b (", nb, " * ", b, " = ", nb * b,
+              ") must equal the input's last dim ", d);
+  TORCH_CHECK(perm.scalar_type() == at::kLong, op, ": perm must be int64, got ", perm.scalar_type());
+  check_same_device(op, "perm", perm, x, x_name);
+  TORCH_CHECK(perm.dim() == 2 && perm.size(0) == m && perm.size(1) == d, op, ": perm must be [m, d] = [", m, ", ",
+              d, "], got shape ", perm.sizes());
+}
+
+std::vector<double> neumann_coefficients(int64_t terms) {
+  // PEFT OFTRotationModule._cayley_batch: terms <= 1 -> I; 2 -> I + 2S; else I + 2S + 2S^2 (+ 2S^k for
+  // k = 3..terms-2) + S^top with top = max(3, terms - 1) (terms 3 and 4 give the same polynomial).
+  if (terms <= 1) return {1.0};
+  if (terms == 2) return {1.0, 2.0};
+  const int64_t top = std::max<int64_t>(3, terms - 1);
+  std::vector<double> c(top + 1, 2.0);
+  c[0] = 1.0;
+  c[top] = 1.0;
+  return c;
+}
+
+namespace {
+
+at::Tensor flat2d(const at::Tensor& t) {
+  const int64_t d = t.size(-1);
+  int64_t T = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) T *= t.size(i);
+  return t.reshape({T, d}).contiguous();
+}
+
+// z[t, r*b + c] = sum_k y[t, r*b + k] R[r, k, c] for y [T, d]; R [nb, b, b] (transposed when trans).
+at::Tensor blockmm(const at::Tensor& y, const at::Tensor& R, bool trans) {
+  const int64_t T = y.size(0), nb = R.size(0), b = R.size(1);
+  auto z = at::bmm(y.view({T, nb, b}).transpose(0, 1), trans ? R.transpose(1, 2) : R);  // [nb, T, b]
+  return z.transpose(0, 1).reshape({T, nb * b});
+}
+
+at::Tensor inverse_perm(const at::Tensor& perm) {
+  const int64_t d = perm.size(1);
+  auto ar = at::arange(d, perm.options()).expand_as(perm);
+  return at::empty_like(perm).scatter_(1, perm, ar);
+}
+
+}  // namespace
+
+at::Tensor boft_forward(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm) {
+  const int64_t m = rotations.size(0), d = x.size(-1);
+  auto cur = flat2d(x);
+  if (cur.size(0) == 0 || d == 0) return x.clone(at::MemoryFormat::Contiguous);
+  auto R = rotations.to(x.scalar_type());
+  auto inv = inverse_perm(perm);
+  for (int64_t i = m - 1; i >= 0; --i) {  // x @ M_{m-1} ... M_0: the last factor acts first (PEFT's order)
+    auto y = cur.index_select(1, inv[i]);
+    cur = blockmm(y, R[i], false).index_select(1, perm[i]);
+  }
+  return cur.view(x.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> boft_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                 const at::Tensor& rotations, const at::Tensor& perm,
+                                                 std::array<bool, 2> mask) {
+  const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2);
+  auto x2d = flat2d(x);
+  auto g = flat2d(grad_out);
+  const int64_t T = x2d.size(0);
+  auto R = rotations.to(x.scalar_type());
+  auto inv = inverse_perm(perm);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  // Recompute the inputs of the block products (only x is saved).
+  std::vector<at::Tensor> ys(m);
+  if (mask[1]) {
+    auto cur = x2d;
+    for (int64_t i = m - 1; i >= 0; --i) {
+      ys[i] = cur.index_select(1, inv[i]);
+      if (i > 0) cur = blockmm(ys[i], R[i], false).index_select(1, perm[i]);
+    }
+  }
+  at::Tensor grot = mask[1] ? at::zeros(rotations.sizes(), rotations.options().dtype(acc)) : at::Tensor();
+  for (int64_t i = 0; i < m; ++i) {  // reverse of the forward order
+    auto gz = g.index_select(1, inv[i]);  // x_out = z[perm] -> gz = g[inv]
+    if (mask[1] && T > 0)
+      grot[i].copy_(at::bmm(ys[i].to(acc).view({T, nb, b}).permute({1, 2, 0}),
+                            gz.to(acc).view({T, nb, b}).transpose(0, 1)));
+    if (mask[0] || i + 1 < m) g = blockmm(gz, R[i], true).index_select(1, perm[i]);  // y = x[inv] -> gx = gy[perm]
+  }
+  auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  return {mask[0] ? g.view(x.sizes()) : empty(x), mask[1] ? grot.to(rotations.scalar_type()) : empty(rotations)};
+}
+
+namespace {
+
+void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", t.device());
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Per-block kernels. Tiles are row-major b x b in acc_t.
+
+template <typename acc_t>
+void gauss_jordan_solve(acc_t* M, acc_t* X, int64_t b) {
+  // Solves M X' = X in place (X <- M^{-1} X), partial pivoting.
+  for (int64_t k = 0; k < b; ++k) {
+    int64_t p = k;
+    for (int64_t i = k + 1; i < b; ++i)
+      if (std::abs(M[i * b + k]) > std::abs(M[p * b + k])) p = i;
+    if (p != k)
+      for (int64_t j = 0; j < b; ++j) {
+        std::swap(M[k * b + j], M[p * b + j]);
+        std::swap(X[k * b + j], X[p * b + j]);
+      }
+    const acc_t inv = acc_t(1) / M[k * b + k];
+    for (int64_t j = 0; j < b; ++j) {
+      M[k * b + j] *= inv;
+      X[k * b + j] *= inv;
+    }
+    for (int64_t i = 0; i < b; ++i) {
+      if (i == k) continue;
+      const acc_t f = M[i * b + k];
+      if (f == acc_t(0)) continue;
+      for (int64_t j = 0; j < b; ++j) {
+        M[i * b + j] -= f * M[k * b + j];
+        X[i * b + j] -= f * X[k * b + j];
+      }
+    }
+  }
+}
+
+// C = A @ B (trans_a: A^T, trans_b: B^T), b x b.
+template <typename acc_t>
+void matmul(const acc_t* A, const acc_t* B, acc_t* C, int64_t b, bool trans_a, bool trans_b) {
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < b; ++k)
+        s += (trans_a ? A[k * b + i] : A[i * b + k]) * (trans_b ? B[j * b + k] : B[k * b + j]);
+      C[i * b + j] = s;
+    }
+}
+
+template <typename scalar_t, typename acc_t>
+void load_skew(const scalar_t* a, acc_t* S, int64_t b) {
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      S[i * b + j] = (static_cast<acc_t>(a[i * b + j]) - static_cast<acc_t>(a[j * b + i])) * acc_t(0.5);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_skew_grad(const acc_t* gS, scalar_t* out, int64_t b) {
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) out[i * b + j] = static_cast<scalar_t>((gS[i * b + j] - gS[j * b + i]) * acc_t(0.5));
+}
+
+// Runs fn(block index, scratch of `tiles` b x b acc_t tiles) over every block, blocks split across threads.
+template <typename acc_t, typename F>
+void for_each_block(int64_t nb, int64_t b, int64_t tiles, F fn) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, b * b * b));
+  at::parallel_for(0, nb, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> buf(tiles * b * b);
+    for (int64_t n = lo; n < hi; ++n) fn(n, buf.data());
+  });
+}
+
+at::Tensor cayley_cpu(const at::Tensor& params) {
+  constexpr const char* op = "orthogonal_cayley";
+  check_cpu(op, "params", params);
+  check_params(op, "params", params);
+  auto p = params.contiguous();
+  auto out = at::empty_like(p);
+  const int64_t nb = p.size(0), b = p.size(1);
+  PEFTCORE_DISPATCH_FLOATING(p.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = p.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for_each_block<acc_t>(nb, b, 2, [&](int64_t n, acc_t* buf) {
+      acc_t *M = buf, *X = buf + b * b;
+      load_skew(src + n * b * b, X, b);  // X = S
+      for (int64_t i = 0; i < b * b; ++i) {
+        M[i] = X[i];
+        X[i] = -X[i];
+      }
+      for (int64_t i = 0; i < b; ++i) {
+        M[i * b + i] += acc_t(1);
+        X[i * b + i] += acc_t(1);
+      }
+      gauss_jordan_solve(M, X, b);  // (I + S)^{-1}(I - S) = (I - S)(I + S)^{-1}
+      for (int64_t i = 0; i < b * b; ++i) dst[n * b * b + i] = static_cast<scalar_t>(X[i]);
+    });
+  });
+  return out;
+}
+
+at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& R) {
+  constexpr const char* op = "orthogonal_cayley_backward";
+  check_cpu(op, "grad", grad);
+  check_params(op, "grad", grad);
+  check_params(op, "R", R);
+  check_same_dtype(op, "R", R, grad, "grad");
+  TORCH_CHECK(R.sizes() == grad.sizes(), op, ": R must have grad's shape ", grad.sizes(), ", got ", R.sizes());
+  auto g = grad.contiguous(), r = R.contiguous();
+  auto out = at::empty_like(g);
+  const int64_t nb = g.size(0), b = g.size(1);
+  PEFTCORE_DISPATCH_FLOATING(g.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *rp = r.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for_each_block<acc_t>(nb, b, 4, [&](int64_t n, acc_t* buf) {
+      acc_t *P = buf, *G = buf + b * b, *T1 = buf + 2 * b * b, *gS = buf + 3 * b * b;
+      for (int64_t i = 0; i < b * b; ++i) {
+        P[i] = static_cast<acc_t>(rp[n * b * b + i]);
+        G[i] = static_cast<acc_t>(gp[n * b * b + i]);
+      }
+      for (int64_t i = 0; i < b; ++i) P[i * b + i] += acc_t(1);
+      matmul(G, P, T1, b, false, true);   // G P^T
+      matmul(P, T1, gS, b, true, false);  // P^T G P^T
+      for (int64_t i = 0; i < b * b; ++i) gS[i] *= acc_t(-0.5);
+      store_skew_grad(gS, dst + n * b * b, b);
+    });
+  });
+  return out;
+}
+
+void check_terms(const char* op, int64_t terms) {
+  TORCH_CHECK(terms >= 0 && terms <= 64, op, ": terms must be in [0, 64], got ", terms);
+}
+
+at::Tensor neumann_cpu(const at::Tensor& params, int64_t terms) {
+  constexpr const char* op = "orthogonal_cayley_neumann";
+  check_cpu(op, "params", params);
+  check_params(op, "params", params);
+  check_terms(op, terms);
+  auto p = params.contiguous();
+  auto out = at::empty_like(p);
+  const int64_t nb = p.size(0), b = p.size(1);
+  const auto c = neumann_coefficients(terms);
+  const int64_t top = static_cast<int64_t>(c.size()) - 1;
+  PEFTCORE_DISPATCH_FLOATING(p.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = p.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for_each_block<acc_t>(nb, b, 3, [&](int64_t n, acc_t* buf) {
+      acc_t *S = buf, *Rm = buf + b * b, *T = buf + 2 * b * b;
+      load_skew(src + n * b * b, S, b);
+      // Horner: R = c_top I; R = R S + c_k I for k = top-1..0.
+      for (int64_t i = 0; i < b * b; ++i) Rm[i] = 0;
+      for (int64_t i = 0; i < b; ++i) Rm[i * b + i] = static_cast<acc_t>(c[top]);
+      for (int64_t k = top - 1; k >= 0; --k) {
+        matmul(Rm, S, T, b, false, false);
+        for (int64_t i = 0; i < b; ++i) T[i * b + i] += static_cast<acc_t>(c[k]);
+        std::swap(Rm, T);
+      }
+      for (int64_t i = 0; i < b * b; ++i) dst[n * b * b + i] = static_cast<scalar_t>(Rm[i]);
+    });
+  });
+  return out;
+}
+
+at::Tensor neumann_backward_cpu(const at::Tensor& grad, const at::Tensor& params, int64_t terms) {
+  constexpr const char* op = "orthogonal_cayley_neumann_backward";
+  check_cpu(op, "grad", grad);
+  check_params(op, "grad", grad);
+  check_params(op, "params", params);
+  check_same_dtype(op, "params", params, grad, "grad");
+  TORCH_CHECK(params.sizes() == grad.sizes(), op, ": params must have grad's shape ", grad.sizes(), ", got ",
+              params.sizes());
+  check_terms(op, terms);
+  auto g = grad.contiguous(), p = params.contiguous();
+  auto out = at::empty_like(g);
+  const int64_t nb = g.size(0), b = g.size(1);
+  const auto c = neumann_coefficients(terms);
+  const int64_t top = static_cast<int64_t>(c.size()) - 1;
+  PEFTCORE_DISPATCH_FLOATING(g.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *pp = p.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for_each_block<acc_t>(nb, b, 6, [&](int64_t n, acc_t* buf) {
+      acc_t *S = buf, *G = buf + b * b, *H = buf + 2 * b * b, *Pk = buf + 3 * b * b, *T = buf + 4 * b * b,
+            *gS = buf + 5 * b * b;
+      load_skew(pp + n * b * b, S, b);
+      for (int64_t i = 0; i < b * b; ++i) {
+        G[i] = static_cast<acc_t>(gp[n * b * b + i]);
+        H[i] = G[i];  // H_1
+        gS[i] = 0;
+        Pk[i] = 0;
+      }
+      for (int64_t i = 0; i < b; ++i) Pk[i * b + i] = 1;  // (S^T)^0
+      for (int64_t k = 1; k <= top; ++k) {
+        const acc_t ck = static_cast<acc_t>(c[k]);
+        for (int64_t i = 0; i < b * b; ++i) gS[i] += ck * H[i];
+        if (k == top) break;
+        // Pk <- (S^T)^k; H <- H S^T + Pk G.
+        matmul(Pk, S, T, b, false, true);
+        std::swap(Pk, T);
+        matmul(H, S, T, b, false, true);
+        std::swap(H, T);
+        matmul(Pk, G, T, b, false, false);
+        for (int64_t i = 0; i < b * b; ++i) H[i] += T[i];
+      }
+      store_skew_grad(gS, dst + n * b * b, b);
+    });
+  });
+  return out;
+}
+
+at::Tensor boft_apply_cpu(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm) {
+  constexpr const char* op = "orthogonal_boft_apply";
+  check_cpu(op, "x", x);
+  check_boft_args(op, "x", x, rotations, perm);
+  // A permutation per row (CPU only: reading perm on CUDA would sync).
+  if (perm.numel() > 0) {
+    auto sorted = std::get<0>(perm.sort(1));
+    const bool ok = sorted.eq(at::arange(perm.size(1), perm.options())).all().item<bool>();
+    TORCH_CHECK(ok, op, ": every row of perm must be a permutation of [0, ", perm.size(1), ")");
+  }
+  return boft_forward(x, rotations, perm);
+}
+
+std::tuple<at::Tensor, at::Tensor> boft_apply_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                           const at::Tensor& rotations, const at::Tensor& perm,
+                                                           std::array<bool, 2> mask) {
+  constexpr const char* op = "orthogonal_boft_apply_backward";
+  check_cpu(op, "grad_out", grad_out);
+  check_boft_args(op, "x", x, rotations, perm);
+  check_same_dtype(op, "grad_out", grad_out, x, "x");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(), ", got ",
+              grad_out.sizes());
+  return boft_backward(grad_out, x, rotations, perm, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
+  m.impl("orthogonal_cayley", &cayley_cpu);
+  m.impl("orthogonal_cayley_backward", &cayley_backward_cpu);
+  m.impl("orthogonal_cayley_neumann", &neumann_cpu);
+  m.impl("orthogonal_cayley_neumann_backward", &neumann_backward_cpu);
+  m.impl("orthogonal_boft_apply", &boft_apply_cpu);
+  m.impl("orthogonal_boft_apply_backward", &boft_apply_backward_cpu);
+}
+
+}  // namespace peftcore::orthogonal

@@ -1,0 +1,376 @@
+"""orthogonal ops: every op through the shared checks (peftcore.testing), orthogonality, bad inputs, and interop
+with HF PEFT's BOFT / OFT layers (adapters away from identity). References use torch.linalg.solve, explicit series
+and dense permutation / block-diagonal matrices, built here in the test only."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import peftcore  # noqa: F401
+from peftcore.ops import orthogonal as orth
+from peftcore.testing import OpCase, Sample, devices, op_test_suite
+
+ops = torch.ops.peftcore
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DEVICES = devices()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain-torch references.
+
+
+def skew(a):
+    return 0.5 * (a - a.transpose(-2, -1))
+
+
+def ref_cayley(params):
+    S = skew(params.double())
+    I = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
+    return torch.linalg.solve(I + S, I - S, left=False).to(params.dtype)
+
+
+def ref_neumann(params, terms=5):
+    S = skew(params.double())
+    I = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
+    if terms <= 1:
+        R = I + 0 * S  # constant, but still a function of params (zero gradient)
+    elif terms == 2:
+        R = I + 2 * S
+    else:
+        top = max(3, terms - 1)
+        R, P = I.clone(), I.clone()
+        for k in range(1, top + 1):
+            P = P @ S
+            R = R + (1.0 if k == top else 2.0) * P
+    return R.to(params.dtype)
+
+
+def _vjp(fn, args, grad_arg, grad):
+    a = [x.detach().double().requires_grad_(i == grad_arg) if isinstance(x, torch.Tensor) and x.is_floating_point()
+         else x for i, x in enumerate(args)]
+    out = fn(*a)
+    (g,) = torch.autograd.grad(out, a[grad_arg], grad.double())
+    return g
+
+
+def ref_cayley_backward(grad, R):
+    # Needs the params; R determines S = (I - R)(I + R)^{-1} (the Cayley map is an involution).
+    Rd = R.double()
+    I = torch.eye(R.shape[-1], dtype=Rd.dtype, device=R.device).expand_as(Rd)
+    S = torch.linalg.solve(I + Rd, I - Rd, left=False)
+    return _vjp(ref_cayley, [S], 0, grad).to(grad.dtype)
+
+
+def ref_neumann_backward(grad, params, terms):
+    return _vjp(ref_neumann, [params, terms], 0, grad).to(grad.dtype)
+
+
+def dense_boft_matrix(rotations, perm):
+    """M = M_{m-1} ... M_0, M_i = P_i blockdiag(R_i) P_i^T with P_i[j, perm[i, j]] = 1 (PEFT's perm2mat and its
+    ``butterfly_oft_mat = batch[i] @ butterfly_oft_mat`` loop)."""
+    m, d = perm.shape
+    M = torch.eye(d, dtype=rotations.dtype, device=rotations.device)
+    for i in range(m):
+        P = torch.zeros(d, d, dtype=rotations.dtype, device=rotations.device)
+        P[torch.arange(d), perm[i]] = 1
+        B = torch.block_diag(*rotations[i].unbind(0))
+        M = (P @ B @ P.T) @ M
+    return M
+
+
+def ref_boft_apply(x, rotations, perm):
+    return x @ dense_boft_matrix(rotations.to(x.dtype), perm)
+
+
+def ref_boft_apply_backward(grad_out, x, rotations, perm, mask):
+    M = dense_boft_matrix(rotations.to(x.dtype), perm)
+    gx = grad_out @ M.T if mask[0] else x.new_empty(0)
+    gr = _vjp(lambda r: ref_boft_apply(x, r, perm), [rotations], 0, grad_out).to(rotations.dtype) if mask[1] \
+        else rotations.new_empty(0)
+    return gx, gr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples.
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def params_samples(device, dtype, requires_grad):
+    for nb, b, scale in [(3, 4, 0.3), (2, 8, 0.2), (5, 2, 0.5)]:
+        p = (torch.randn(nb, b, b, generator=_gen(nb * b)) * scale).to(device=device, dtype=dtype)
+        yield Sample((p,), name=f"nb{nb}b{b}")
+
+
+def neumann_samples(device, dtype, requires_grad):
+    for terms in (5, 3, 6, 2, 1):
+        p = (torch.randn(3, 4, 4, generator=_gen(terms)) * 0.1).to(device=device, dtype=dtype)
+        yield Sample((p, terms), name=f"terms{terms}")
+
+
+def cayley_backward_samples(device, dtype, requires_grad):
+    for s in params_samples(device, dtype, False):
+        R = ops.orthogonal_cayley(s.args[0])
+        g = torch.randn(R.shape, generator=_gen(7)).to(device=device, dtype=dtype)
+        yield Sample((g, R), name=s.name)
+
+
+def neumann_backward_samples(device, dtype, requires_grad):
+    for s in neumann_samples(device, dtype, False):
+        g = torch.randn(s.args[0].shape, generator=_gen(8)).to(device=device, dtype=dtype)
+        yield Sample((g, s.args[0], s.args[1]), name=s.name)
+
+
+BOFT_CONFIGS = [  # (d, block_size, n_butterfly_factor, tokens shape)
+    (16, 4, 1, (5,)),
+    (16, 2, 3, (2, 3)),
+    (32, 4, 2, (7,)),
+]
+
+
+def boft_samples(device, dtype, requires_grad, rot_dtype=None):
+    for d, b, m, tshape in BOFT_CONFIGS:
+        nb = d // b
+        g = _gen(d + b + m)
+        perm = orth.boft_permutations(d, nb, b, m).to(device)
+        rot = ops.orthogonal_cayley(torch.randn(m * nb, b, b, generator=g, dtype=torch.float64) * 0.5)
+        rot = rot.view(m, nb, b, b).to(device=device, dtype=rot_dtype or dtype)
+        x = torch.randn(*tshape, d, generator=g).to(device=device, dtype=dtype)
+        yield Sample((x, rot, perm), name=f"d{d}b{b}m{m}")
+    if dtype != torch.float32 and dtype != torch.float64:  # float32 rotations with low-precision activations
+        x = torch.randn(4, 16, generator=_gen(3)).to(device=device, dtype=dtype)
+        rot = ops.orthogonal_cayley(torch.randn(8, 4, 4, generator=_gen(4))).view(2, 4, 4, 4).to(device)
+        yield Sample((x, rot, orth.boft_permutations(16, 4, 4, 2).to(device)), name="fp32rot")
+
+
+def boft_backward_samples(device, dtype, requires_grad):
+    for s in boft_samples(device, dtype, False):
+        x, rot, perm = s.args
+        g = torch.randn(x.shape, generator=_gen(9)).to(device=device, dtype=dtype)
+        for mask in ([True, True], [True, False], [False, True]):
+            yield Sample((g, x, rot, perm, mask), name=f"{s.name}-{mask}")
+
+
+CASES = [
+    OpCase("orthogonal_cayley", ops.orthogonal_cayley, params_samples, ref_cayley, ALL_DTYPES, grad_args=(0,)),
+    OpCase("orthogonal_cayley_backward", ops.orthogonal_cayley_backward, cayley_backward_samples,
+           ref_cayley_backward, ALL_DTYPES),
+    OpCase("orthogonal_cayley_neumann", ops.orthogonal_cayley_neumann, neumann_samples, ref_neumann, ALL_DTYPES,
+           grad_args=(0,)),
+    OpCase("orthogonal_cayley_neumann_backward", ops.orthogonal_cayley_neumann_backward, neumann_backward_samples,
+           ref_neumann_backward, ALL_DTYPES),
+    OpCase("orthogonal_boft_apply", ops.orthogonal_boft_apply, boft_samples, ref_boft_apply, ALL_DTYPES,
+           grad_args=(0, 1)),
+    OpCase("orthogonal_boft_apply_backward", ops.orthogonal_boft_apply_backward, boft_backward_samples,
+           ref_boft_apply_backward, ALL_DTYPES),
+]
+
+
+test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Properties.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cayley_is_orthogonal(device):
+    p = torch.randn(16, 8, 8, generator=_gen(1)).to(device) * 3  # far from identity
+    R = ops.orthogonal_cayley(p)
+    I = torch.eye(8, device=device).expand_as(R)
+    torch.testing.assert_close(R @ R.transpose(-2, -1), I, atol=1e-5, rtol=0)
+    # Neumann is near-orthogonal for small S and converges to the transposed Cayley map.
+    q = p * 0.01
+    N = ops.orthogonal_cayley_neumann(q, 12)
+    torch.testing.assert_close(N, ops.orthogonal_cayley(q).transpose(-2, -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_boft_apply_preserves_norm_and_matches_dense(device):
+    d, b, m = 64, 4, 4
+    perm = orth.boft_permutations(d, d // b, b, m).to(device)
+    rot = ops.orthogonal_cayley(torch.randn(m * d // b, b, b, generator=_gen(2))).view(m, d // b, b, b).to(device)
+    x = torch.randn(10, d, generator=_gen(3)).to(device)
+    y = ops.orthogonal_boft_apply(x, rot, perm)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y, ref_boft_apply(x.double(), rot.double(), perm).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_permutations_match_peft():
+    from peft.tuners.boft.layer import BOFTLayer
+
+    for n, nb, b, m in [(16, 4, 4, 2), (32, 8, 4, 3), (64, 16, 4, 1), (24, 6, 4, 2)]:
+        ours = orth.boft_permutations(n, nb, b, m)
+        for i in range(m):
+            theirs = BOFTLayer.block_butterfly_perm(None, n, nb // (2 ** i), b // 2, m - 1)
+            assert torch.equal(ours[i], theirs), (n, nb, b, m, i)
+
+
+def test_only_x_saved():
+    # The BOFT chain's autograd keeps x (and the small rotations / perm), never a d x d matrix.
+    d, b, m = 32, 4, 2
+    perm = orth.boft_permutations(d, d // b, b, m)
+    rot = ops.orthogonal_cayley(torch.randn(m * d // b, b, b)).view(m, d // b, b, b).requires_grad_()
+    x = torch.randn(6, d, requires_grad=True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.orthogonal_boft_apply(x, rot, perm)
+    assert max(sizes) <= max(x.numel(), rot.numel()) and d * d not in sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: messages name the op and the value.
+
+
+def test_bad_inputs():
+    x = torch.randn(3, 16)
+    rot = torch.randn(2, 4, 4, 4)
+    perm = orth.boft_permutations(16, 4, 4, 2)
+    with pytest.raises(RuntimeError, match=r"orthogonal_cayley: params must be \[num_blocks, b, b\].*\[3, 4, 5\]"):
+        ops.orthogonal_cayley(torch.randn(3, 4, 5))
+    with pytest.raises(RuntimeError, match="orthogonal_cayley: params must be float32.*Long"):
+        ops.orthogonal_cayley(torch.ones(2, 3, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"orthogonal_cayley_neumann: terms must be in \[0, 64\], got -1"):
+        ops.orthogonal_cayley_neumann(torch.randn(2, 3, 3), -1)
+    with pytest.raises(RuntimeError, match=r"orthogonal_boft_apply: rotations' num_blocks \* b \(4 \* 5 = 20\)"):
+        ops.orthogonal_boft_apply(x, torch.randn(2, 4, 5, 5), perm)
+    with pytest.raises(RuntimeError, match="orthogonal_boft_apply: perm must be int64, got Int"):
+        ops.orthogonal_boft_apply(x, rot, perm.int())
+    with pytest.raises(RuntimeError, match=r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[1, 16\]"):
+        ops.orthogonal_boft_apply(x, rot, perm[:1])
+    bad = perm.clone()
+    bad[0, 0] = bad[0, 1]
+    with pytest.raises(RuntimeError, match=r"orthogonal_boft_apply: every row of perm must be a permutation"):
+        ops.orthogonal_boft_apply(x, rot, bad)
+    with pytest.raises(RuntimeError, match="orthogonal_boft_apply: rotations must be float32 or the input's dtype"):
+        ops.orthogonal_boft_apply(x.half(), rot.double(), perm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interop with HF PEFT: the op-based layers reproduce PEFT's own forward with randomised adapters.
+
+
+class _FakeFBD:
+    """Plain-torch stand-in for PEFT's fbd_cuda extension (batched block_diag), so PEFT keeps n_butterfly_factor
+    > 1 on a machine without a GPU (otherwise it silently forces 1) and never tries to compile the extension."""
+
+    @staticmethod
+    def forward(inp):
+        return [torch.stack([torch.block_diag(*blocks.unbind(0)) for blocks in inp])]
+
+    @staticmethod
+    def backward(grad, inp):
+        H = inp.shape[-1]
+        return [torch.stack([grad[:, i * H:(i + 1) * H, i * H:(i + 1) * H] for i in range(inp.shape[1])], 1)]
+
+
+class _Tiny(nn.Module):
+    def __init__(self, d_in=32, d_out=24):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.fixture
+def fake_fbd(monkeypatch):
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", _FakeFBD())
+
+
+@pytest.mark.parametrize("block_size,factor,bias", [(4, 1, True), (4, 3, True), (2, 2, False), (8, 2, True)])
+def test_boft_matches_peft(fake_fbd, block_size, factor, bias):
+    import peft
+    from peftcore.tuners.boft import BOFTLinear
+
+    torch.manual_seed(0)
+    base = _Tiny()
+    if not bias:
+        base.lin.bias = None
+    cfg = peft.BOFTConfig(boft_block_size=block_size, boft_n_butterfly_factor=factor, target_modules=["lin"],
+                          boft_dropout=0.0, init_weights=False)  # random boft_R (std 0.1) and boft_s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, cfg)
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.boft_R["default"].normal_(0, 0.3)  # further from identity
+    assert layer.boft_R["default"].shape[0] == factor
+    ours = BOFTLinear.from_peft(layer)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = ours(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Gradients of the op path against a dense float64 version of PEFT's math.
+    ours(x).square().sum().backward()
+    R = layer.boft_R["default"].detach().double().requires_grad_()
+    m, nb, b, _ = R.shape
+    rot = ref_cayley(R.view(m * nb, b, b)).view(m, nb, b, b)
+    M = dense_boft_matrix(rot, ours.perm)
+    lin = layer.get_base_layer()
+    y = (x.double() @ M) @ lin.weight.double().T * layer.boft_s["default"].double().squeeze(-1)
+    if lin.bias is not None:
+        y = y + lin.bias.double()
+    y.square().sum().backward()
+    torch.testing.assert_close(layer.boft_R["default"].grad.double(), R.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_boft_matches_peft_low_precision(fake_fbd, dtype):
+    import peft
+    from peftcore.tuners.boft import BOFTLinear
+
+    torch.manual_seed(1)
+    cfg = peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["lin"], init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_Tiny(), cfg)
+    model.base_model.model.lin.base_layer.to(dtype)
+    layer = model.base_model.model.lin
+    x = torch.randn(4, 32, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        got = BOFTLinear.from_peft(layer)(x)
+    assert got.dtype == expected.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("neumann,terms,block_share", [(True, 5, False), (True, 3, False), (False, 5, False),
+                                                       (True, 6, True)])
+def test_oft_matches_peft(neumann, terms, block_share):
+    import peft
+    from peftcore.tuners.oft import OFTLinear
+
+    torch.manual_seed(2)
+    cfg = peft.OFTConfig(oft_block_size=8, r=0, target_modules=["lin"], use_cayley_neumann=neumann,
+                         num_cayley_neumann_terms=terms, block_share=block_share, init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_Tiny(), cfg)
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.oft_R["default"].weight.normal_(0, 0.1)
+    ours = OFTLinear.from_peft(layer)
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = ours(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Gradient w.r.t. OFT's packed parameters against PEFT's own autograd.
+    model(x).square().sum().backward()
+    g_peft = layer.oft_R["default"].weight.grad.clone()
+    layer.oft_R["default"].weight.grad = None
+    ours(x).square().sum().backward()
+    torch.testing.assert_close(layer.oft_R["default"].weight.grad, g_peft, atol=1e-4, rtol=1e-4)
