@@ -12,12 +12,7 @@ namespace {
 
 namespace K = kernels;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw std::runtime_error(std::string("peftcore blockdiag CUDA: ") + what + ": " + cudaGetErrorString(e));
-  }
-}
+void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "blockdiag", what); }
 
 template <typename T>
 bool launch(const void* x, const void* w1, const void* w2, void* y, const K::MonarchParams& base, cudaStream_t stream) {

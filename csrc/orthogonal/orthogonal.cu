@@ -12,12 +12,7 @@ namespace {
 
 namespace K = kernels;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw std::runtime_error(std::string("peftcore orthogonal CUDA: ") + what + ": " + cudaGetErrorString(e));
-  }
-}
+void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "orthogonal", what); }
 
 template <typename F>
 void dispatch_dtype(DType d, F&& f) {

@@ -13,6 +13,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_common.cuh"
+
 #include <cstdint>
 
 namespace peftcore::orthogonal::cuda::kernels {
@@ -25,18 +27,8 @@ struct Coef {
   int n;
 };
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f32(float v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using peftcore::cuda_common::from_f32;
+using peftcore::cuda_common::to_f32;
 
 // C = op(A) op(B) for b x b tiles in smem (C distinct from A and B); ends synchronised.
 __device__ __forceinline__ void tile_mm(const float* A, const float* B, float* C, int b, bool ta, bool tb) {

@@ -13,12 +13,7 @@ namespace {
 
 namespace K = kernels;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();  // clear a sticky launch error so it is not reported twice
-    throw std::runtime_error(std::string("peftcore partial CUDA: ") + what + ": " + cudaGetErrorString(e));
-  }
-}
+void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "partial", what); }
 
 template <typename F>
 void dispatch_dtype(DType d, F&& f) {

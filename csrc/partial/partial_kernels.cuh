@@ -12,36 +12,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_common.cuh"
+
 #include <cstdint>
 
 namespace peftcore::partial::cuda::kernels {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T v) {
-  return static_cast<float>(v);
-}
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_f32(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using peftcore::cuda_common::from_f32;
+using peftcore::cuda_common::to_f32;
 
 // Grid: x = chunks of k (kThreads each), y/z = token (y covers up to 65535 tokens per z slice).
 __device__ __forceinline__ int64_t token_of_block() {

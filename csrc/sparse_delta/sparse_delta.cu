@@ -1,6 +1,7 @@
 // sparse_delta CUDA launchers (sparse_delta_launch.h): tile-size choice, shared-memory budget and grid shape.
 // No torch headers here; the kernels and their tiling are described in sparse_delta_kernels.cuh.
 #include "sparse_delta/sparse_delta_launch.h"
+#include "cuda_common.cuh"
 #include "sparse_delta/sparse_delta_kernels.cuh"
 
 #include <algorithm>
@@ -14,12 +15,7 @@ namespace {
 
 namespace K = kernels;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();  // clear a sticky launch error so it is not reported twice
-    throw std::runtime_error(std::string("peftcore sparse_delta CUDA: ") + what + ": " + cudaGetErrorString(e));
-  }
-}
+void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "sparse_delta", what); }
 
 struct DevInfo {
   int sms = 0;
