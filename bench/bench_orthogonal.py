@@ -17,10 +17,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import compare, forward_only, peak_memory, train_step
+from common import compare, forward_only, op_rows, peak_memory, train_step
 
 import peftcore  # noqa: F401
-from test_orthogonal import _FakeFBD, _Tiny
+from peftcore.ops import orthogonal as orth
+from test_orthogonal import _FakeFBD, _Tiny, ref_boft_apply, ref_cayley, ref_neumann
 
 
 def sizes(device: str, quick: bool):
@@ -86,7 +87,28 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 3) -> list:
                              ratio_to="dense", speedup_vs_peft=times[(kind, "peft", mode)] / t,
                              peak_mb=peak_memory(fns[(kind, method, mode)], device) / 2 ** 20, saved_mb="",
                              device=device))
+        rows += _op_rows(device, case, x.detach(), rounds)
     return rows
+
+
+def _op_rows(device, case, x, rounds):
+    """The standalone ops (blocks of 32, two butterfly factors) beside plain torch: batched linalg.solve, the
+    explicit series, and the dense d x d BOFT matrix (what PEFT builds)."""
+    d, b = x.shape[-1], 32
+    nb = d // b
+    gen = torch.Generator().manual_seed(1)
+    params = (torch.randn(nb, b, b, generator=gen) * 0.1).to(device)
+    rot = orth.orthogonal_cayley(torch.randn(2 * nb, b, b, generator=gen).to(device) * 0.1).view(2, nb, b, b)
+    rot = rot.to(x.dtype)
+    perm = orth.boft_permutations(d, nb, b, 2).to(device)
+    pairs = {
+        "orthogonal_cayley": (lambda: orth.orthogonal_cayley(params), lambda: ref_cayley(params), "linalg_solve"),
+        "orthogonal_cayley_neumann": (lambda: orth.orthogonal_cayley_neumann(params, 5),
+                                      lambda: ref_neumann(params, 5), "torch_series"),
+        "orthogonal_boft_apply": (lambda: orth.orthogonal_boft_apply(x, rot, perm),
+                                  lambda: ref_boft_apply(x, rot, perm), "dense_dxd_matrix"),
+    }
+    return op_rows("orthogonal", case, pairs, device, rounds)
 
 
 if __name__ == "__main__":

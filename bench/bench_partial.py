@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import backward_only, compare, forward_only, peak_memory, train_step
+from common import backward_only, compare, forward_only, op_rows, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import partial as pt
@@ -133,21 +133,7 @@ def _op_rows(device, case, x, rounds):
                              "torch_checks"),
     }
     assert torch.equal(pt.partial_gather(x, idx), ref_gather(x, idx))
-    fns = {}
-    for op, (mine, base, _) in pairs.items():
-        fns[(op, "peftcore")] = mine
-        fns[(op, "baseline")] = base
-    with torch.no_grad():
-        times = compare(fns, device, rounds=max(3, rounds // 2))
-        rows = []
-        for op, (mine, base, base_name) in pairs.items():
-            for who, fn in (("peftcore", mine), ("baseline", base)):
-                t = times[(op, who)]
-                rows.append(dict(family="partial", op=op, case=case, method=op if who == "peftcore" else base_name,
-                                 density=0.05, mode="op", ms=t * 1e3, ratio=t / times[(op, "baseline")],
-                                 ratio_to=base_name, peak_mb=peak_memory(fn, device) / 2 ** 20, saved_mb="",
-                                 device=device))
-    return rows
+    return op_rows("partial", case, pairs, device, rounds, density=0.05)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import backward_only, compare, forward_only, peak_memory, train_step
+from common import backward_only, compare, forward_only, op_rows, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import sparse_delta as sd
@@ -112,20 +112,7 @@ def _op_rows(device, case, x, w, g, idx, vals, rounds):
                                   lambda: bool((idx[1:] > idx[:-1]).all()) and int(idx.min()) >= 0
                                   and int(idx.max()) < out * inn, "torch_checks"),
     }
-    fns = {}
-    for op, (mine, base, _) in pairs.items():
-        fns[(op, "peftcore")] = mine
-        fns[(op, "baseline")] = base
-    with torch.no_grad():
-        times = compare(fns, device, rounds=max(3, rounds // 2))
-        rows = []
-        for op, (mine, base, base_name) in pairs.items():
-            for who, fn in (("peftcore", mine), ("baseline", base)):
-                t = times[(op, who)]
-                rows.append(dict(family="sparse_delta", op=op, case=case, method=op if who == "peftcore" else base_name,
-                                 density=0.01, mode="op", ms=t * 1e3, ratio=t / times[(op, "baseline")],
-                                 ratio_to=base_name, peak_mb=peak_memory(fn, device) / 2 ** 20, device=device))
-    return rows
+    return op_rows("sparse_delta", case, pairs, device, rounds, density=0.01)
 
 
 if __name__ == "__main__":

@@ -148,3 +148,24 @@ def backward_only(f, wrt, g, after=None):
         if after is not None:
             after(grads)
     return run
+
+
+def op_rows(family: str, case: str, pairs: dict, device: str, rounds: int, density="") -> list:
+    """Rows for standalone ops, each timed (no grad) beside the plain-torch way of getting the same result.
+
+    ``pairs``: ``{op_name: (peftcore fn, baseline fn, baseline name)}``; ratios are time / the baseline's.
+    """
+    fns = {}
+    for op, (mine, base, _) in pairs.items():
+        fns[(op, "peftcore")] = mine
+        fns[(op, "baseline")] = base
+    rows = []
+    with torch.no_grad():
+        times = compare(fns, device, rounds=max(3, rounds // 2))
+        for op, (mine, base, base_name) in pairs.items():
+            for who, fn in (("peftcore", mine), ("baseline", base)):
+                t = times[(op, who)]
+                rows.append(dict(family=family, op=op, case=case, method=op if who == "peftcore" else base_name,
+                                 density=density, mode="op", ms=t * 1e3, ratio=t / times[(op, "baseline")],
+                                 ratio_to=base_name, peak_mb=peak_memory(fn, device) / 2 ** 20, device=device))
+    return rows
