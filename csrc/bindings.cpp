@@ -43,8 +43,13 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("blockdiag_matmul_backward(Tensor grad_out, Tensor x, Tensor blocks, bool[2] output_mask) -> (Tensor, Tensor)");
   // fly's blockdiag_butterfly_multiply, fused: w1 [k, q, p], w2 [l, s, r], l*r == k*q; x [..., k*p] -> [..., l*s].
   m.def("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor");
-  // Backward of monarch_matmul: (grad_x, grad_w1, grad_w2), the intermediate recomputed; unasked outputs empty.
-  m.def("monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // monarch_matmul that also returns its intermediate h [..., l*r] in stage 2's layout (h[..., j*r + m] = stage-1
+  // feature m*l + j: fly's out1 [..., l, r] flattened; x's dtype), so a training step's backward reads h instead of
+  // recomputing it (one GEMM less, h's memory more).
+  m.def("monarch_matmul_with_h(Tensor x, Tensor w1, Tensor w2) -> (Tensor, Tensor)");
+  // Backward of monarch_matmul: (grad_x, grad_w1, grad_w2); the intermediate is h when given (from
+  // monarch_matmul_with_h), else recomputed from x; unasked outputs empty.
+  m.def("monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool[3] output_mask, Tensor? h=None) -> (Tensor, Tensor, Tensor)");
   // ---- orthogonal: OFT / BOFT orthogonal blocks from free params A [nb, b, b] (S = (A - A^T)/2) and the butterfly chain ----
   // R = (I - S)(I + S)^{-1} per block (PEFT BOFT cayley_batch / OFT use_cayley_neumann=False), fp32 accumulation.
   m.def("orthogonal_cayley(Tensor params) -> Tensor");

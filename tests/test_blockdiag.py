@@ -45,7 +45,18 @@ def ref_monarch_two_bmm(x, w1, w2):
     return out2.permute(1, 2, 0).reshape(*batch, s * l)
 
 
-def ref_monarch_backward(g, x, w1, w2, mask):
+def ref_monarch_with_h(x, w1, w2):
+    """(y, h): the two-bmm form's output and its intermediate out1 [B, l, r] (stage-1 output after the stride
+    permutation) flattened to [..., l*r] (h is saved for the backward, not differentiable)."""
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    batch = x.shape[:-1]
+    out1 = torch.bmm(x.reshape(-1, k, p).transpose(0, 1), w1.transpose(-1, -2)).transpose(0, 1)  # [B, k, q]
+    h = out1.reshape(-1, r, l).transpose(-1, -2).reshape(*batch, l * r)
+    return ref_monarch_two_bmm(x, w1, w2), h.detach()
+
+
+def ref_monarch_backward(g, x, w1, w2, mask, h=None):
     with torch.enable_grad():
         xs, a, b = (t.detach().requires_grad_(True) for t in (x, w1, w2))
         gx, g1, g2 = torch.autograd.grad(ref_monarch_two_bmm(xs, a, b), (xs, a, b), g)
@@ -105,6 +116,9 @@ def monarch_backward_samples(device, dtype, requires_grad):
         g = _randn((*x.shape[:-1], w2.shape[0] * w2.shape[1]), dtype, device, 99)
         for mask in ([True, True, True], [False, True, False] if x.shape[0] % 2 else [True, False, True]):
             yield Sample((g, x, w1, w2, mask), name=f"{sm.name}/{mask}")
+        # With the saved intermediate (from monarch_matmul_with_h), exact for float64 x.
+        h = ref_monarch_with_h(x.double(), w1.double(), w2.double())[1].to(dtype)
+        yield Sample((g, x, w1, w2, [True, True, True], h), name=f"{sm.name}/saved-h")
 
 
 CASES = [
@@ -112,6 +126,8 @@ CASES = [
     OpCase("blockdiag_matmul_backward", ops.blockdiag_matmul_backward, blockdiag_backward_samples,
            ref_blockdiag_backward, ALL_DTYPES),
     OpCase("monarch_matmul", ops.monarch_matmul, monarch_samples, ref_monarch_two_bmm, ALL_DTYPES,
+           grad_args=(0, 1, 2)),
+    OpCase("monarch_matmul_with_h", ops.monarch_matmul_with_h, monarch_samples, ref_monarch_with_h, ALL_DTYPES,
            grad_args=(0, 1, 2)),
     OpCase("monarch_matmul_backward", ops.monarch_matmul_backward, monarch_backward_samples, ref_monarch_backward,
            ALL_DTYPES),
@@ -126,7 +142,8 @@ test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES
 
 @pytest.mark.parametrize("k,q,p,l,s,r,T", [(4, 64, 64, 4, 64, 64, 300), (16, 64, 64, 16, 64, 64, 130),
                                            (32, 32, 32, 32, 32, 32, 257), (4, 160, 130, 5, 90, 128, 70),
-                                           (2, 128, 128, 2, 128, 128, 40), (2, 384, 384, 2, 384, 384, 20)])
+                                           (2, 128, 128, 2, 128, 128, 40), (2, 384, 384, 2, 384, 384, 20),
+                                           (2, 150, 128, 4, 220, 75, 33)])
 def test_monarch_equals_two_bmm_float32(k, q, p, l, s, r, T):
     """Larger shapes than the suite (micro-kernel and BLAS-on-tile forward, token tails, and at 128x128 blocks the
     batched-GEMM backward): the fused op equals fly's two-bmm form, forward and every gradient."""
@@ -153,14 +170,53 @@ def test_blockdiag_is_monarch_stage_one():
 
 
 def test_monarch_saves_only_inputs():
-    """Autograd keeps x and the weights, never the [T, k*q] intermediate."""
+    """The op's own autograd (and the wrapper with save_intermediate=False) keeps x and the weights, never the
+    [T, k*q] intermediate; the wrapper's default training path keeps h too (one GEMM less in the backward)."""
     x = _randn((16, 24), torch.float32, "cpu", 1).requires_grad_(True)
     w1 = _randn((4, 6, 6), torch.float32, "cpu", 2).requires_grad_(True)
     w2 = _randn((3, 5, 8), torch.float32, "cpu", 3).requires_grad_(True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        bd.monarch_matmul(x, w1, w2)
-    assert sorted(t.shape for t in saved) == sorted([x.shape, w1.shape, w2.shape])
+    for fn, extra in ((lambda: ops.monarch_matmul(x, w1, w2), []),
+                      (lambda: bd.monarch_matmul(x, w1, w2, save_intermediate=False), []),
+                      (lambda: bd.monarch_matmul(x, w1, w2), [torch.Size([16, 24])])):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        assert sorted(t.shape for t in saved) == sorted([x.shape, w1.shape, w2.shape] + extra)
+
+
+def test_monarch_wrapper_paths_agree():
+    """Default (saved h), recompute and no-grad forward give the same values and gradients."""
+    x = _randn((33, 24), torch.float32, "cpu", 1).requires_grad_(True)
+    w1 = _randn((4, 6, 6), torch.float32, "cpu", 2).requires_grad_(True)
+    w2 = _randn((3, 5, 8), torch.float32, "cpu", 3).requires_grad_(True)
+    g = _randn((33, 15), torch.float32, "cpu", 4)
+    outs = []
+    for save in (True, False):
+        y = bd.monarch_matmul(x, w1, w2, save_intermediate=save)
+        outs.append((y, *torch.autograd.grad(y, (x, w1, w2), g)))
+    with torch.no_grad():
+        y0 = bd.monarch_matmul(x, w1, w2)
+    torch.testing.assert_close(y0, outs[0][0])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("k,q,p,l,s,r,T", [(4, 64, 64, 4, 64, 64, 70), (2, 160, 160, 2, 160, 160, 37),
+                                           (2, 400, 400, 2, 400, 400, 9), (2, 150, 128, 4, 220, 75, 33),
+                                           (4, 128, 128, 16, 96, 32, 20)])
+def test_monarch_with_h_large_blocks(k, q, p, l, s, r, T):
+    """The saved-h forward on the micro-kernel, BLAS-on-tile and batched-GEMM paths: h and y equal the two-bmm
+    form's, and the backward reading h equals the recomputing one."""
+    x = _randn((T, k * p), torch.float32, "cpu", 1)
+    w1 = _randn((k, q, p), torch.float32, "cpu", 2, scale=p ** -0.5)
+    w2 = _randn((l, s, r), torch.float32, "cpu", 3, scale=r ** -0.5)
+    g = _randn((T, l * s), torch.float32, "cpu", 4)
+    y, h = bd.monarch_matmul_with_h(x, w1, w2)
+    ry, rh = ref_monarch_with_h(x.double(), w1.double(), w2.double())
+    torch.testing.assert_close(y.double(), ry, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h.double(), rh, atol=1e-4, rtol=1e-4)
+    for a, b in zip(bd.monarch_matmul_backward(g, x, w1, w2, h=h), bd.monarch_matmul_backward(g, x, w1, w2)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_compile_inductor_training_step():
@@ -202,6 +258,12 @@ _w2 = torch.randn(2, 5, 6)  # l*r = 12, out = 10
      r"monarch_matmul_backward: grad_out must have last dim 10"),
     (lambda: ops.monarch_matmul_backward(torch.randn(5, 10), _x, _w1, _w2, [True] * 3),
      r"monarch_matmul_backward: grad_out and x must have the same leading"),
+    (lambda: ops.monarch_matmul_backward(torch.randn(4, 10), _x, _w1, _w2, [True] * 3, torch.randn(4, 11)),
+     r"monarch_matmul_backward: h must have x's leading dims and last dim l\*r = k\*q = 12.*got shape \[4, 11\]"),
+    (lambda: ops.monarch_matmul_backward(torch.randn(4, 10), _x, _w1, _w2, [True] * 3, torch.randn(4, 12).double()),
+     r"monarch_matmul_backward: h has dtype Double but x has Float"),
+    (lambda: ops.monarch_matmul_with_h(_x, _w1, torch.randn(2, 5, 5)),
+     r"monarch_matmul_with_h: w2 \[l, s, r\] must have l\*r == k\*q"),
     (lambda: ops.blockdiag_matmul_backward(torch.randn(4, 12).double(), _x, _w1, [True, True]),
      r"blockdiag_matmul_backward: blocks has dtype Float but grad_out has Double"),
 ])
@@ -216,3 +278,23 @@ def test_device_mismatch_in_fake():
 
     with pytest.raises(RuntimeError, match="monarch_matmul: w1 is on meta but the input is on cpu"):
         _check_monarch("monarch_matmul", _x, _w1.to("meta"), _w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_monarch_batched_gemm_path_dtypes(dtype):
+    """The batched-GEMM path (128x128 blocks and up) and its permuting copies in 2- and 8-byte dtypes: forward,
+    saved h and every gradient against the float64 two-bmm form."""
+    k, q, p, l, s, r, T = 2, 160, 128, 4, 150, 80, 19
+    x = _randn((T, k * p), dtype, "cpu", 1)
+    w1 = _randn((k, q, p), dtype, "cpu", 2, scale=p ** -0.5)
+    w2 = _randn((l, s, r), dtype, "cpu", 3, scale=r ** -0.5)
+    g = _randn((T, l * s), dtype, "cpu", 4)
+    y, h = bd.monarch_matmul_with_h(x, w1, w2)
+    ry, rh = ref_monarch_with_h(x.double(), w1.double(), w2.double())
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(y.double(), ry, **tol)
+    torch.testing.assert_close(h.double(), rh, **tol)
+    rg = ref_monarch_backward(g.double(), x.double(), w1.double(), w2.double(), [True] * 3)
+    for hh in (h, None):
+        for a, b in zip(bd.monarch_matmul_backward(g, x, w1, w2, h=hh), rg):
+            torch.testing.assert_close(a.double(), b, **tol)

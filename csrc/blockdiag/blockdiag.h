@@ -32,8 +32,18 @@ at::Tensor bmm_blockdiag_forward(const at::Tensor& x2d, const at::Tensor& blocks
 std::tuple<at::Tensor, at::Tensor> bmm_blockdiag_backward(const at::Tensor& g2d, const at::Tensor& x2d,
                                                           const at::Tensor& blocks, std::array<bool, 2> mask);
 at::Tensor bmm_monarch_forward(const at::Tensor& x2d, const at::Tensor& w1, const at::Tensor& w2);
+// The intermediate as monarch_matmul_with_h returns it, in the stage-2 layout hs[b, j*r + m] = h[b, m*l + j]
+// (fly's out1 [T, l, r] flattened; h [T, k*q] is stage 1's output), from x2d [T, k*p] by one batched GEMM and
+// one permuting copy; and stage 2 alone from it.
+at::Tensor bmm_monarch_intermediate(const at::Tensor& x2d, const at::Tensor& w1, int64_t l, int64_t r);
+at::Tensor bmm_monarch_stage2(const at::Tensor& hs, const at::Tensor& w2);
+// h2d: the saved intermediate [T, l*r] in the stage-2 layout, or undefined to recompute it from x2d (only grad_w2
+// needs it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bmm_monarch_backward(const at::Tensor& g2d, const at::Tensor& x2d,
                                                                     const at::Tensor& w1, const at::Tensor& w2,
-                                                                    std::array<bool, 3> mask);
+                                                                    std::array<bool, 3> mask,
+                                                                    const at::Tensor& h2d = at::Tensor());
+// The optional saved intermediate of monarch_matmul_backward: [..., l*r] with x's leading dims, dtype, device.
+void check_saved_h(const char* op, const at::Tensor& h, const at::Tensor& x, const at::Tensor& w1);
 
 }  // namespace peftcore::blockdiag

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -79,6 +80,16 @@ void check_monarch_args(const char* op, const char* x_name, const at::Tensor& x,
               "), got shape ", x.sizes());
 }
 
+void check_saved_h(const char* op, const at::Tensor& h, const at::Tensor& x, const at::Tensor& w1) {
+  check_same_dtype(op, "h", h, x, "x");
+  check_same_device(op, "h", h, x, "x");
+  const int64_t mid = w1.size(0) * w1.size(1);
+  TORCH_CHECK(h.dim() == x.dim() && h.size(-1) == mid &&
+                  h.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              op, ": h must have x's leading dims and last dim l*r = k*q = ", mid, " (x ", x.sizes(), "), got shape ",
+              h.sizes());
+}
+
 void check_grad_pair(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
   check_same_dtype(op, "grad_out", grad_out, x, "x");
   check_same_device(op, "grad_out", grad_out, x, "x");
@@ -105,28 +116,138 @@ std::tuple<at::Tensor, at::Tensor> bmm_blockdiag_backward(const at::Tensor& g2d,
 }
 
 namespace {
-// h [T, k*q] -> the stage-2 operand z [l, T, r] with z[j, b, m] = h[b, m*l + j].
-at::Tensor stage2_operand(const at::Tensor& h, int64_t l, int64_t r) {
-  return h.view({h.size(0), r, l}).permute({2, 0, 1});
+// ------------------------------------------------------------------------------------------------------------
+// The permuting copies of the batched-GEMM forms. ATen's copy_ of these 3-/4-D permutations ran at ~1 GB/s here
+// (a quarter of a large-block Monarch training step); on CPU they take a tiled copy instead: 2-D tiles spanning
+// the dim where the destination is contiguous and the one where the source is, so each side moves whole cache
+// lines, parallel over the other two dims. Elsewhere (CUDA) copy_.
+template <typename E>
+void tiled_copy4(E* d, const E* s, const int64_t* n, const int64_t* ds, const int64_t* ss) {
+  constexpr int64_t kTile = 16;
+  const int64_t outer = n[0] * n[1];
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n[2] * n[3]));
+  at::parallel_for(0, outer, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t a = o / n[1], b = o % n[1];
+      E* dp = d + a * ds[0] + b * ds[1];
+      const E* sp = s + a * ss[0] + b * ss[1];
+      for (int64_t r0 = 0; r0 < n[2]; r0 += kTile) {
+        const int64_t r1 = std::min(n[2], r0 + kTile);
+        for (int64_t c0 = 0; c0 < n[3]; c0 += kTile) {
+          const int64_t c1 = std::min(n[3], c0 + kTile);
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t c = c0; c < c1; ++c) dp[r * ds[2] + c * ds[3]] = sp[r * ss[2] + c * ss[3]];
+        }
+      }
+    }
+  });
+}
+
+// dst = src for two 4-D views of one shape and dtype (dst not overlapping src).
+void permute_copy(const at::Tensor& dst, const at::Tensor& src) {
+  TORCH_INTERNAL_ASSERT(dst.dim() == 4 && dst.sizes() == src.sizes() && dst.scalar_type() == src.scalar_type());
+  if (!dst.is_cpu() || dst.element_size() > 8 || (dst.element_size() & (dst.element_size() - 1)) != 0) {
+    dst.copy_(src);
+    return;
+  }
+  auto innermost = [](const at::Tensor& t, int64_t skip) {  // the dim of smallest stride among non-trivial dims
+    int64_t best = -1;
+    for (int64_t i = 0; i < 4; ++i)
+      if (i != skip && t.size(i) > 1 && (best < 0 || t.stride(i) < t.stride(best))) best = i;
+    return best < 0 ? (skip == 3 ? 2 : 3) : best;
+  };
+  const int64_t c = innermost(dst, -1);  // tile columns: dst contiguous
+  int64_t r = innermost(src, -1);        // tile rows: src contiguous (or the next dst dim for a plain copy)
+  if (r == c) r = innermost(dst, c);
+  std::vector<int64_t> order;
+  for (int64_t i = 0; i < 4; ++i)
+    if (i != r && i != c) order.push_back(i);
+  order.push_back(r);
+  order.push_back(c);
+  const auto d = dst.permute(order), sr = src.permute(order);
+  const int64_t n[4] = {d.size(0), d.size(1), d.size(2), d.size(3)};
+  const int64_t ds[4] = {d.stride(0), d.stride(1), d.stride(2), d.stride(3)};
+  const int64_t ss[4] = {sr.stride(0), sr.stride(1), sr.stride(2), sr.stride(3)};
+  switch (dst.element_size()) {
+    case 2: tiled_copy4(static_cast<uint16_t*>(d.data_ptr()), static_cast<const uint16_t*>(sr.const_data_ptr()), n, ds, ss); break;
+    case 4: tiled_copy4(static_cast<uint32_t*>(d.data_ptr()), static_cast<const uint32_t*>(sr.const_data_ptr()), n, ds, ss); break;
+    case 8: tiled_copy4(static_cast<uint64_t*>(d.data_ptr()), static_cast<const uint64_t*>(sr.const_data_ptr()), n, ds, ss); break;
+    default: dst.copy_(src);
+  }
+}
+
+// h [T, k*q] (stage 1's output) -> hs [T, l*r], hs[b, j*r + m] = h[b, m*l + j].
+at::Tensor to_stage2_layout(const at::Tensor& h, int64_t l, int64_t r) {
+  return h.view({h.size(0), r, l}).transpose(1, 2).reshape({h.size(0), l * r});
+}
+// Stage 1 as one batched GEMM: o1 [k, T, q] = x_i @ w1[i]^T per block.
+at::Tensor stage1_bmm(const at::Tensor& x2d, const at::Tensor& w1) {
+  const int64_t T = x2d.size(0), k = w1.size(0), p = w1.size(2);
+  return at::bmm(x2d.view({T, k, p}).transpose(0, 1), w1.transpose(1, 2));
+}
+
+// o1 [k, T, q] -> hs [T, l*r] in the stage-2 layout. Feature n = i*q + a sits at hs[b, (n % l)*r + n / l]; when
+// l divides q, a = a1*l + j gives hs[b, j*r + i*(q/l) + a1] = o1[i, b, a1*l + j]: one strided copy.
+at::Tensor stage1_to_stage2_layout(const at::Tensor& o1, int64_t l, int64_t r) {
+  const int64_t k = o1.size(0), T = o1.size(1), q = o1.size(2);
+  if (q % l != 0) return to_stage2_layout(o1.transpose(0, 1).reshape({T, k * q}), l, r);
+  auto hs = at::empty({T, l * r}, o1.options());
+  permute_copy(hs.view({T, l, k, q / l}), o1.view({k, T, q / l, l}).permute({1, 3, 0, 2}));
+  return hs;
+}
+
+// The inverse map for gradients: gz [l, T, r] (gz[j, b, m] = grad of feature m*l + j) -> [k, T, q] (stage 1's
+// GEMM layout), one strided copy when l divides q.
+at::Tensor stage2_grad_to_stage1(const at::Tensor& gz, int64_t k, int64_t q) {
+  const int64_t l = gz.size(0), T = gz.size(1);
+  if (q % l != 0) return gz.permute({1, 2, 0}).reshape({T, k, q}).transpose(0, 1);
+  auto o = at::empty({k, T, q}, gz.options());
+  permute_copy(o.view({k, T, q / l, l}), gz.view({l, T, k, q / l}).permute({2, 1, 3, 0}));
+  return o;
+}
+
+// hs [T, l*r] (stage-2 layout) -> the stage-2 operand z [l, T, r], z[j, b, m] = hs[b, j*r + m] (unit inner stride).
+at::Tensor stage2_operand(const at::Tensor& hs, int64_t l, int64_t r) {
+  return hs.view({hs.size(0), l, r}).transpose(0, 1);
 }
 }  // namespace
 
+at::Tensor bmm_monarch_stage2(const at::Tensor& hs, const at::Tensor& w2) {
+  const int64_t T = hs.size(0), l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  auto out2 = at::bmm(stage2_operand(hs, l, r), w2.transpose(1, 2));  // [l, T, s]
+  auto y = at::empty({T, s * l}, hs.options());
+  permute_copy(y.view({1, T, s, l}), out2.permute({1, 2, 0}).unsqueeze(0));  // y[b, t*l + j] = out2[j, b, t]
+  return y;
+}
+
+at::Tensor bmm_monarch_intermediate(const at::Tensor& x2d, const at::Tensor& w1, int64_t l, int64_t r) {
+  return stage1_to_stage2_layout(stage1_bmm(x2d, w1), l, r);
+}
+
 at::Tensor bmm_monarch_forward(const at::Tensor& x2d, const at::Tensor& w1, const at::Tensor& w2) {
-  const int64_t T = x2d.size(0), l = w2.size(0), s = w2.size(1), r = w2.size(2);
-  auto out2 = at::bmm(stage2_operand(bmm_blockdiag_forward(x2d, w1), l, r), w2.transpose(1, 2));  // [l, T, s]
-  return out2.permute({1, 2, 0}).reshape({T, s * l});
+  return bmm_monarch_stage2(bmm_monarch_intermediate(x2d, w1, w2.size(0), w2.size(2)), w2);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bmm_monarch_backward(const at::Tensor& g2d, const at::Tensor& x2d,
                                                                     const at::Tensor& w1, const at::Tensor& w2,
-                                                                    std::array<bool, 3> mask) {
+                                                                    std::array<bool, 3> mask, const at::Tensor& h2d) {
   const int64_t T = x2d.size(0), k = w1.size(0), q = w1.size(1), l = w2.size(0), s = w2.size(1), r = w2.size(2);
-  auto gj = g2d.view({T, s, l}).permute({2, 0, 1});  // [l, T, s]: gj[j, b, t] = g[b, t*l + j]
+  // gj[j, b, t] = g[b, t*l + j], made contiguous once for both GEMMs that read it.
+  auto gj = at::empty({l, T, s}, g2d.options());
+  permute_copy(gj.unsqueeze(0), g2d.view({T, s, l}).permute({2, 0, 1}).unsqueeze(0));
   at::Tensor gx, g1, g2;
-  if (mask[2]) g2 = at::bmm(gj.transpose(1, 2), stage2_operand(bmm_blockdiag_forward(x2d, w1), l, r));
+  if (mask[2]) {
+    auto hs = h2d.defined() ? h2d : bmm_monarch_intermediate(x2d, w1, l, r);
+    g2 = at::bmm(gj.transpose(1, 2), stage2_operand(hs, l, r));
+  }
   if (mask[0] || mask[1]) {
-    auto gh = at::bmm(gj, w2).permute({1, 2, 0}).reshape({T, k * q});  // gh[b, m*l + j] = (gj @ w2)[j, b, m]
-    std::tie(gx, g1) = bmm_blockdiag_backward(gh, x2d, w1, {mask[0], mask[1]});
+    auto gk = stage2_grad_to_stage1(at::bmm(gj, w2), k, q);  // [k, T, q]: the gradient of stage 1's output
+    const int64_t p = w1.size(2);
+    if (mask[0]) {
+      gx = at::empty({T, k * p}, x2d.options());
+      permute_copy(gx.view({1, T, k, p}), at::bmm(gk, w1).transpose(0, 1).unsqueeze(0));
+    }
+    if (mask[1]) g1 = at::bmm(gk.transpose(1, 2), x2d.view({T, k, p}).transpose(0, 1));
   }
   return {gx, g1, g2};
 }
@@ -410,13 +531,16 @@ std::vector<int64_t> hp_positions(const MonarchDims& d) {
   return pos;
 }
 
+// With `h` defined ([T, k*q], x's dtype) the tile's intermediate is also written there (monarch_matmul_with_h).
 template <typename scalar_t>
-at::Tensor monarch_forward_impl(const at::Tensor& x2d, const at::Tensor& w1, const at::Tensor& w2) {
+at::Tensor monarch_forward_impl(const at::Tensor& x2d, const at::Tensor& w1, const at::Tensor& w2,
+                                const at::Tensor& h = at::Tensor()) {
   using acc_t = at::opmath_type<scalar_t>;
   const MonarchDims d(w1, w2);
   const int64_t T = x2d.size(0);
   auto y = at::empty({T, d.out}, x2d.options());
   if (T == 0) return y;
+  scalar_t* hout = h.defined() ? h.mutable_data_ptr<scalar_t>() : nullptr;
   at::Tensor w1t = as_acc<acc_t>(w1.transpose(1, 2));  // [k, p, q]
   at::Tensor w2t = as_acc<acc_t>(w2.transpose(1, 2));  // [l, r, s]
   const acc_t* w1p = w1t.const_data_ptr<acc_t>();
@@ -432,6 +556,7 @@ at::Tensor monarch_forward_impl(const at::Tensor& x2d, const at::Tensor& w1, con
       const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
       load_tile(xp, d.in, t0, tb, xb.data());
       monarch_stage1(d, tb, xb.data(), w1p, h1.data(), hp.data(), pos.data());
+      if (hout != nullptr) store_tile(hp.data(), d.mid, t0, tb, hout);  // hp is the stage-2 layout
       for (int64_t j = 0; j < d.l; ++j) {
         gemm(tb, d.s, d.r, hp.data() + j * d.r, d.mid, w2p + j * d.r * d.s, d.s, o2.data(), d.s, false);
         for (int64_t b = 0; b < tb; ++b)
@@ -445,10 +570,12 @@ at::Tensor monarch_forward_impl(const at::Tensor& x2d, const at::Tensor& w1, con
 
 // grad_h (permuted, ghp) = per j: g_j [tb, s] @ w2[j] [s, r]; grad_x = per i: gh_i [tb, q] @ w1[i] [q, p];
 // grad_w2[j] += g_j^T @ hp_j; grad_w1[i] += gh_i^T @ x_i. hp is recomputed from x (stage 1) when grad_w2 is asked.
+// With `h2d` defined (the saved intermediate [T, k*q]) hp is loaded from it instead of recomputed.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_impl(const at::Tensor& g2d, const at::Tensor& x2d,
                                                                      const at::Tensor& w1, const at::Tensor& w2,
-                                                                     std::array<bool, 3> mask) {
+                                                                     std::array<bool, 3> mask,
+                                                                     const at::Tensor& h2d) {
   using acc_t = at::opmath_type<scalar_t>;
   const MonarchDims d(w1, w2);
   const int64_t T = x2d.size(0);
@@ -456,11 +583,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_impl(const at::T
   at::Tensor gx = mask[0] ? at::empty({T, d.in}, x2d.options()) : at::Tensor();
   at::Tensor w1a = as_acc<acc_t>(w1);                                              // [k, q, p]
   at::Tensor w2a = as_acc<acc_t>(w2);                                              // [l, s, r]
-  at::Tensor w1t = mask[2] ? as_acc<acc_t>(w1.transpose(1, 2)) : at::Tensor();  // [k, p, q] for the recompute
+  const bool recompute = mask[2] && !h2d.defined();
+  const scalar_t* hsaved = (mask[2] && h2d.defined()) ? h2d.const_data_ptr<scalar_t>() : nullptr;
+  at::Tensor w1t = recompute ? as_acc<acc_t>(w1.transpose(1, 2)) : at::Tensor();  // [k, p, q] for the recompute
   const auto pos = hp_positions(d);
   const acc_t* w1ap = w1a.const_data_ptr<acc_t>();
   const acc_t* w2ap = w2a.const_data_ptr<acc_t>();
-  const acc_t* w1tp = mask[2] ? w1t.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* w1tp = recompute ? w1t.const_data_ptr<acc_t>() : nullptr;
   ThreadAccum<acc_t> gw1(mask[1] ? d.k * d.q * d.p : 0), gw2(mask[2] ? d.l * d.s * d.r : 0);
   const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
   const scalar_t* gp = g2d.const_data_ptr<scalar_t>();
@@ -468,9 +597,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_impl(const at::T
   const int64_t tiles = (T + TB - 1) / TB;
   if (T > 0 && (need_gh || mask[2])) {
     at::parallel_for(0, tiles, 1, [&](int64_t tb0, int64_t tb1) {
-      const bool need_x = mask[1] || mask[2];
+      const bool need_x = mask[1] || recompute;
       std::vector<acc_t> xb(need_x ? TB * d.in : 0), gb(TB * d.out), gj(TB * d.s), gjt(mask[2] ? d.s * TB : 0),
-          h1(mask[2] ? TB * d.q : 0), hp(mask[2] ? TB * d.mid : 0), ghp(need_gh ? TB * d.mid : 0),
+          h1(recompute ? TB * d.q : 0), hp(mask[2] ? TB * d.mid : 0), ghp(need_gh ? TB * d.mid : 0),
           ghi(need_gh ? TB * d.q : 0), ghit(mask[1] ? d.q * TB : 0), gxb(mask[0] ? TB * d.in : 0);
       acc_t* gw1p = mask[1] ? gw1.mine() : nullptr;
       acc_t* gw2p = mask[2] ? gw2.mine() : nullptr;
@@ -478,8 +607,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_impl(const at::T
         const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
         load_tile(gp, d.out, t0, tb, gb.data());
         if (need_x) load_tile(xp, d.in, t0, tb, xb.data());
-        if (mask[2])
+        if (recompute) {
           monarch_stage1(d, tb, xb.data(), w1tp, h1.data(), hp.data(), pos.data());
+        } else if (hsaved != nullptr) {
+          load_tile(hsaved, d.mid, t0, tb, hp.data());  // the saved h is hp's (stage-2) layout
+        }
         for (int64_t j = 0; j < d.l; ++j) {
           for (int64_t b = 0; b < tb; ++b)
             for (int64_t t = 0; t < d.s; ++t) gj[b * d.s + t] = gb[b * d.out + t * d.l + j];
@@ -567,22 +699,45 @@ at::Tensor monarch_matmul_cpu(const at::Tensor& x, const at::Tensor& w1, const a
   return y.view(with_last_dim(x, w2.size(0) * w2.size(1)));
 }
 
+std::tuple<at::Tensor, at::Tensor> monarch_matmul_with_h_cpu(const at::Tensor& x, const at::Tensor& w1,
+                                                             const at::Tensor& w2) {
+  constexpr const char* op = "monarch_matmul_with_h";
+  check_cpu(op, "x", x);
+  check_monarch_args(op, "x", x, w1, w2, false);
+  auto x2d = flatten_tokens(x);
+  at::Tensor y, h;
+  // h reaches memory here anyway, so from BLAS-sized blocks on the two batched GEMMs beat the tile loop's many
+  // small BLAS calls (measured 256x256 blocks: the per-tile calls took ~1.5x the batched stage GEMMs).
+  if (std::min(w1.size(1) * w1.size(2), w2.size(1) * w2.size(2)) >= kBlasMinWeights) {
+    h = bmm_monarch_intermediate(x2d, w1, w2.size(0), w2.size(2));
+    y = bmm_monarch_stage2(h, w2);
+  } else {
+    h = at::empty({x2d.size(0), w1.size(0) * w1.size(1)}, x.options());
+    PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] { y = monarch_forward_impl<scalar_t>(x2d, w1, w2, h); });
+  }
+  return {y.view(with_last_dim(x, w2.size(0) * w2.size(1))), h.view(with_last_dim(x, w1.size(0) * w1.size(1)))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_matmul_backward_cpu(const at::Tensor& grad_out,
                                                                            const at::Tensor& x, const at::Tensor& w1,
                                                                            const at::Tensor& w2,
-                                                                           std::array<bool, 3> mask) {
+                                                                           std::array<bool, 3> mask,
+                                                                           const std::optional<at::Tensor>& h) {
   constexpr const char* op = "monarch_matmul_backward";
   check_cpu(op, "grad_out", grad_out);
   check_monarch_args(op, "x", x, w1, w2, false);
   check_monarch_args(op, "grad_out", grad_out, w1, w2, true);
   check_grad_pair(op, grad_out, x);
+  if (h.has_value()) check_saved_h(op, *h, x, w1);
   auto g2d = flatten_tokens(grad_out), x2d = flatten_tokens(x);
+  const at::Tensor h2d = (h.has_value() && mask[2]) ? flatten_tokens(*h) : at::Tensor();
   at::Tensor gx, g1, g2;
   if (std::min(w1.size(1) * w1.size(2), w2.size(1) * w2.size(2)) >= kBlasMinWeights) {
-    std::tie(gx, g1, g2) = bmm_monarch_backward(g2d, x2d, w1, w2, mask);  // see kLargeBlocksBackward
+    std::tie(gx, g1, g2) = bmm_monarch_backward(g2d, x2d, w1, w2, mask, h2d);  // see kLargeBlocksBackward
   } else {
-    PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op,
-                               [&] { std::tie(gx, g1, g2) = monarch_backward_impl<scalar_t>(g2d, x2d, w1, w2, mask); });
+    PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
+      std::tie(gx, g1, g2) = monarch_backward_impl<scalar_t>(g2d, x2d, w1, w2, mask, h2d);
+    });
   }
   return {mask[0] ? gx.view(x.sizes()) : empty_like_none(x), mask[1] ? g1 : empty_like_none(w1),
           mask[2] ? g2 : empty_like_none(w2)};
@@ -594,6 +749,7 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("blockdiag_matmul", &blockdiag_matmul_cpu);
   m.impl("blockdiag_matmul_backward", &blockdiag_matmul_backward_cpu);
   m.impl("monarch_matmul", &monarch_matmul_cpu);
+  m.impl("monarch_matmul_with_h", &monarch_matmul_with_h_cpu);
   m.impl("monarch_matmul_backward", &monarch_matmul_backward_cpu);
 }
 

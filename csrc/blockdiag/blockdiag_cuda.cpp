@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "checks.h"
@@ -66,17 +67,32 @@ at::Tensor monarch_matmul_cuda(const at::Tensor& x, const at::Tensor& w1, const 
   return y.view(with_last_dim(x, l * s));
 }
 
+// The training forward: the intermediate must reach memory anyway, so it is the two batched GEMMs.
+std::tuple<at::Tensor, at::Tensor> monarch_matmul_with_h_cuda(const at::Tensor& x, const at::Tensor& w1,
+                                                              const at::Tensor& w2) {
+  constexpr const char* op = "monarch_matmul_with_h";
+  check_cuda_activation(op, "x", x);
+  check_monarch_args(op, "x", x, w1, w2, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto h = bmm_monarch_intermediate(flatten_tokens(x), w1, w2.size(0), w2.size(2));
+  auto y = bmm_monarch_stage2(h, w2);
+  return {y.view(with_last_dim(x, w2.size(0) * w2.size(1))), h.view(with_last_dim(x, w1.size(0) * w1.size(1)))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_matmul_backward_cuda(const at::Tensor& grad_out,
                                                                             const at::Tensor& x, const at::Tensor& w1,
                                                                             const at::Tensor& w2,
-                                                                            std::array<bool, 3> mask) {
+                                                                            std::array<bool, 3> mask,
+                                                                            const std::optional<at::Tensor>& h) {
   constexpr const char* op = "monarch_matmul_backward";
   check_cuda_activation(op, "grad_out", grad_out);
   check_monarch_args(op, "x", x, w1, w2, false);
   check_monarch_args(op, "grad_out", grad_out, w1, w2, true);
   check_grad_pair(op, grad_out, x);
+  if (h.has_value()) check_saved_h(op, *h, x, w1);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [gx, g1, g2] = bmm_monarch_backward(flatten_tokens(grad_out), flatten_tokens(x), w1, w2, mask);
+  const at::Tensor h2d = (h.has_value() && mask[2]) ? flatten_tokens(*h) : at::Tensor();
+  auto [gx, g1, g2] = bmm_monarch_backward(flatten_tokens(grad_out), flatten_tokens(x), w1, w2, mask, h2d);
   return {mask[0] ? gx.view(x.sizes()) : empty_like_none(x), mask[1] ? g1 : empty_like_none(w1),
           mask[2] ? g2 : empty_like_none(w2)};
 }
@@ -87,6 +103,7 @@ TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
   m.impl("blockdiag_matmul", &blockdiag_matmul_cuda);
   m.impl("blockdiag_matmul_backward", &blockdiag_matmul_backward_cuda);
   m.impl("monarch_matmul", &monarch_matmul_cuda);
+  m.impl("monarch_matmul_with_h", &monarch_matmul_with_h_cuda);
   m.impl("monarch_matmul_backward", &monarch_matmul_backward_cuda);
 }
 

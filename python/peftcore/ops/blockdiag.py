@@ -10,8 +10,13 @@
 
 One fused forward: the intermediate ``h`` never reaches memory. On CPU it lives in a thread-local buffer per tile
 of tokens (the stride permutation folded into the buffer's indexing); on CUDA in shared memory per token tile.
-The backward (:func:`monarch_matmul_backward`) recomputes ``h`` instead of saving it, so autograd keeps only ``x``
-(and the weights). On CPU, blocks of up to 128x128 run tiled kernels (a register-blocked AVX2 micro-kernel,
+
+Training: ``torch.ops.peftcore.monarch_matmul``'s own autograd saves only ``x`` (and the weights) and its backward
+(:func:`monarch_matmul_backward`) recomputes ``h`` — the least memory, one GEMM more. The wrapper
+:func:`monarch_matmul` by default (``save_intermediate=None``) takes ``monarch_matmul_with_h`` instead when a
+gradient will be needed: the forward also writes ``h [..., l*r]`` in stage 2's layout (fly's intermediate
+``out1 [..., l, r]``, which its two-bmm form keeps too) and the backward reads it, so a training step costs the
+two-bmm form's GEMMs and no more. On CPU, blocks of up to 128x128 run tiled kernels (a register-blocked AVX2 micro-kernel,
 per-thread weight-gradient accumulators); larger blocks use BLAS per tile in the forward and batched GEMMs over
 all tokens in the backward (the tiled weight gradients measured slower there). On CUDA the forward is the fused
 shared-memory kernel and the backward is cuBLAS batched GEMMs on permuted views.
@@ -27,7 +32,8 @@ from ._common import same_device, with_last
 
 _lib = torch.ops.peftcore
 
-__all__ = ["blockdiag_matmul", "blockdiag_matmul_backward", "monarch_matmul", "monarch_matmul_backward"]
+__all__ = ["blockdiag_matmul", "blockdiag_matmul_backward", "monarch_matmul", "monarch_matmul_backward",
+           "monarch_matmul_with_h"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,16 +51,31 @@ def blockdiag_matmul_backward(grad_out, x, blocks, output_mask=(True, True)):
     return _lib.blockdiag_matmul_backward(grad_out, x, blocks, list(output_mask))
 
 
-def monarch_matmul(x, w1, w2):
+def monarch_matmul(x, w1, w2, save_intermediate=None):
     """Monarch product ``x [..., k*p] -> [..., l*s]`` for ``w1 [k, q, p]``, ``w2 [l, s, r]`` with ``l*r == k*q``;
-    exactly fly's ``blockdiag_butterfly_multiply(x, w1, w2)``, fused (differentiable in ``x``, ``w1``, ``w2``)."""
+    exactly fly's ``blockdiag_butterfly_multiply(x, w1, w2)``, fused (differentiable in ``x``, ``w1``, ``w2``).
+
+    ``save_intermediate``: ``True`` keeps ``h [..., l*r]`` for the backward (fastest training step), ``False``
+    recomputes it there (least memory), ``None`` (default) keeps it when grad mode is on and an input requires
+    grad, and otherwise runs the fused forward that never writes ``h``."""
+    if save_intermediate is None:
+        save_intermediate = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
+    if save_intermediate:
+        return _lib.monarch_matmul_with_h(x, w1, w2)[0]
     return _lib.monarch_matmul(x, w1, w2)
 
 
-def monarch_matmul_backward(grad_out, x, w1, w2, output_mask=(True, True, True)):
-    """``(grad_x, grad_w1, grad_w2)`` of :func:`monarch_matmul` (the intermediate recomputed from ``x``); outputs
-    not in ``output_mask`` come back empty."""
-    return _lib.monarch_matmul_backward(grad_out, x, w1, w2, list(output_mask))
+def monarch_matmul_with_h(x, w1, w2):
+    """``(y, h)``: :func:`monarch_matmul`'s output and its intermediate ``h [..., l*r]`` in stage 2's layout
+    (``h[..., j*r + m]`` = stage-1 feature ``m*l + j``, in ``x``'s dtype: fly's ``out1 [..., l, r]`` flattened);
+    differentiable in ``y`` only (``h`` is saved for the backward)."""
+    return _lib.monarch_matmul_with_h(x, w1, w2)
+
+
+def monarch_matmul_backward(grad_out, x, w1, w2, output_mask=(True, True, True), h=None):
+    """``(grad_x, grad_w1, grad_w2)`` of :func:`monarch_matmul`; the intermediate is ``h`` when given (from
+    :func:`monarch_matmul_with_h`), else recomputed from ``x``; outputs not in ``output_mask`` come back empty."""
+    return _lib.monarch_matmul_backward(grad_out, x, w1, w2, list(output_mask), h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,9 +119,18 @@ def _(x, w1, w2):
     return x.new_empty(with_last(x, w2.shape[0] * w2.shape[1]))
 
 
+@torch.library.register_fake("peftcore::monarch_matmul_with_h")
+def _(x, w1, w2):
+    _check_monarch("monarch_matmul_with_h", x, w1, w2)
+    return x.new_empty(with_last(x, w2.shape[0] * w2.shape[1])), x.new_empty(with_last(x, w1.shape[0] * w1.shape[1]))
+
+
 @torch.library.register_fake("peftcore::monarch_matmul_backward")
-def _(grad_out, x, w1, w2, output_mask):
+def _(grad_out, x, w1, w2, output_mask, h=None):
     _check_monarch("monarch_matmul_backward", x, w1, w2)
+    if h is not None:
+        torch._check(h.shape[-1] == w1.shape[0] * w1.shape[1],
+                     lambda: f"monarch_matmul_backward: h must have last dim l*r, got {tuple(h.shape)}")
     gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     g1 = w1.new_empty(w1.shape) if output_mask[1] else w1.new_empty((0,))
     g2 = w2.new_empty(w2.shape) if output_mask[2] else w2.new_empty((0,))
@@ -140,3 +170,23 @@ def _monarch_backward(ctx, grad):
 
 
 torch.library.register_autograd("peftcore::monarch_matmul", _monarch_backward, setup_context=_monarch_setup)
+
+
+def _monarch_h_setup(ctx, inputs, output):
+    x, w1, w2 = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled [T, l*r] gradient for h
+
+
+def _monarch_h_backward(ctx, grad, grad_h):
+    x, w1, w2, h = ctx.saved_tensors
+    if grad is None:
+        return None, None, None
+    need = list(ctx.needs_input_grad[:3])
+    gx, g1, g2 = _lib.monarch_matmul_backward(grad.contiguous(), x, w1, w2, need, h)
+    return (gx if need[0] else None, g1 if need[1] else None, g2 if need[2] else None)
+
+
+torch.library.register_autograd("peftcore::monarch_matmul_with_h", _monarch_h_backward,
+                                setup_context=_monarch_h_setup)
