@@ -1,5 +1,6 @@
 """blockdiag bench: peftcore.monarch_matmul (fused, the intermediate kept per token tile) forward / backward /
-training step against
+training step (the default training path keeps fly's intermediate for the backward; ``monarch_recompute`` is
+``save_intermediate=False``, which recomputes it: less memory, one GEMM more) against
   (a) two_bmm — HazyResearch fly's two-bmm form (ref_monarch_two_bmm, imported from tests/test_blockdiag.py);
   (b) dense   — a dense linear of the same in / out shape (every ratio is against the two-bmm form; the dense row
                 shows what the structure saves);
@@ -22,7 +23,8 @@ from test_blockdiag import ref_blockdiag, ref_monarch_two_bmm
 
 
 def sizes(device: str, quick: bool):
-    """(d, block counts, tokens, dtype). CPU: two sizes x two block counts keep the family under ~45 s."""
+    """(d, block counts, tokens, dtype). CPU: three sizes x two block counts (blocks of 64..1024) keep the family
+    around a minute (the two-bmm backward alone takes seconds at 32+ blocks)."""
     if device == "cuda":
         if quick:
             return [(2048, (4, 32), 4096, torch.bfloat16)]
@@ -30,7 +32,8 @@ def sizes(device: str, quick: bool):
                 (4096, (4, 16, 64), 8192, torch.bfloat16)]
     if quick:
         return [(512, (4, 16), 256, torch.float32)]
-    return [(1024, (4, 32), 1024, torch.float32), (2048, (4, 32), 512, torch.float32)]
+    return [(1024, (4, 16), 1024, torch.float32), (2048, (4, 32), 512, torch.float32),
+            (4096, (4, 16), 256, torch.float32)]
 
 
 def _monarch_weights(d, nb, dtype, device, gen):
@@ -60,7 +63,9 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
             dense = lambda: F.linear(x, w)  # noqa: E731
             with torch.no_grad():
                 torch.testing.assert_close(ours(), two(), atol=1e-2, rtol=1e-2)
-            methods = {"monarch_matmul": (ours, (x, w1, w2)), "two_bmm": (two, (x, w1, w2)), "dense": (dense, (x, w))}
+            lean = lambda: bd.monarch_matmul(x, w1, w2, save_intermediate=False)  # noqa: E731
+            methods = {"monarch_matmul": (ours, (x, w1, w2)), "monarch_recompute": (lean, (x, w1, w2)),
+                       "two_bmm": (two, (x, w1, w2)), "dense": (dense, (x, w))}
             fns = {}
             for name, (f, wrt) in methods.items():
                 fns[(name, "forward")] = forward_only(f)

@@ -34,6 +34,7 @@ def sizes(device: str, quick: bool):
 CONFIGS = [  # (method, kwargs)
     ("boft", dict(boft_block_size=32, boft_n_butterfly_factor=2)),
     ("oft", dict(oft_block_size=32, r=0)),
+    ("miss", dict(r=64)),  # MiSS (issue 4's fourth adapter; family "miss" in the rows)
 ]
 
 
@@ -41,21 +42,20 @@ def _peft_layer(kind, kw, d, device, dtype):
     import peft
     import peft.tuners.boft.layer as boft_layer
 
-    from peftcore.tuners.boft import BOFTLinear
-    from peftcore.tuners.oft import OFTLinear
+    from peftcore.tuners import BOFTLinear, MissLinear, OFTLinear
 
     if boft_layer._FBD_CUDA is None:
         boft_layer._FBD_CUDA = _FakeFBD()  # never compile the extension here; keep the butterfly factor
-    cfg = (peft.BOFTConfig(target_modules=["lin"], init_weights=False, **kw) if kind == "boft"
-           else peft.OFTConfig(target_modules=["lin"], init_weights=False, **kw))
+    cfg = {"boft": peft.BOFTConfig, "oft": peft.OFTConfig, "miss": peft.MissConfig}[kind](
+        target_modules=["lin"], init_weights=False, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(_Tiny(d, d), cfg).to(device)
     model.base_model.model.lin.base_layer.to(dtype)
     layer = model.base_model.model.lin
-    ours = BOFTLinear.from_peft(layer) if kind == "boft" else OFTLinear.from_peft(layer)
-    params = ([layer.boft_R["default"], layer.boft_s["default"]] if kind == "boft"
-              else [layer.oft_R["default"].weight])
+    ours = {"boft": BOFTLinear, "oft": OFTLinear, "miss": MissLinear}[kind].from_peft(layer)
+    params = {"boft": lambda: [layer.boft_R["default"], layer.boft_s["default"]],
+              "oft": lambda: [layer.oft_R["default"].weight], "miss": lambda: [layer.miss_block["default"]]}[kind]()
     return layer, ours, params
 
 
@@ -82,7 +82,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 3) -> list:
         # PEFT's BOFT layer takes seconds a step on CPU: at most 3 interleaved rounds keep the family < 45 s.
         times = compare(fns, device, rounds=min(rounds, 3) if device == "cpu" else rounds)
         for (kind, method, mode), t in times.items():
-            rows.append(dict(family="orthogonal", op=f"{kind}_layer", case=f"{case} {meta[kind]}", method=method,
+            rows.append(dict(family="miss" if kind == "miss" else "orthogonal", op=f"{kind}_layer", case=f"{case} {meta[kind]}", method=method,
                              density="", mode=mode, ms=t * 1e3, ratio=t / times[(kind, "dense", mode)],
                              ratio_to="dense", speedup_vs_peft=times[(kind, "peft", mode)] / t,
                              peak_mb=peak_memory(fns[(kind, method, mode)], device) / 2 ** 20, saved_mb="",

@@ -5,6 +5,7 @@ forward and backward ops, and shapes that reach each launch path: a few tokens (
 token-split atomics in the SDDMM), many tokens (full 16-token tiles), an `in` too wide for a shared-memory tile
 (global-memory fallback), an empty delta and zero tokens. Each result is compared with a dense fp32 reference
 (loose tolerances: the point here is memory safety, the tests own accuracy). Exit status 0 when all pass.
+The miss ops (fold / unfold: both fold launch paths, ragged tails, no rows) run after them.
 
     python bench/sanitize_cases.py            # plain run
     compute-sanitizer --tool memcheck python bench/sanitize_cases.py
@@ -127,6 +128,30 @@ for tokens, out, inf, nnz in cases:
             run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32=(idx_dtype == torch.int64))
 # `in` wider than a shared-memory tile (fp32, ~240 KB a token): the global-memory fallback paths.
 run_case(1, 4, 60000, 300, torch.float32, torch.int64, True)
+
+
+# miss: fold / unfold; narrow fold path (r <= 256, group widths 32..256), wide path (r > 256), ragged tails
+# (n % r != 0), r == n, no leading dims, no rows, a non-contiguous x.
+def run_miss_case(lead, n, r, dtype, transposed=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tag = f"lead={lead} n={n} r={r} {str(dtype)[6:]}{' strided' if transposed else ''}"
+    x = torch.randn(*lead, n, generator=gen).to(dev, dtype)
+    if transposed:
+        x = x.reshape(-1, n).t().contiguous().t().reshape(*lead, n)
+    g = torch.randn(*lead, r, generator=gen).to(dev, dtype)
+    cls = torch.arange(n, device=dev) % r
+    xf = x.float().reshape(-1, n)
+    ref = torch.zeros(xf.shape[0], r, device=dev).index_add_(1, cls, xf)
+    close(f"miss_fold {tag}", ops.miss_fold(x, r).reshape(-1, r), ref, dtype)
+    close(f"miss_unfold {tag}", ops.miss_unfold(g, n).reshape(-1, n), g.float().reshape(-1, r)[:, cls], dtype)
+
+
+for lead, n, r in [((3,), 10, 3), ((), 1, 1), ((2, 5), 100, 64), ((1,), 4096, 64), ((9,), 40, 33), ((7,), 600, 260),
+                   ((2,), 300, 300), ((0,), 8, 2)]:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        run_miss_case(lead, n, r, dtype)
+run_miss_case((5,), 77, 6, torch.float32, transposed=True)
+
 if dev == "cuda":
     torch.cuda.synchronize()
 

@@ -50,6 +50,11 @@ TORCH_LIBRARY(peftcore, m) {
   // Backward of monarch_matmul: (grad_x, grad_w1, grad_w2); the intermediate is h when given (from
   // monarch_matmul_with_h), else recomputed from x; unasked outputs empty.
   m.def("monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool[3] output_mask, Tensor? h=None) -> (Tensor, Tensor, Tensor)");
+  // ---- miss: MiSS (HF PEFT) fold of the input into r classes f % r, PEFT's zero padding implied ----
+  // y[..., c] = sum over f < n with f % r == c of x[..., f], x [..., n] -> y [..., r]; 1 <= r <= n, fp32 accumulation.
+  m.def("miss_fold(Tensor x, int r) -> Tensor");
+  // out[..., f] = grad[..., f % r] for f < n, grad [..., r] -> [..., n]: miss_fold's adjoint (its backward, and vice versa).
+  m.def("miss_unfold(Tensor grad, int n) -> Tensor");
   // ---- orthogonal: OFT / BOFT orthogonal blocks from free params A [nb, b, b] (S = (A - A^T)/2) and the butterfly chain ----
   // R = (I - S)(I + S)^{-1} per block (PEFT BOFT cayley_batch / OFT use_cayley_neumann=False), fp32 accumulation.
   m.def("orthogonal_cayley(Tensor params) -> Tensor");

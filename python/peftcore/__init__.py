@@ -8,7 +8,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers torch.ops.peftcore.*
 from . import ops  # noqa: F401  (fake kernels and autograd)
-from .ops.blockdiag import blockdiag_matmul, monarch_matmul  # noqa: F401
+from .ops.blockdiag import blockdiag_matmul, monarch_matmul, monarch_matmul_with_h  # noqa: F401
+from .ops.miss import miss_fold, miss_unfold  # noqa: F401
 from .ops.orthogonal import (  # noqa: F401
     boft_apply,
     boft_permutations,

@@ -24,3 +24,18 @@ from .s2ft import (  # noqa: F401
     unload_s2ft,
     unmerge_s2ft,
 )
+from .monarch import MonarchConfig, MonarchLinear  # noqa: F401,E402
+from .oft import OFTConfig, OFTLinear  # noqa: F401,E402
+from .boft import BOFTConfig, BOFTLinear  # noqa: F401,E402
+from .miss import MissConfig, MissLinear  # noqa: F401,E402
+from ._adapters import (  # noqa: F401,E402
+    adapter_layers,
+    adapter_state,
+    apply_adapter,
+    from_peft,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    unload_adapter,
+    unmerge_adapter,
+)

@@ -43,6 +43,10 @@ class FrozenLinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) if self.merged else self.adapted_forward(x)
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters by name (those registered on this module, not the base layer's)."""
+        return dict(self.named_parameters(recurse=False))
+
     # -- subclasses
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -4,6 +4,10 @@ PEFT computes ``M = M_{m-1} ... M_0``, ``M_i = P_i B_i P_i^T`` (``B_i = block_di
 ``y = base(x @ M)``, then rescales the output channels by ``boft_s`` around the bias:
 ``y = (x @ M) W^T * s + bias``. Here ``x @ M`` is :func:`~peftcore.ops.orthogonal.boft_apply` on the Cayley
 blocks from :func:`~peftcore.ops.orthogonal.orthogonal_cayley` (fp32, like PEFT), so no ``d x d`` buffer exists.
+
+Merge: ``W <- diag(s) W M^T``; the rows of ``W`` go through the chain of transposed factors in reverse order
+(``M^T = M_0^T ... M_{m-1}^T``, each ``P_i B_i^T P_i^T``), again without a ``d x d`` matrix. Unmerge applies
+``(M^{-1})^T`` (factors ``P_i B_i^{-T} P_i^T``) and divides by ``s``.
 """
 from __future__ import annotations
 
@@ -12,16 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops.orthogonal import boft_apply, boft_permutations, orthogonal_cayley
+from .._layer import FrozenLinearAdapter
+from .config import BOFTConfig
 
 
-class BOFTLinear(nn.Module):
+class BOFTLinear(FrozenLinearAdapter):
     """``base`` (frozen ``nn.Linear``) with trainable ``boft_R [m, nb, b, b]`` and ``boft_s [out, 1]``."""
 
-    def __init__(self, base: nn.Linear, boft_R: nn.Parameter, boft_s: nn.Parameter, perm: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.boft_R = boft_R
-        self.boft_s = boft_s
+    def __init__(self, base_layer: nn.Linear, boft_R: torch.Tensor, boft_s: torch.Tensor, perm: torch.Tensor):
+        super().__init__(base_layer)
+        m, nb, b, b2 = boft_R.shape
+        if b != b2 or nb * b != base_layer.in_features or tuple(perm.shape) != (m, base_layer.in_features):
+            raise ValueError(f"BOFTLinear: boft_R {tuple(boft_R.shape)} / perm {tuple(perm.shape)} do not fit "
+                             f"in_features={base_layer.in_features}")
+        if tuple(boft_s.shape) != (base_layer.out_features, 1):
+            raise ValueError(f"BOFTLinear: boft_s must be [{base_layer.out_features}, 1], got {tuple(boft_s.shape)}")
+        self.boft_R = boft_R if isinstance(boft_R, nn.Parameter) else nn.Parameter(boft_R)
+        self.boft_s = boft_s if isinstance(boft_s, nn.Parameter) else nn.Parameter(boft_s)
         self.register_buffer("perm", perm.to(device=boft_R.device, dtype=torch.long), persistent=False)
 
     @classmethod
@@ -33,22 +44,53 @@ class BOFTLinear(nn.Module):
         return cls(layer.get_base_layer(), R, layer.boft_s[adapter], perm)
 
     @classmethod
-    def create(cls, base: nn.Linear, block_size: int, n_butterfly_factor: int = 1) -> "BOFTLinear":
-        """A fresh adapter (identity rotations, unit scale) with PEFT's permutations for ``block_size``."""
+    def create(cls, base: nn.Linear, config: BOFTConfig = None, *, block_size: int = None,
+               n_butterfly_factor: int = 1) -> "BOFTLinear":
+        """A fresh adapter (identity rotations, unit scale, float32 as PEFT's) with PEFT's permutations."""
+        if config is not None:
+            block_size, n_butterfly_factor = config.block_size, config.n_butterfly_factor
         d = base.in_features
+        if d % block_size:
+            raise ValueError(f"block_size={block_size} must divide in_features={d}")
         nb = d // block_size
-        R = nn.Parameter(torch.zeros(n_butterfly_factor, nb, block_size, block_size, device=base.weight.device))
-        s = nn.Parameter(torch.ones(base.out_features, 1, device=base.weight.device))
+        if nb % (2 ** (n_butterfly_factor - 1)):
+            raise ValueError(f"the block count {nb} must be divisible by 2^(n_butterfly_factor - 1) = "
+                             f"{2 ** (n_butterfly_factor - 1)}")
+        dev = base.weight.device
+        R = torch.zeros(n_butterfly_factor, nb, block_size, block_size, device=dev)
+        s = torch.ones(base.out_features, 1, device=dev)
         return cls(base, R, s, boft_permutations(d, nb, block_size, n_butterfly_factor))
+
+    def to_config(self) -> BOFTConfig:
+        return BOFTConfig(block_size=self.boft_R.shape[-1], n_butterfly_factor=self.boft_R.shape[0])
 
     def rotations(self) -> torch.Tensor:
         m, nb, b, _ = self.boft_R.shape
         return orthogonal_cayley(self.boft_R.float().reshape(m * nb, b, b)).view(m, nb, b, b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
         xr = boft_apply(x, self.rotations(), self.perm)
-        y = F.linear(xr, self.base.weight)
+        y = F.linear(xr, base.weight)
         y = y * self.boft_s.squeeze(-1).to(y.dtype)
-        if self.base.bias is not None:
-            y = y + self.base.bias
+        if base.bias is not None:
+            y = y + base.bias
         return y.to(x.dtype)
+
+    def _transformed_weight(self, sign: float) -> torch.Tensor:
+        R = self.rotations()
+        w = self.base_layer.weight.float()
+        s = self.boft_s.float()  # [out, 1]
+        if sign > 0:  # diag(s) W M^T: factors B_i^T, applied M_0^T first
+            return boft_apply(w, R.flip(0).transpose(-1, -2).contiguous(), self.perm.flip(0).contiguous()) * s
+        # W = diag(1/s) W_m (M^{-1})^T: factors B_i^{-T}, M_{m-1}^{-T} first (boft_apply's own order)
+        return boft_apply(w / s, torch.linalg.inv(R).transpose(-1, -2).contiguous(), self.perm)
+
+    @torch.no_grad()
+    def add_to_weight(self, sign: float) -> None:
+        w = self.base_layer.weight
+        w.copy_(self._transformed_weight(sign).to(w.dtype))
+
+    @torch.no_grad()
+    def merged_weight_is_finite(self) -> bool:
+        return bool(torch.isfinite(self._transformed_weight(1.0)).all())

@@ -1,5 +1,9 @@
-"""OFT (orthogonal fine-tuning) on peftcore's orthogonal ops: Cayley / Neumann blocks from OFT's packed skew
-parameters and the block-diagonal rotation of the activations (a one-factor :func:`boft_apply`)."""
+"""OFT (orthogonal fine-tuning) on peftcore's orthogonal ops: Cayley / Cayley-Neumann blocks, the rotation applied
+block by block to the activations. Apply / merge / save / load through :mod:`peftcore.tuners`."""
+from .. import _adapters
+from .config import OFTConfig
 from .layer import OFTLinear
 
-__all__ = ["OFTLinear"]
+_adapters.register_adapter(OFTConfig, OFTLinear)
+
+__all__ = ["OFTConfig", "OFTLinear"]

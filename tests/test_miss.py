@@ -1,0 +1,235 @@
+"""miss ops: both ops through the shared checks (peftcore.testing) against plain-torch references (PEFT's pad +
+reshape + sum for the fold, repeat for the unfold), plus adjointness, PEFT interop, saved-activation and bad-input
+tests."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftcore  # noqa: F401
+from peftcore.ops import miss as ms
+from peftcore.testing import OpCase, Sample, op_test_suite
+
+ops = torch.ops.peftcore
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain-torch references (PEFT MiSS's own formulation).
+
+
+def ref_fold(x, r):
+    n = x.shape[-1]
+    pad = (r - n % r) % r
+    return F.pad(x, (0, pad)).reshape(*x.shape[:-1], (n + pad) // r, r).sum(-2)
+
+
+def ref_unfold(grad, n):
+    r = grad.shape[-1]
+    reps = -(-n // r)
+    return grad.repeat(*([1] * (grad.dim() - 1)), reps)[..., :n]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples.
+
+
+def _randn(shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+
+# (leading dims, n, r, transposed: x built as a non-contiguous transpose). The CPU kernel folds in spans of
+# L = r * ceil(64 / r); the CUDA kernels take the narrow path for r <= 256, the wide one above.
+_CONFIGS = [
+    ((4,), 10, 3, False),        # n % r != 0
+    ((2, 3), 12, 4, False),      # n % r == 0, two leading dims
+    ((), 7, 1, False),           # r == 1 (a row sum), no leading dims
+    ((5,), 9, 9, False),         # r == n
+    ((3,), 301, 7, False),       # several spans of L = 70 and a ragged tail
+    ((2, 2), 200, 64, True),     # r = 64 (span = r), non-contiguous x
+    ((0,), 5, 2, False),         # no rows
+    ((3,), 600, 260, False),     # r > 256: CUDA wide path, n % r != 0
+    ((2,), 5, 5, True),          # r == n, non-contiguous
+]
+_CONFIGS_F64 = [c for c in _CONFIGS if c[1] <= 301]  # gradcheck cost grows with n
+
+
+def _configs(dtype):
+    return _CONFIGS_F64 if dtype == torch.float64 else _CONFIGS
+
+
+def _make(lead, last, dtype, device, seed, transposed):
+    if transposed and lead:  # [..., last, lead[-1]] transposed: last dim has stride lead[-1]
+        return _randn((*lead[:-1], last, lead[-1]), dtype, device, seed).transpose(-1, -2)
+    return _randn((*lead, last), dtype, device, seed)
+
+
+def fold_samples(device, dtype, requires_grad):
+    for i, (lead, n, r, tr) in enumerate(_configs(dtype)):
+        x = _make(lead, n, dtype, device, 10 + i, tr)
+        yield Sample((x, r), name=f"{lead}x{n}/r={r}/{'strided' if tr else 'contig'}")
+
+
+def unfold_samples(device, dtype, requires_grad):
+    for i, (lead, n, r, tr) in enumerate(_configs(dtype)):
+        g = _make(lead, r, dtype, device, 50 + i, tr)
+        yield Sample((g, n), name=f"{lead}x{r}/n={n}/{'strided' if tr else 'contig'}")
+
+
+CASES = [
+    OpCase("miss_fold", ops.miss_fold, fold_samples, ref_fold, ALL_DTYPES, grad_args=(0,)),
+    OpCase("miss_unfold", ops.miss_unfold, unfold_samples, ref_unfold, ALL_DTYPES, grad_args=(0,)),
+]
+
+test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Semantics beyond the reference.
+
+
+def test_samples_cover_strided_inputs():
+    """The non-contiguous samples really are non-contiguous (else the glue's copy path goes untested)."""
+    strided = [s for s in fold_samples("cpu", torch.float32, False) if "strided" in s.name]
+    assert strided and all(not s.args[0].is_contiguous() for s in strided)
+
+
+@pytest.mark.parametrize("n,r", [(10, 3), (64, 64), (130, 8), (1000, 33)])
+def test_unfold_is_the_adjoint_of_fold(n, r):
+    """<fold(x), g> == <x, unfold(g)> in float64, and the fold equals an explicit class sum."""
+    x = _randn((4, n), torch.float64, "cpu", 1)
+    g = _randn((4, r), torch.float64, "cpu", 2)
+    lhs = (ms.miss_fold(x, r) * g).sum()
+    rhs = (x * ms.miss_unfold(g, n)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    cls = torch.arange(n) % r
+    explicit = torch.zeros(4, r, dtype=torch.float64).index_add_(1, cls, x)
+    torch.testing.assert_close(ms.miss_fold(x, r), explicit)
+    torch.testing.assert_close(ms.miss_unfold(g, n), g[:, cls])
+
+
+def test_fold_accumulates_in_fp32():
+    """bfloat16 input, many chunks: a bf16 running sum would lose the small terms; fp32 accumulation keeps them
+    and rounds once."""
+    n, r = 4096, 4
+    x = torch.full((1, n), 1.0, dtype=torch.bfloat16)
+    x[0, ::r] = 1.0 / 64  # class 0: 1024 small terms, exact sum 16
+    y = ms.miss_fold(x, r)
+    assert y.dtype == torch.bfloat16
+    assert y[0, 0].item() == 16.0 and y[0, 1].item() == 1024.0
+
+
+def test_fold_saves_no_activation():
+    """The fold's backward needs only n: autograd saves nothing (no x, no padded copy)."""
+    x = _randn((8, 100), torch.float64, "cpu", 3).requires_grad_()
+    miss = _randn((7, 5), torch.float64, "cpu", 4).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ms.miss_fold(x, 7)
+    assert saved == []
+    # ... and the matmul with miss then keeps the [8, 7] fold, never the [8, 105] padded x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = y @ miss
+    assert max(t.numel() for t in saved) <= 8 * 7
+    gx, gm = torch.autograd.grad(out.square().sum(), (x, miss))
+    x2, m2 = x.detach().clone().requires_grad_(), miss.detach().clone().requires_grad_()
+    rx, rm = torch.autograd.grad((ref_fold(x2, 7) @ m2).square().sum(), (x2, m2))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gm, rm)
+
+
+def test_double_backward():
+    """Each op's backward is the other op, so higher-order gradients work (gradgradcheck in float64)."""
+    x = _randn((3, 11), torch.float64, "cpu", 5).requires_grad_()
+    g = _randn((3, 4), torch.float64, "cpu", 6).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: ops.miss_fold(t, 4), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: ops.miss_unfold(t, 11), (g,))
+
+
+def test_compile_dynamic_shapes():
+    """Under torch.compile(dynamic=True) a new token count and a new n with the same r reuse one graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    miss = _randn((6, 5), torch.float32, "cpu", 7).requires_grad_()
+
+    def step(x):
+        return (ms.miss_fold(x, 6) @ miss).relu().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for shape in ((4, 20), (7, 20), (3, 31)):
+        x = _randn(shape, torch.float32, "cpu", shape[0]).requires_grad_()
+        got = compiled(x)
+        gx, gm = torch.autograd.grad(got, (x, miss))
+        x2 = x.detach().clone().requires_grad_()
+        ref = (ref_fold(x2, 6) @ miss).relu().sum()
+        rx, rm = torch.autograd.grad(ref, (x2, miss))
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gm, rm)
+
+
+@pytest.mark.parametrize("mini", [False, True])
+@pytest.mark.parametrize("n,r", [(24, 6), (26, 8)])
+def test_matches_peft_miss_linear(n, r, mini):
+    """HF PEFT's MissLinear (default and "mini" forms, padded and unpadded n) computes
+    F.linear(x, W, b) + miss_fold(x, r) @ miss, gradients included."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.miss.layer import MissLinear
+
+    torch.manual_seed(0)
+    out_f, mini_r = 12, 4
+    base = torch.nn.Linear(n, out_f)
+    cfg = peft.MissConfig(r=r, mini_r=mini_r, init_weights="mini" if mini else True, target_modules=["x"])
+    layer = MissLinear(base, "default", cfg, r=r)
+    block = layer.miss_block["default"]
+    with torch.no_grad():
+        block.copy_(torch.randn_like(block))
+    x = torch.randn(2, 3, n, requires_grad=True)
+    want = layer(x)
+    gx_want, gb_want = torch.autograd.grad(want.square().sum(), (x, block))
+
+    x2 = x.detach().clone().requires_grad_()
+    m = block.repeat(1, out_f // mini_r) if mini else block
+    got = F.linear(x2, base.weight, base.bias) + ms.miss_fold(x2, r) @ m
+    gx_got, gb_got = torch.autograd.grad(got.square().sum(), (x2, block))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx_got, gx_want)
+    torch.testing.assert_close(gb_got, gb_want)
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda: ms.miss_fold(torch.ones(2, 5, dtype=torch.long), 2),
+     r"miss_fold: x must be float32, float16, bfloat16 or float64, got Long"),
+    (lambda: ms.miss_fold(torch.tensor(1.0), 1), r"miss_fold: x must have at least 1 dim"),
+    (lambda: ms.miss_fold(torch.randn(2, 5), 0), r"miss_fold: r must be >= 1, got 0"),
+    (lambda: ms.miss_fold(torch.randn(2, 5), -3), r"miss_fold: r must be >= 1, got -3"),
+    (lambda: ms.miss_fold(torch.randn(2, 5), 7),
+     r"miss_fold: r must be <= x's last dim \(in_features, as PEFT MiSS requires\), got r = 7 for x of shape \[2, 5\]"),
+    (lambda: ms.miss_fold(torch.randn(3, 0), 1), r"miss_fold: r must be <= x's last dim .* got r = 1 for x of shape \[3, 0\]"),
+    (lambda: ms.miss_unfold(torch.ones(2, 3, dtype=torch.int32), 6),
+     r"miss_unfold: grad must be float32, float16, bfloat16 or float64, got Int"),
+    (lambda: ms.miss_unfold(torch.tensor(1.0), 3), r"miss_unfold: grad must have at least 1 dim"),
+    (lambda: ms.miss_unfold(torch.randn(2, 3), 0), r"miss_unfold: n must be >= 1, got 0"),
+    (lambda: ms.miss_unfold(torch.randn(2, 0), 4), r"miss_unfold: grad's last dim r must be >= 1, got grad of shape \[2, 0\]"),
+    (lambda: ms.miss_unfold(torch.randn(2, 6), 4), r"miss_unfold: grad's last dim r must be <= n .*got r = 6 and n = 4"),
+])
+def test_bad_input_errors(fn, match):
+    with pytest.raises(RuntimeError, match=match):
+        fn()
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda: ops.miss_fold(torch.empty(2, 5, device="meta"), 7), r"miss_fold: r must be <= x's last dim"),
+    (lambda: ops.miss_fold(torch.empty(2, 5, device="meta"), 0), r"miss_fold: r must be >= 1, got 0"),
+    (lambda: ops.miss_unfold(torch.empty(2, 6, device="meta"), 4), r"miss_unfold: grad's last dim r must be <= n"),
+    (lambda: ops.miss_unfold(torch.empty(2, 3, device="meta"), 0), r"miss_unfold: n must be >= 1, got 0"),
+])
+def test_fake_kernels_check_like_the_kernels(fn, match):
+    with pytest.raises(RuntimeError, match=match):
+        fn()
