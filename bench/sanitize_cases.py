@@ -1,11 +1,13 @@
-"""Every sparse_delta CUDA op once, on small shapes, for compute-sanitizer (memcheck) runs on a GPU machine.
+"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal), on small shapes, for compute-sanitizer
+(memcheck) runs on a GPU machine.
 
 Covers float32 / float16 / bfloat16 activations, int32 / int64 indices, float32 and activation-dtype values,
 forward and backward ops, and shapes that reach each launch path: a few tokens (row/column chunk splits,
 token-split atomics in the SDDMM), many tokens (full 16-token tiles), an `in` too wide for a shared-memory tile
 (global-memory fallback), an empty delta and zero tokens. Each result is compared with a dense fp32 reference
 (loose tolerances: the point here is memory safety, the tests own accuracy). Exit status 0 when all pass.
-The miss ops (fold / unfold: both fold launch paths, ragged tails, no rows) run after them.
+The miss ops (fold / unfold: both fold launch paths, ragged tails, no rows) run after them, then the partial,
+blockdiag (Monarch incl. the saved-intermediate path) and orthogonal ops, each against its own CPU kernel.
 
     python bench/sanitize_cases.py            # plain run
     compute-sanitizer --tool memcheck python bench/sanitize_cases.py
@@ -151,6 +153,70 @@ for lead, n, r in [((3,), 10, 3), ((), 1, 1), ((2, 5), 100, 64), ((1,), 4096, 64
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         run_miss_case(lead, n, r, dtype)
 run_miss_case((5,), 77, 6, torch.float32, transposed=True)
+
+
+
+# partial / blockdiag / orthogonal: each CUDA op against the same op's CPU kernel (verified by the tests) on small
+# shapes: token tails, Monarch shapes that do and do not fit the fused kernel's shared memory, masks, saved h.
+def vs_cpu(name, fn, args, dtype):
+    got = fn(*[a.to(dev) if isinstance(a, torch.Tensor) else a for a in args])
+    ref = fn(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        close(f"{name}[{i}] {str(dtype)[6:]}", a.cpu(), b, dtype)
+
+
+def rnd(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for T, out, inf, k, dim in [(5, 24, 40, 7, 1), (33, 64, 48, 16, 0), (0, 8, 8, 2, 1)]:
+        x, w = rnd(T, inf, dtype=dtype, seed=1), rnd(out, inf, dtype=dtype, seed=2, scale=0.2)
+        idx = torch.arange(3, 3 + k)
+        delta = rnd(*((k, inf) if dim == 0 else (out, k)), dtype=dtype, seed=3, scale=0.1)
+        g = rnd(T, out, dtype=dtype, seed=4)
+        saved = x if dim == 0 else x[:, idx].contiguous()
+        vs_cpu(f"partial_linear T={T} dim={dim}", ops.partial_linear, (x, w, None, delta, idx, dim, 3), dtype)
+        vs_cpu(f"partial_linear_backward T={T} dim={dim}", ops.partial_linear_backward,
+               (g, saved, w, delta, idx, dim, [True, True, False], 3), dtype)
+        vs_cpu(f"partial_gather T={T}", ops.partial_gather, (x, idx), dtype)
+        vs_cpu(f"partial_scatter_add T={T}", ops.partial_scatter_add, (saved if dim == 1 else x[:, :k].contiguous(),
+                                                                        idx, inf), dtype)
+    for T, (k, q, p), (l, s, r) in [(7, (4, 6, 5), (3, 7, 8)), (130, (8, 16, 16), (8, 16, 16)),
+                                    (3, (2, 160, 128), (4, 150, 80)), (0, (2, 4, 4), (2, 4, 4)),
+                                    (65, (4, 256, 256), (4, 256, 256))]:
+        x = rnd(T, k * p, dtype=dtype, seed=5)
+        w1, w2 = rnd(k, q, p, dtype=dtype, seed=6, scale=p ** -0.5), rnd(l, s, r, dtype=dtype, seed=7, scale=r ** -0.5)
+        g = rnd(T, l * s, dtype=dtype, seed=8)
+        tag = f"T={T} w1={k}x{q}x{p} w2={l}x{s}x{r}"
+        vs_cpu(f"monarch_matmul {tag}", ops.monarch_matmul, (x, w1, w2), dtype)
+        vs_cpu(f"monarch_matmul_with_h {tag}", ops.monarch_matmul_with_h, (x, w1, w2), dtype)
+        h = ops.monarch_matmul_with_h(x.float(), w1.float(), w2.float())[1].to(dtype)
+        vs_cpu(f"monarch_matmul_backward {tag}", ops.monarch_matmul_backward, (g, x, w1, w2, [True] * 3), dtype)
+        vs_cpu(f"monarch_matmul_backward(h) {tag}", ops.monarch_matmul_backward, (g, x, w1, w2, [True] * 3, h), dtype)
+        vs_cpu(f"blockdiag_matmul {tag}", ops.blockdiag_matmul, (x, w1), dtype)
+        vs_cpu(f"blockdiag_matmul_backward {tag}", ops.blockdiag_matmul_backward,
+               (rnd(T, k * q, dtype=dtype, seed=9), x, w1, [True, True]), dtype)
+    for nb, b, m, T in [(4, 4, 2, 9), (16, 8, 3, 40), (2, 32, 1, 0)]:
+        from peftcore.ops.orthogonal import boft_permutations
+
+        d = nb * b
+        params = rnd(nb * m, b, b, seed=10, scale=0.3)
+        vs_cpu(f"orthogonal_cayley nb={nb * m} b={b}", ops.orthogonal_cayley, (params,), torch.float32)
+        vs_cpu(f"orthogonal_cayley_neumann nb={nb * m} b={b}", ops.orthogonal_cayley_neumann, (params, 5), torch.float32)
+        R = ops.orthogonal_cayley(params)
+        vs_cpu(f"orthogonal_cayley_backward b={b}", ops.orthogonal_cayley_backward, (rnd(*R.shape, seed=11), R),
+               torch.float32)
+        vs_cpu(f"orthogonal_cayley_neumann_backward b={b}", ops.orthogonal_cayley_neumann_backward,
+               (rnd(*R.shape, seed=11), params, 5), torch.float32)
+        rot = R.view(m, nb, b, b)
+        perm = boft_permutations(d, nb, b, m)
+        x = rnd(T, d, dtype=dtype, seed=12)
+        vs_cpu(f"orthogonal_boft_apply T={T} d={d} m={m}", ops.orthogonal_boft_apply, (x, rot, perm), dtype)
+        vs_cpu(f"orthogonal_boft_apply_backward T={T} d={d} m={m}", ops.orthogonal_boft_apply_backward,
+               (rnd(T, d, dtype=dtype, seed=13), x, rot, perm, [True, True]), dtype)
 
 if dev == "cuda":
     torch.cuda.synchronize()
