@@ -203,3 +203,32 @@ def test_from_peft_refuses_miss_bat_and_other_methods():
         T.from_peft(bat)
     with pytest.raises(ValueError, match="no PEFT OFT / BOFT / MiSS Linear layer"):
         T.from_peft(lora)
+
+
+def test_boft_train_step_builds_no_dxd_matrix():
+    """The BOFT layer's forward + backward never materialises a [d, d] tensor (PEFT's layer builds the full
+    rotation every step): every aten op's output is recorded and none is d x d (base weight [out, in], out != d)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.add(tuple(t.shape))
+            return out
+
+    d, out = 64, 48
+    layer = T.BOFTLinear.create(nn.Linear(d, out), T.BOFTConfig(target_modules=["x"], block_size=4,
+                                                                n_butterfly_factor=3))
+    with torch.no_grad():
+        layer.boft_R.normal_(0, 0.2)
+    x = torch.randn(10, d, requires_grad=True)
+    with Shapes() as rec:
+        layer(x).square().sum().backward()
+    assert layer.boft_R.grad is not None and layer.boft_R.grad.abs().sum() > 0
+    assert (d, d) not in rec.shapes and (1, d, d) not in rec.shapes, sorted(rec.shapes)
