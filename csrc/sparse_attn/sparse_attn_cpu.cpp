@@ -23,6 +23,9 @@
 #include <torch/library.h>
 
 #include <dlfcn.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -195,11 +198,99 @@ inline float exp_softmax(float x) {
 }
 inline double exp_softmax(double x) { return std::exp(x); }
 
-// p[j] = exp(s[j] - c) for j < n.
+// Row kernels of the online softmax. float rows take an AVX2 + FMA path when the CPU has it (chosen at run time:
+// the extension itself is built for baseline x86-64); the scalar versions are the fallback and the float64 path.
 template <typename T>
-inline void exp_row(T* __restrict__ s, int64_t n, T c) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_softmax(s[j] - c);
+inline T row_max_scalar(const T* s, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
 }
+// s[j] <- exp(s[j] - c); returns the row sum.
+template <typename T>
+inline T exp_row_sum_scalar(T* s, int64_t n, T c) {
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_softmax(s[j] - c);
+    sum += s[j];
+  }
+  return sum;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PEFTCORE_SA_AVX2 1
+__attribute__((target("avx2,fma"))) inline __m256 exp_softmax8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also -inf
+  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+__attribute__((target("avx2,fma"))) float row_max_avx2(const float* s, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_movehdup_ps(a));
+  float mx = _mm_cvtss_f32(a);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+__attribute__((target("avx2,fma"))) float exp_row_sum_avx2(float* s, int64_t n, float c) {
+  const __m256 vc = _mm256_set1_ps(c);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_softmax8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vc));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  for (; j < n; ++j) {
+    s[j] = exp_softmax(s[j] - c);
+    sum += s[j];
+  }
+  return sum;
+}
+
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+inline float row_max(const float* s, int64_t n) {
+#ifdef PEFTCORE_SA_AVX2
+  if (kHaveAvx2) return row_max_avx2(s, n);
+#endif
+  return row_max_scalar(s, n);
+}
+inline double row_max(const double* s, int64_t n) { return row_max_scalar(s, n); }
+inline float exp_row_sum(float* s, int64_t n, float c) {
+#ifdef PEFTCORE_SA_AVX2
+  if (kHaveAvx2) return exp_row_sum_avx2(s, n, c);
+#endif
+  return exp_row_sum_scalar(s, n, c);
+}
+inline double exp_row_sum(double* s, int64_t n, double c) { return exp_row_sum_scalar(s, n, c); }
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -249,7 +340,7 @@ inline void probs_tile(const Dims& d, bool causal, int64_t m, int64_t n, int64_t
   if (causal) causal_mask_tile(p, m, n, i0, j0);
   for (int64_t i = 0; i < m; ++i) {
     const T l = lse_rows[i] == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse_rows[i];
-    exp_row(p + i * n, n, l);
+    exp_row_sum(p + i * n, n, l);
   }
 }
 
@@ -288,18 +379,14 @@ void forward_kernel(const Dims& d, bool causal, const T* q, const T* k, const T*
         gemm_abt<T>(m, n, D, static_cast<T>(d.scale), qp, k + (kv0 + j0) * D, s);
         if (causal) causal_mask_tile(s, m, n, i0, j0);
         for (int64_t i = 0; i < m; ++i) {
-          T* __restrict__ r = s + i * n;
-          T rmax = kNegInf<T>;
-          for (int64_t j = 0; j < n; ++j) rmax = std::max(rmax, r[j]);
-          const T mnew = std::max(mx[i], rmax);
+          T* r = s + i * n;
+          const T mnew = std::max(mx[i], row_max(r, n));
           if (mnew == kNegInf<T>) {  // nothing visible in this row yet
             std::fill(r, r + n, T(0));
             continue;
           }
           const T alpha = exp_softmax(mx[i] - mnew);  // 0 when mx[i] = -inf
-          exp_row(r, n, mnew);
-          T rs = 0;
-          for (int64_t j = 0; j < n; ++j) rs += r[j];
+          const T rs = exp_row_sum(r, n, mnew);
           sum[i] = sum[i] * alpha + rs;
           mx[i] = mnew;
           if (alpha != T(1)) {
@@ -408,14 +495,10 @@ void block_pool_kernel(const Dims& d, bool causal, const T* q, const T* k, T* po
         gemm_abt<T>(m, n, D, static_cast<T>(d.scale), qp, k + (kv0 + j0) * D, s);
         if (causal) causal_mask_tile(s, m, n, i0, j0);
         for (int64_t i = 0; i < m; ++i) {
-          T* __restrict__ r = s + i * n;
-          T rmax = kNegInf<T>;
-          for (int64_t j = 0; j < n; ++j) rmax = std::max(rmax, r[j]);
-          const T mnew = std::max(mx[i], rmax);
+          T* r = s + i * n;
+          const T mnew = std::max(mx[i], row_max(r, n));
           if (mnew == kNegInf<T>) continue;
-          exp_row(r, n, mnew);
-          T rs = 0;
-          for (int64_t j = 0; j < n; ++j) rs += r[j];
+          const T rs = exp_row_sum(r, n, mnew);
           sum[i] = sum[i] * exp_softmax(mx[i] - mnew) + rs;
           mx[i] = mnew;
         }
@@ -427,10 +510,7 @@ void block_pool_kernel(const Dims& d, bool causal, const T* q, const T* k, T* po
         if (causal) causal_mask_tile(s, m, n, i0, j0);
         T best = kNegInf<T>;
         for (int64_t i = 0; i < m; ++i) {
-          const T* r = s + i * n;
-          T rmax = kNegInf<T>;
-          for (int64_t j = 0; j < n; ++j) rmax = std::max(rmax, r[j]);
-          best = std::max(best, rmax - mx[i]);
+          best = std::max(best, row_max(s + i * n, n) - mx[i]);
         }
         prow[J] = best == kNegInf<T> ? T(0) : std::exp(best);
       }
