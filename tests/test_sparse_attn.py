@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import peftcore  # noqa: F401
 from peftcore.ops import sparse_attn as sa
-from peftcore.testing import OpCase, Sample, op_test_suite
+from peftcore.testing import OpCase, Sample, devices, op_test_suite
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -107,6 +107,8 @@ def _configs(dtype):
 
 def attn_samples(device, dtype, requires_grad):
     for i, (B, Hq, Hkv, Lq, Lk, D, bs, causal, (mb, mh), empty, scale) in enumerate(_configs(dtype)):
+        if device == "cuda":  # the CUDA kernels take D in {64, 128, 256}
+            D = 64 if D <= 16 else 128
         q = _randn((B, Hq, Lq, D), dtype, 10 + i).to(device)
         k = _randn((B, Hkv, Lk, D), dtype, 20 + i).to(device)
         v = _randn((B, Hkv, Lk, D), dtype, 30 + i).to(device)
@@ -290,3 +292,28 @@ def test_block_pool_is_max_of_softmax_and_skips_nothing():
     assert torch.equal(pool.triu(1), torch.zeros_like(pool))
     assert (pool.diagonal(dim1=2, dim2=3) > 0).all() and (pool <= 1 + 1e-6).all()
     assert torch.allclose(pool[..., 0, 0], torch.ones(1, 2))  # query 0 sees only key 0
+
+
+@pytest.mark.parametrize("device", [d for d in devices() if not isinstance(d, str)])
+def test_cuda_limits_and_graph_capture(device):
+    """CUDA: head dims outside {64, 128, 256} and float64 are refused with the op's name; the forward and backward
+    are free of host syncs (captured in a CUDA graph and replayed)."""
+    q = torch.randn(1, 2, 40, 32, device=device)
+    m = torch.ones(1, 1, 3, 3, dtype=torch.bool, device=device)
+    _err(lambda: ops.block_sparse_attn(q, q, q, m, 16, False, None),
+         r"block_sparse_attn: head dim must be 64, 128 or 256 on CUDA, got 32")
+    _err(lambda: ops.attn_block_pool(q.double(), q.double(), 16, False, None), r"attn_block_pool: q must be float32")
+    q, k, v = (torch.randn(1, 2, 40, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = ops.block_sparse_attn(q, k, v, m, 16, True, None)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.block_sparse_attn(q, k, v, m, 16, True, None)  # warm-up (smem attributes) outside the capture
+        with torch.cuda.graph(graph, stream=s):
+            o2, l2 = ops.block_sparse_attn(q, k, v, m, 16, True, None)
+            g = ops.block_sparse_attn_backward(o2, None, q, k, v, o2, l2, m, 16, True, None, [True, True, True])
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(o2, out)
+    assert all(torch.isfinite(t).all() for t in g)
