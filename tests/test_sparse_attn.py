@@ -178,9 +178,10 @@ def test_full_mask_matches_sdpa(Lq, Lk, causal):
     q = _randn((2, 4, Lq, 16), torch.float32, 1)
     k = _randn((2, 2, Lk, 16), torch.float32, 2)
     v = _randn((2, 2, Lk, 16), torch.float32, 3)
-    out = sa.block_sparse_attn(q, k, v, None, 16, causal)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for bs in (16, 1000):  # a block size beyond both lengths: one block per axis
+        out = sa.block_sparse_attn(q, k, v, None, bs, causal)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
 def test_csr_round_trip_and_wrapper_forms():

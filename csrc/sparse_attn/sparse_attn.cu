@@ -34,9 +34,9 @@ void dispatch(DType dt, int64_t D, F&& f) {
 
 #define SA_TYPE(tag) std::remove_pointer_t<decltype(tag)>
 
-// x: (mask block, tile within it), y: head, z: batch.
-dim3 grid_for(int64_t blocks, int64_t bs, int tile, int64_t heads, int64_t batch, const char* what) {
-  const int64_t x = blocks * ((bs + tile - 1) / tile);
+// x: (mask block, tile within it), y: head, z: batch; L is the tiled axis' length.
+dim3 grid_for(int64_t blocks, int64_t bs, int64_t L, int tile, int64_t heads, int64_t batch, const char* what) {
+  const int64_t x = blocks * K::tiles_per_block(bs, L, tile);
   if (x > 0x7fffffff || heads > 65535 || batch > 65535)
     throw std::runtime_error(std::string("peftcore sparse_attn CUDA: ") + what + ": grid too large");
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
@@ -59,7 +59,7 @@ void forward(DType dtype, const Params& p, cudaStream_t stream) {
     using T = SA_TYPE(tag);
     constexpr int D = decltype(d)::value;
     using C = K::Cfg<D>;
-    launch(K::forward_kernel<T, D>, grid_for(p.Qb, p.bs, C::BM, p.Hq, p.B, "forward"), C::kFwdSmem, p, stream,
+    launch(K::forward_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "forward"), C::kFwdSmem, p, stream,
            "forward launch");
   });
 }
@@ -77,10 +77,10 @@ void backward(DType dtype, const Params& p, bool want_dq, bool want_dkdv, cudaSt
       check_cuda(cudaGetLastError(), "delta launch");
     }
     if (want_dq)
-      launch(K::backward_dq_kernel<T, D>, grid_for(p.Qb, p.bs, C::BM, p.Hq, p.B, "dq"), C::kBwdSmem, p, stream,
+      launch(K::backward_dq_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "dq"), C::kBwdSmem, p, stream,
              "dq launch");
     if (want_dkdv)
-      launch(K::backward_dkdv_kernel<T, D>, grid_for(p.Kb, p.bs, C::BN, p.Hkv, p.B, "dkdv"), C::kBwdSmem, p,
+      launch(K::backward_dkdv_kernel<T, D>, grid_for(p.Kb, p.bs, p.Lk, C::BN, p.Hkv, p.B, "dkdv"), C::kBwdSmem, p,
              stream, "dkdv launch");
   });
 }
@@ -90,7 +90,7 @@ void block_pool(DType dtype, const Params& p, cudaStream_t stream) {
     using T = SA_TYPE(tag);
     constexpr int D = decltype(d)::value;
     using C = K::Cfg<D>;
-    launch(K::block_pool_kernel<T, D>, grid_for(p.Qb, p.bs, C::BM, p.Hq, p.B, "block_pool"), C::kPoolSmem, p,
+    launch(K::block_pool_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "block_pool"), C::kPoolSmem, p,
            stream, "block_pool launch");
   });
 }

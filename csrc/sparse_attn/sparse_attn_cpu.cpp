@@ -360,7 +360,8 @@ void forward_kernel(const Dims& d, bool causal, const T* q, const T* k, const T*
                     T* lse) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hq * d.Qb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(bs * bs), acc(bs * D), mx(bs), sum(bs);
+    const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);  // tile extents (bs may exceed L)
+    std::vector<T> S(bm * bn), acc(bm * D), mx(bm), sum(bm);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t I = task % d.Qb, h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
       const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);
@@ -412,7 +413,8 @@ void backward_dq_kernel(const Dims& d, bool causal, const T* q, const T* k, cons
                         const T* delta, const bool* mask, T* dq) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hq * d.Qb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(bs * bs), dP(bs * bs), acc(bs * D);
+    const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
+    std::vector<T> P(bm * bn), dP(bm * bn), acc(bm * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t I = task % d.Qb, h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
       const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);
@@ -440,7 +442,8 @@ void backward_dkdv_kernel(const Dims& d, bool causal, const T* q, const T* k, co
                           const T* delta, const bool* mask, T* dk, T* dv) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hkv * d.Kb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(bs * bs), dP(bs * bs), dk_acc(bs * D), dv_acc(bs * D);
+    const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
+    std::vector<T> P(bm * bn), dP(bm * bn), dk_acc(bn * D), dv_acc(bn * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t J = task % d.Kb, hk = (task / d.Kb) % d.Hkv, b = task / (d.Kb * d.Hkv);
       const int64_t j0 = J * bs, n = std::min(bs, d.Lk - j0);
@@ -478,7 +481,8 @@ template <typename T>
 void block_pool_kernel(const Dims& d, bool causal, const T* q, const T* k, T* pool) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hq * d.Qb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(bs * bs), mx(bs), sum(bs);
+    const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
+    std::vector<T> S(bm * bn), mx(bm), sum(bm);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t I = task % d.Qb, h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
       const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);

@@ -64,6 +64,13 @@ struct Cfg {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Tiles of `tile` rows per mask block of bs rows along an axis of length L (bs may exceed L). The launcher's grid
+// uses the same count.
+__host__ __device__ __forceinline__ int64_t tiles_per_block(int64_t bs, int64_t L, int tile) {
+  const int64_t rows = bs < L ? bs : L;
+  return rows > 0 ? (rows + tile - 1) / tile : 1;
+}
+
 __device__ __forceinline__ float group16_max(float v) {
 #pragma unroll
   for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -138,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   float* Ps = Vs + C::BN * C::LD;
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int64_t subs = (p.bs + C::BM - 1) / C::BM;
+  const int64_t subs = tiles_per_block(p.bs, p.Lq, C::BM);
   const int64_t I = blockIdx.x / subs;
   const int64_t r0 = I * p.bs + (blockIdx.x % subs) * C::BM;
   const int64_t rend = min64(I * p.bs + p.bs, p.Lq);
@@ -265,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const Params p) {
   float* Ps = Vs + C::BN * C::LD;  // dS
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int64_t subs = (p.bs + C::BM - 1) / C::BM;
+  const int64_t subs = tiles_per_block(p.bs, p.Lq, C::BM);
   const int64_t I = blockIdx.x / subs;
   const int64_t r0 = I * p.bs + (blockIdx.x % subs) * C::BM;
   const int64_t rend = min64(I * p.bs + p.bs, p.Lq);
@@ -350,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
   float* Ds = Ls + C::BM;           // Delta per query row
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, hk = blockIdx.y;
-  const int64_t subs = (p.bs + C::BN - 1) / C::BN;
+  const int64_t subs = tiles_per_block(p.bs, p.Lk, C::BN);
   const int64_t J = blockIdx.x / subs;
   const int64_t c0 = J * p.bs + (blockIdx.x % subs) * C::BN;
   const int64_t kend = min64(J * p.bs + p.bs, p.Lk);
@@ -365,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
 #pragma unroll
     for (int c = 0; c < C::DC; ++c) dk[a][c] = dv[a][c] = 0.f;
   const int64_t G = p.Hq / p.Hkv;
-  const int64_t qsubs = (p.bs + C::BM - 1) / C::BM;
+  const int64_t qsubs = tiles_per_block(p.bs, p.Lq, C::BM);
   // Causal: query blocks before J end before c0.
   const int64_t ibeg = p.causal ? J : 0;
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
@@ -461,7 +468,7 @@ __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
   float* Ks = Qs + C::BM * C::LD;
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int64_t subs = (p.bs + C::BM - 1) / C::BM;
+  const int64_t subs = tiles_per_block(p.bs, p.Lq, C::BM);
   const int64_t I = blockIdx.x / subs;
   const int64_t r0 = I * p.bs + (blockIdx.x % subs) * C::BM;
   const int64_t rend = min64(I * p.bs + p.bs, p.Lq);
