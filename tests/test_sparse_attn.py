@@ -318,3 +318,24 @@ def test_cuda_limits_and_graph_capture(device):
     torch.cuda.synchronize()
     torch.testing.assert_close(o2, out)
     assert all(torch.isfinite(t).all() for t in g)
+
+
+def test_compile_inductor_training_step():
+    """The wrapper through the default (inductor) backend, forward and backward, fullgraph, GQA + causal."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q = _randn((1, 4, 70, 16), torch.float32, 1).requires_grad_(True)
+    k, v = (_randn((1, 2, 70, 16), torch.float32, s).requires_grad_(True) for s in (2, 3))
+    m = _mask((1, 4, 5, 5), 4)
+
+    def step(q, k, v):
+        return (sa.block_sparse_attn(q, k, v, m, 16, True) ** 2).sum()
+
+    y = torch.compile(step, fullgraph=True)(q, k, v)
+    got = torch.autograd.grad(y, (q, k, v))
+    ref = step(q, k, v)
+    want = torch.autograd.grad(ref, (q, k, v))
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
