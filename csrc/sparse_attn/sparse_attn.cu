@@ -1,98 +1,50 @@
-// sparse_attn CUDA launchers (sparse_attn_launch.h): grids, shared-memory sizes, dtype / head-dim dispatch. No torch
-// headers here; the kernels are described in sparse_attn_kernels.cuh.
-#include "sparse_attn/sparse_attn_kernels.cuh"
-#include "sparse_attn/sparse_attn_launch.h"
+// sparse_attn CUDA launchers (sparse_attn_launch.h): the dtype dispatch. No torch headers, no kernels here: the
+// kernels are described in sparse_attn_kernels.cuh and instantiated per dtype in sparse_attn_{f32,f16,bf16}.cu.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
+#include "sparse_attn/sparse_attn_launch.h"
+
 namespace peftcore::sparse_attn::cuda {
+
+template <typename T>
+void forward_t(const Params& p, cudaStream_t stream);
+template <typename T>
+void backward_t(const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream);
+template <typename T>
+void block_pool_t(const Params& p, cudaStream_t stream);
+
 namespace {
 
-namespace K = kernels;
-
-void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "sparse_attn", what); }
-
 template <typename F>
-void dispatch(DType dt, int64_t D, F&& f) {
-  auto with_d = [&](auto tag) {
-    switch (D) {
-      case 64: f(tag, std::integral_constant<int, 64>{}); break;
-      case 128: f(tag, std::integral_constant<int, 128>{}); break;
-      case 256: f(tag, std::integral_constant<int, 256>{}); break;
-      default: throw std::runtime_error("peftcore sparse_attn CUDA: head dim must be 64, 128 or 256, got " + std::to_string(D));
-    }
-  };
-  switch (dt) {
-    case DType::kFloat32: with_d(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: with_d(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: with_d(static_cast<__nv_bfloat16*>(nullptr)); break;
+void dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
     default: throw std::runtime_error("peftcore sparse_attn CUDA: unsupported dtype");
   }
 }
 
-#define SA_TYPE(tag) std::remove_pointer_t<decltype(tag)>
-
-// x: (mask block, tile within it), y: head, z: batch; L is the tiled axis' length.
-dim3 grid_for(int64_t blocks, int64_t bs, int64_t L, int tile, int64_t heads, int64_t batch, const char* what) {
-  const int64_t x = blocks * K::tiles_per_block(bs, L, tile);
-  if (x > 0x7fffffff || heads > 65535 || batch > 65535)
-    throw std::runtime_error(std::string("peftcore sparse_attn CUDA: ") + what + ": grid too large");
-  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
-}
-
-template <typename Kern>
-void launch(Kern kern, dim3 grid, int smem, const Params& p, cudaStream_t stream, const char* what) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
-  kern<<<grid, K::kThreads, smem, stream>>>(p);
-  check_cuda(cudaGetLastError(), what);
-}
-
 }  // namespace
+
+#define SA_TYPE(tag) std::remove_pointer_t<decltype(tag)>
 
 bool supported_head_dim(int64_t D) { return D == 64 || D == 128 || D == 256; }
 
 void forward(DType dtype, const Params& p, cudaStream_t stream) {
-  dispatch(dtype, p.D, [&](auto tag, auto d) {
-    using T = SA_TYPE(tag);
-    constexpr int D = decltype(d)::value;
-    using C = K::Cfg<D>;
-    launch(K::forward_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "forward"), C::kFwdSmem, p, stream,
-           "forward launch");
-  });
+  dispatch_dtype(dtype, [&](auto tag) { forward_t<SA_TYPE(tag)>(p, stream); });
 }
 
 void backward(DType dtype, const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream) {
-  dispatch(dtype, p.D, [&](auto tag, auto d) {
-    using T = SA_TYPE(tag);
-    constexpr int D = decltype(d)::value;
-    using C = K::Cfg<D>;
-    const int64_t rows = p.B * p.Hq * p.Lq;
-    if (rows > 0) {
-      const int64_t blocks = (rows + 7) / 8;
-      if (blocks > 0x7fffffff) throw std::runtime_error("peftcore sparse_attn CUDA: delta: grid too large");
-      K::delta_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
-      check_cuda(cudaGetLastError(), "delta launch");
-    }
-    if (want_dq)
-      launch(K::backward_dq_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "dq"), C::kBwdSmem, p, stream,
-             "dq launch");
-    if (want_dkdv)
-      launch(K::backward_dkdv_kernel<T, D>, grid_for(p.Kb, p.bs, p.Lk, C::BN, p.Hkv, p.B, "dkdv"), C::kBwdSmem, p,
-             stream, "dkdv launch");
-  });
+  dispatch_dtype(dtype, [&](auto tag) { backward_t<SA_TYPE(tag)>(p, want_dq, want_dkdv, stream); });
 }
 
 void block_pool(DType dtype, const Params& p, cudaStream_t stream) {
-  dispatch(dtype, p.D, [&](auto tag, auto d) {
-    using T = SA_TYPE(tag);
-    constexpr int D = decltype(d)::value;
-    using C = K::Cfg<D>;
-    launch(K::block_pool_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "block_pool"), C::kPoolSmem, p,
-           stream, "block_pool launch");
-  });
+  dispatch_dtype(dtype, [&](auto tag) { block_pool_t<SA_TYPE(tag)>(p, stream); });
 }
 
 }  // namespace peftcore::sparse_attn::cuda

@@ -1,4 +1,5 @@
-// sparse_attn CUDA kernel templates (no torch headers; instantiated in sparse_attn.cu).
+// sparse_attn CUDA kernel templates (no torch headers; instantiated per dtype in sparse_attn_{f32,f16,bf16}.cu
+// through sparse_attn_instantiate.cuh).
 //
 // A first, correctness-first version: shared-memory tiles in fp32 and FMA math (no tensor cores yet).
 //

@@ -1,4 +1,5 @@
-// sparse_attn CUDA launchers: plain C++ (no torch headers), implemented in sparse_attn.cu.
+// sparse_attn CUDA launchers: plain C++ (no torch headers), implemented in sparse_attn.cu (dtype dispatch) and
+// sparse_attn_instantiate.cuh (grids, per-dtype instantiations).
 // All tensors contiguous: q / out / grad_out / dq [B, Hq, Lq, D], k / v / dk / dv [B, Hkv, Lk, D] in the storage
 // dtype; block_mask bool [mask_b, mask_h, Qb, Kb]; lse / delta / grad_lse float32 [B, Hq, Lq]; pool float32
 // [B, Hq, Qb, Kb]. D must be 64, 128 or 256.
