@@ -301,6 +301,11 @@ inline const bool* mask_row(const bool* mask, const Dims& d, int64_t b, int64_t 
   return mask + ((mb * d.mask_h + mh) * d.Qb + I) * d.Kb;
 }
 
+// Block order within a (batch, head): 0, n-1, 1, n-2, ... at::parallel_for hands each thread a contiguous range
+// of tasks, and under causal a block's cost grows with its index: pairing cheap and dear blocks balances the
+// threads also when batch x heads is small.
+inline int64_t zigzag(int64_t t, int64_t n) { return (t & 1) ? n - 1 - t / 2 : t / 2; }
+
 // Key blocks a query block [i0, i0 + m) can see: all, or when causal those starting at or before row i0 + m - 1.
 inline int64_t key_blocks_end(const Dims& d, bool causal, int64_t i0, int64_t m) {
   return causal ? std::min(d.Kb, (i0 + m - 1) / d.bs + 1) : d.Kb;
@@ -363,7 +368,7 @@ void forward_kernel(const Dims& d, bool causal, const T* q, const T* k, const T*
     const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);  // tile extents (bs may exceed L)
     std::vector<T> S(bm * bn), acc(bm * D), mx(bm), sum(bm);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t I = task % d.Qb, h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
+      const int64_t I = zigzag(task % d.Qb, d.Qb), h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
       const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);
       const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
       const T* qp = q + row0 * D;
@@ -416,7 +421,7 @@ void backward_dq_kernel(const Dims& d, bool causal, const T* q, const T* k, cons
     const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
     std::vector<T> P(bm * bn), dP(bm * bn), acc(bm * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t I = task % d.Qb, h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
+      const int64_t I = zigzag(task % d.Qb, d.Qb), h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
       const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);
       const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
       const int64_t kv0 = (b * d.Hkv + h / G) * d.Lk;
@@ -445,7 +450,7 @@ void backward_dkdv_kernel(const Dims& d, bool causal, const T* q, const T* k, co
     const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
     std::vector<T> P(bm * bn), dP(bm * bn), dk_acc(bn * D), dv_acc(bn * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t J = task % d.Kb, hk = (task / d.Kb) % d.Hkv, b = task / (d.Kb * d.Hkv);
+      const int64_t J = zigzag(task % d.Kb, d.Kb), hk = (task / d.Kb) % d.Hkv, b = task / (d.Kb * d.Hkv);
       const int64_t j0 = J * bs, n = std::min(bs, d.Lk - j0);
       const int64_t kv0 = (b * d.Hkv + hk) * d.Lk + j0;
       const T* kp = k + kv0 * D;
@@ -484,11 +489,11 @@ void block_pool_kernel(const Dims& d, bool causal, const T* q, const T* k, T* po
     const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
     std::vector<T> S(bm * bn), mx(bm), sum(bm);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t I = task % d.Qb, h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
+      const int64_t I = zigzag(task % d.Qb, d.Qb), h = (task / d.Qb) % d.Hq, b = task / (d.Qb * d.Hq);
       const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);
       const T* qp = q + ((b * d.Hq + h) * d.Lq + i0) * D;
       const int64_t kv0 = (b * d.Hkv + h / G) * d.Lk;
-      T* prow = pool + task * d.Kb;
+      T* prow = pool + ((b * d.Hq + h) * d.Qb + I) * d.Kb;
       std::fill(prow, prow + d.Kb, T(0));
       std::fill(mx.begin(), mx.begin() + m, kNegInf<T>);
       std::fill(sum.begin(), sum.begin() + m, T(0));
