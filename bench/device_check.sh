@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-shot GPU check for peftcore on a lent H100/H200 (Python 3.12, torch 2.11+cu130, nvcc 13.0, no internet).
 # Usage: bash bench/device_check.sh OUTDIR
-# Steps (each logged to OUTDIR/<step>.log, each under `timeout`; worst case 480 s in all):
+# Steps (each logged to OUTDIR/<step>.log, each under `timeout`; worst case 570 s in all):
 #   cutlass  pip install the nvidia-cutlass wheel that travels with the tree ($CUTLASS_WHEEL, wheels/, or any
 #            nvidia_cutlass*.whl under the repo), --no-deps --no-index
 #   build    pip install --no-build-isolation --no-deps . with PEFTCORE_CUDA=ON, PEFTCORE_CUDA_ARCHS=90
 #   tests    pytest -x -q tests -k cuda (junit xml in OUTDIR/junit-cuda.xml)
 #   sanitize compute-sanitizer --tool memcheck python bench/sanitize_cases.py (plain run if the sanitizer cannot
 #            run on this machine, e.g. a gVisor runtime answers "Device not supported")
+#   racecheck compute-sanitizer --tool racecheck over the attention kernels only
+#            (PEFTCORE_SANITIZE_ONLY=sparse_attn python bench/sanitize_cases.py): shared-memory hazards
 #   bench    python bench/run.py --device cuda --out OUTDIR
 # Prints a pass/fail summary last; exit status is non-zero when a step failed.
 set -uo pipefail
@@ -79,6 +81,11 @@ if [ $BUILD_OK = 1 ]; then
       echo "    compute-sanitizer cannot run here; plain run instead"
       run_step sanitize_plain 30 "$PY" bench/sanitize_cases.py
       SUMMARY+=("$(printf '%-9s %-22s %4s   %s' sanitize "SKIP (unsupported)" "-" "sanitize.log")")
+    fi
+    # (c') racecheck over the attention kernels (shared-memory tiles, barriers), when memcheck could attach
+    if ! grep -q "Device not supported\|Unable to find\|Target application terminated before first instrumented API call" "$OUT/sanitize.log"; then
+      run_step racecheck 90 env PEFTCORE_SANITIZE_ONLY=sparse_attn compute-sanitizer --tool racecheck \
+        --error-exitcode 3 "$PY" bench/sanitize_cases.py
     fi
   else
     run_step sanitize_plain 30 "$PY" bench/sanitize_cases.py

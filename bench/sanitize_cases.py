@@ -1,5 +1,6 @@
-"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal), on small shapes, for compute-sanitizer
-(memcheck) runs on a GPU machine.
+"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal, sparse_attn), on small shapes, for
+compute-sanitizer runs on a GPU machine (memcheck over everything; racecheck over the attention kernels:
+PEFTCORE_SANITIZE_ONLY=sparse_attn; PEFTCORE_SANITIZE_ONLY=sparse_delta or =structured for the others alone).
 
 Covers float32 / float16 / bfloat16 activations, int32 / int64 indices, float32 and activation-dtype values,
 forward and backward ops, and shapes that reach each launch path: a few tokens (row/column chunk splits,
@@ -11,6 +12,7 @@ blockdiag (Monarch incl. the saved-intermediate path) and orthogonal ops, each a
 
     python bench/sanitize_cases.py            # plain run
     compute-sanitizer --tool memcheck python bench/sanitize_cases.py
+    PEFTCORE_SANITIZE_ONLY=sparse_attn compute-sanitizer --tool racecheck python bench/sanitize_cases.py
 """
 import importlib
 import os
@@ -116,6 +118,70 @@ def run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32, scale=0.7, see
             close(f"topk_grad.kth {tag}", ts.min().reshape(1), Gm.topk(k).values.min().reshape(1), dtype)
 
 
+def ref_attn32(q, k, v, tok_mask, scale):
+    """fp32 dense attention with an explicit token mask; rows without keys give 0 / -inf."""
+    g = q.shape[1] // k.shape[1]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = (qf @ kf.transpose(-1, -2) * scale).masked_fill(~tok_mask, float("-inf"))
+    empty = ~tok_mask.any(-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.exp(s - lse).masked_fill(~tok_mask, 0.0)
+    return p @ vf, lse.masked_fill(empty, float("-inf")).squeeze(-1), p
+
+
+def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0):
+    """block_sparse_attn (+ backward) and attn_block_pool once, against an fp32 dense reference."""
+    gen = torch.Generator().manual_seed(seed)
+    tag = f"attn B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} bs{bs} causal={causal} {str(dtype)[6:]} mask{mask_shape}"
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dev, dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dev, dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=gen).to(dev, dtype)
+    go = torch.randn(B, Hq, Lq, D, generator=gen).to(dev, dtype)
+    qb, kb = -(-Lq // bs), -(-Lk // bs)
+    m = torch.rand(*mask_shape, qb, kb, generator=gen) < 0.6
+    m[..., 0, :] = False  # a query block that sees nothing
+    m = m.to(dev)
+    tok = m.expand(B, Hq, -1, -1).repeat_interleave(bs, 2)[:, :, :Lq].repeat_interleave(bs, 3)[..., :Lk]
+    if causal:
+        tok = tok & torch.ones(Lq, Lk, dtype=torch.bool, device=dev).tril()
+    scale = D ** -0.5
+    out, lse = ops.block_sparse_attn(q, k, v, m, bs, causal, None)
+    ro, rl, _ = ref_attn32(q, k, v, tok, scale)
+    close(f"{tag} out", out, ro, dtype)
+    fin = torch.isfinite(rl)
+    if not torch.equal(torch.isfinite(lse), fin):
+        failures.append(f"{tag}: lse -inf pattern differs")
+    else:
+        close(f"{tag} lse", lse[fin], rl[fin], dtype)
+    glse = torch.randn(lse.shape, generator=gen).to(dev)
+    dq, dk, dv = ops.block_sparse_attn_backward(go, glse, q, k, v, out, lse, m, bs, causal, None, [True, True, True])
+    qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    o2, l2, _ = ref_attn32(qr, kr, vr, tok, scale)
+    rq, rk, rv = torch.autograd.grad([o2, l2.masked_fill(~fin, 0.0)], [qr, kr, vr], [go.float(), glse])
+    for name, a, r in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        close(f"{tag} {name}", a, r, dtype)
+    full = torch.ones(Lq, Lk, dtype=torch.bool, device=dev)
+    if causal:
+        full = full.tril()
+    _, _, p = ref_attn32(q, k, v, full.expand(B, Hq, -1, -1), scale)
+    p = torch.nn.functional.pad(p, (0, kb * bs - Lk, 0, qb * bs - Lq))
+    rp = p.view(B, Hq, qb, bs, kb, bs).amax(dim=(3, 5))
+    close(f"{tag} pool", ops.attn_block_pool(q, k, bs, causal, None), rp, dtype)
+
+
+attn_cases = [
+    # B, Hq, Hkv, Lq, Lk, D, bs, causal, mask shape
+    (1, 4, 2, 100, 100, 64, 32, True, (1, 4)),     # GQA, bs < tile (one tile per block), partial last block
+    (2, 2, 1, 70, 150, 128, 64, False, (2, 1)),    # MQA, Lq != Lk
+    (1, 2, 2, 130, 45, 64, 80, True, (1, 1)),      # bs > tile: several tiles per block (pool atomics), Lq > Lk
+    (1, 2, 1, 65, 65, 256, 16, True, (1, 2)),      # D = 256 (32-row tiles)
+]
+if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_attn"):
+    for B, Hq, Hkv, Lq, Lk, D, bs, causal, ms in attn_cases:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, ms)
+
 cases = [
     # tokens, out, in, nnz
     (1, 48, 80, 400),      # decode-like: TT=1 tiles, row-chunk split
@@ -124,12 +190,15 @@ cases = [
     (3, 16, 24, 0),        # empty delta
     (0, 16, 24, 30),       # zero tokens
 ]
-for tokens, out, inf, nnz in cases:
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for idx_dtype in (torch.int32, torch.int64):
-            run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32=(idx_dtype == torch.int64))
-# `in` wider than a shared-memory tile (fp32, ~240 KB a token): the global-memory fallback paths.
-run_case(1, 4, 60000, 300, torch.float32, torch.int64, True)
+if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_delta"):
+    for tokens, out, inf, nnz in cases:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for idx_dtype in (torch.int32, torch.int64):
+                run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32=(idx_dtype == torch.int64))
+    # `in` wider than a shared-memory tile (fp32, ~240 KB a token): the global-memory fallback paths.
+    run_case(1, 4, 60000, 300, torch.float32, torch.int64, True)
+
+_STRUCTURED = os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "structured")
 
 
 # miss: fold / unfold; narrow fold path (r <= 256, group widths 32..256), wide path (r > 256), ragged tails
@@ -148,11 +217,12 @@ def run_miss_case(lead, n, r, dtype, transposed=False, seed=0):
     close(f"miss_unfold {tag}", ops.miss_unfold(g, n).reshape(-1, n), g.float().reshape(-1, r)[:, cls], dtype)
 
 
-for lead, n, r in [((3,), 10, 3), ((), 1, 1), ((2, 5), 100, 64), ((1,), 4096, 64), ((9,), 40, 33), ((7,), 600, 260),
+for lead, n, r in [] if not _STRUCTURED else [((3,), 10, 3), ((), 1, 1), ((2, 5), 100, 64), ((1,), 4096, 64), ((9,), 40, 33), ((7,), 600, 260),
                    ((2,), 300, 300), ((0,), 8, 2)]:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         run_miss_case(lead, n, r, dtype)
-run_miss_case((5,), 77, 6, torch.float32, transposed=True)
+if _STRUCTURED:
+    run_miss_case((5,), 77, 6, torch.float32, transposed=True)
 
 
 
@@ -171,7 +241,7 @@ def rnd(*shape, dtype=torch.float32, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
+for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else ():
     for T, out, inf, k, dim in [(5, 24, 40, 7, 1), (33, 64, 48, 16, 0), (0, 8, 8, 2, 1)]:
         x, w = rnd(T, inf, dtype=dtype, seed=1), rnd(out, inf, dtype=dtype, seed=2, scale=0.2)
         idx = torch.arange(3, 3 + k)

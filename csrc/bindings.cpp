@@ -68,6 +68,13 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("orthogonal_boft_apply(Tensor x, Tensor rotations, Tensor perm) -> Tensor");
   // Backward of orthogonal_boft_apply: (grad_x, grad_rotations), x's chain recomputed; unasked outputs empty.
   m.def("orthogonal_boft_apply_backward(Tensor grad_out, Tensor x, Tensor rotations, Tensor perm, bool[2] output_mask) -> (Tensor, Tensor)");
+  // ---- sparse_attn: block-sparse flash attention (q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D], GQA) and the attention-map block pool ----
+  // (out, lse): softmax(scale q k^T) v over the keys block_mask [B|1, Hq|1, ceil(Lq/bs), ceil(Lk/bs)] bool keeps (and j <= i if causal); lse fp32.
+  m.def("block_sparse_attn(Tensor q, Tensor k, Tensor v, Tensor block_mask, int block_size, bool causal=False, float? scale=None) -> (Tensor, Tensor)");
+  // Backward of block_sparse_attn: (dq, dk, dv), P recomputed from q, k, lse; grad_lse may be None; unasked outputs empty.
+  m.def("block_sparse_attn_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor block_mask, int block_size, bool causal, float? scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // [B, Hq, Qb, Kb] fp32: max over each (query block, key block) tile of the full (causal if asked) softmax map (SeerAttention's gate target).
+  m.def("attn_block_pool(Tensor q, Tensor k, int block_size, bool causal=False, float? scale=None) -> Tensor");
 }
 
 namespace {

@@ -24,6 +24,13 @@ from .ops.partial import (  # noqa: F401
     partial_scatter_add,
     partial_validate,
 )
+from .ops.sparse_attn import (  # noqa: F401
+    attn_block_pool,
+    block_mask_from_flex,
+    block_sparse_attn,
+    csr_to_dense,
+    dense_to_csr,
+)
 from .ops.sparse_delta import (  # noqa: F401
     sparse_delta_linear,
     sparse_delta_merge,

@@ -3,4 +3,5 @@ from . import blockdiag  # noqa: F401
 from . import miss  # noqa: F401
 from . import orthogonal  # noqa: F401
 from . import partial  # noqa: F401
+from . import sparse_attn  # noqa: F401
 from . import sparse_delta  # noqa: F401

@@ -1,0 +1,133 @@
+"""sparse_attn bench: peftcore.block_sparse_attn (causal, a random block mask at 50 / 75 / 90% sparsity of the
+causal blocks, the diagonal always kept) against
+  (a) sdpa  — dense causal F.scaled_dot_product_attention, the baseline of every ratio;
+  (b) flex  — torch.nn.attention.flex_attention with the same block mask (as a BlockMask built by
+              dense_to_csr, causal mask_mod), torch.compile'd; forward only where its backward does not run;
+modes forward (no grad) and train_step (forward + backward into q, k, v), with peak memory per call. Plus
+attn_block_pool against the plain-torch reference of the tests (dense softmax map, then max-pool).
+
+Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_sparse_attn.py [--device cuda] [--quick].
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import compare, forward_only, op_rows, peak_memory, train_step
+
+import peftcore  # noqa: F401
+from peftcore.ops import sparse_attn as sa
+from test_sparse_attn import ref_block_pool
+
+SPARSITIES = (0.5, 0.75, 0.9)
+
+
+def sizes(device: str, quick: bool):
+    """(B, H, L, D, block_size, dtype)."""
+    if device == "cuda":  # one size each: device_check.sh gives the whole GPU bench 90 s
+        if quick:
+            return [(1, 16, 4096, 128, 128, torch.bfloat16)]
+        return [(1, 16, 8192, 128, 128, torch.bfloat16)]
+    if quick:
+        return [(1, 2, 512, 64, 64, torch.float32), (1, 2, 1024, 64, 64, torch.float32)]
+    return [(1, 4, L, 64, 64, torch.float32) for L in (1024, 2048, 4096)]
+
+
+def causal_block_mask(H, nb, sparsity, seed=0):
+    """[1, H, nb, nb] bool: the diagonal plus random strictly-lower blocks, `1 - sparsity` of the causal blocks."""
+    g = torch.Generator().manual_seed(seed)
+    causal_blocks = nb * (nb + 1) // 2
+    want = max(nb, int(round((1 - sparsity) * causal_blocks)))
+    m = torch.eye(nb, dtype=torch.bool).repeat(H, 1, 1)
+    lower = torch.ones(nb, nb, dtype=torch.bool).tril(-1).nonzero()
+    for h in range(H):
+        pick = lower[torch.randperm(len(lower), generator=g)[:want - nb]]
+        m[h, pick[:, 0], pick[:, 1]] = True
+    return m.unsqueeze(0)
+
+
+def _flex(q, k, v, mask, bs):
+    """(forward callable on detached inputs, callable building a graph) of compiled flex_attention on the same
+    blocks (causal mask_mod), or None when it cannot run here."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError:
+        return None
+    num, idx = sa.dense_to_csr(mask.expand(q.shape[0], -1, -1, -1).contiguous())
+    causal = lambda b, h, qi, ki: qi >= ki  # noqa: E731
+    try:
+        bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=bs, mask_mod=causal, seq_lengths=(q.shape[2], k.shape[2]))
+        fn = torch.compile(flex_attention, dynamic=False)
+        fn(q.detach(), k.detach(), v.detach(), block_mask=bm)
+    except Exception as e:  # noqa: BLE001 - any failure means "not available here"
+        print(f"bench_sparse_attn: flex_attention unavailable on {q.device}: {type(e).__name__}: {str(e)[:120]}")
+        return None
+    qd, kd, vd = q.detach(), k.detach(), v.detach()  # CPU flex refuses inputs that require grad, even under no_grad
+    return (lambda: fn(qd, kd, vd, block_mask=bm)), (lambda: fn(q, k, v, block_mask=bm))
+
+
+def _can_backward(f, wrt, g):
+    try:
+        torch.autograd.grad(f(), wrt, g)
+        return True
+    except Exception as e:  # noqa: BLE001
+        print(f"bench_sparse_attn: flex_attention backward unavailable: {type(e).__name__}: {str(e)[:120]}")
+        return False
+
+
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+    rows = []
+    for B, H, L, D, bs, dtype in sizes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(3))
+        g = torch.randn(B, H, L, D, generator=gen).to(device, dtype)
+        wrt = (q, k, v)
+        nb = -(-L // bs)
+        case = f"B{B} H{H} L{L} D{D} bs{bs} causal {str(dtype).replace('torch.', '')}"
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        fns = {("sdpa", None, "forward"): forward_only(sdpa), ("sdpa", None, "train_step"): train_step(sdpa, wrt, g)}
+        flex_fns = {}
+        for sp in SPARSITIES:
+            mask = causal_block_mask(H, nb, sp).to(device)
+            ours = (lambda m: lambda: sa.block_sparse_attn(q, k, v, m, bs, True))(mask)
+            fns[("block_sparse_attn", sp, "forward")] = forward_only(ours)
+            fns[("block_sparse_attn", sp, "train_step")] = train_step(ours, wrt, g)
+            flex = _flex(q, k, v, mask, bs)
+            if flex is not None:
+                flex_fwd, flex_graph = flex
+                flex_fns[("flex_attention", sp, "forward")] = forward_only(flex_fwd)
+                if _can_backward(flex_graph, wrt, g):
+                    flex_fns[("flex_attention", sp, "train_step")] = train_step(flex_graph, wrt, g)
+        # flex's compiled CPU kernels run on another OpenMP runtime whose spinning threads slow whatever runs next:
+        # interleaved with the others they skewed every ratio (sdpa 20x slower at L=512), so they get rounds of
+        # their own, after the rest.
+        times = compare(fns, device, rounds=rounds)
+        if flex_fns:
+            times.update(compare(flex_fns, device, rounds=max(3, rounds // 2)))
+        fns.update(flex_fns)
+        for (name, sp, mode), t in times.items():
+            rows.append(dict(family="sparse_attn", op="block_sparse_attn", case=case, method=name,
+                             density=round(1 - sp, 3) if sp is not None else "", mode=mode, ms=t * 1e3,
+                             ratio=t / times[("sdpa", None, mode)], ratio_to="sdpa_causal",
+                             peak_mb=peak_memory(fns[(name, sp, mode)], device) / 2 ** 20, device=device))
+        qd, kd = q.detach(), k.detach()
+        pairs = {"attn_block_pool": (lambda: sa.attn_block_pool(qd, kd, bs, True),
+                                     lambda: ref_block_pool(qd, kd, bs, True), "dense_softmax_maxpool")}
+        rows += op_rows("sparse_attn", case, pairs, device, rounds)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=11)
+    args = ap.parse_args()
+    for r in run(args.device, args.quick, args.rounds):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+// sparse_attn CUDA glue: argument checks (shared with the CPU, sparse_attn.h, plus the CUDA limits: head dim 64 /
+// 128 / 256, no float64), contiguous copies, output allocation and the plain-CUDA launchers of sparse_attn.cu.
+// No host sync anywhere: the block mask is read by the kernels, so every op can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "cuda_glue.h"
+#include "sparse_attn/sparse_attn.h"
+#include "sparse_attn/sparse_attn_launch.h"
+
+namespace peftcore::sparse_attn {
+namespace {
+
+namespace cu = peftcore::sparse_attn::cuda;
+
+cu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cu::DType::kFloat32;
+    case at::kHalf: return cu::DType::kFloat16;
+    case at::kBFloat16: return cu::DType::kBFloat16;
+    default: TORCH_CHECK(false, "sparse_attn: no CUDA kernel for dtype ", t);
+  }
+}
+
+void check_cuda_dims(const char* op, const at::Tensor& q, const Dims& d) {
+  check_cuda_activation(op, "q", q);
+  TORCH_CHECK(cu::supported_head_dim(d.D), op, ": head dim must be 64, 128 or 256 on CUDA, got ", d.D,
+              " (q of shape ", q.sizes(), ")");
+  TORCH_CHECK(d.Hq <= 65535 && d.B <= 65535, op, ": batch and heads must be <= 65535 on CUDA, got B = ", d.B,
+              ", Hq = ", d.Hq);
+}
+
+cu::Params params_of(const Dims& d, bool causal) {
+  cu::Params p;
+  p.B = d.B;
+  p.Hq = d.Hq;
+  p.Hkv = d.Hkv;
+  p.Lq = d.Lq;
+  p.Lk = d.Lk;
+  p.D = d.D;
+  p.bs = d.bs;
+  p.Qb = d.Qb;
+  p.Kb = d.Kb;
+  p.mask_b = d.mask_b;
+  p.mask_h = d.mask_h;
+  p.scale = static_cast<float>(d.scale);
+  p.causal = causal;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& block_mask,
+                                                          int64_t block_size, bool causal,
+                                                          std::optional<double> scale) {
+  constexpr const char* op = "block_sparse_attn";
+  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, scale);
+  check_cuda_dims(op, q, d);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
+  auto out = at::empty({d.B, d.Hq, d.Lq, d.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  cu::Params p = params_of(d, causal);
+  p.q = qc.const_data_ptr();
+  p.k = kc.const_data_ptr();
+  p.v = vc.const_data_ptr();
+  p.mask = mc.const_data_ptr<bool>();
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  cu::forward(kernel_dtype(q.scalar_type()), p, current_stream());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& block_mask,
+    int64_t block_size, bool causal, std::optional<double> scale, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "block_sparse_attn_backward";
+  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, scale);
+  check_cuda_dims(op, q, d);
+  check_backward_args(op, d, q, grad_out, grad_lse, out, lse);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const bool want_dq = output_mask[0], want_dkdv = output_mask[1] || output_mask[2];
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
+  auto gc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
+  at::Tensor glc;
+  if (grad_lse.has_value() && grad_lse->defined()) glc = grad_lse->contiguous();
+  at::Tensor dq = want_dq ? at::empty_like(qc) : at::empty({0}, q.options());
+  // dK / dV rows of a key block no query block keeps are never visited by the kernel: start from zeros.
+  at::Tensor dk = want_dkdv ? at::zeros_like(kc) : at::empty({0}, k.options());
+  at::Tensor dv = want_dkdv ? at::zeros_like(vc) : at::empty({0}, v.options());
+  if (q.numel() > 0 && want_dq && k.numel() == 0) dq.zero_();
+  if (q.numel() > 0 && k.numel() > 0 && (want_dq || want_dkdv)) {
+    auto delta = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
+    cu::Params p = params_of(d, causal);
+    p.q = qc.const_data_ptr();
+    p.k = kc.const_data_ptr();
+    p.v = vc.const_data_ptr();
+    p.mask = mc.const_data_ptr<bool>();
+    p.out = const_cast<void*>(oc.const_data_ptr());
+    p.lse = const_cast<float*>(lc.const_data_ptr<float>());
+    p.grad_out = gc.const_data_ptr();
+    p.grad_lse = glc.defined() ? glc.const_data_ptr<float>() : nullptr;
+    p.delta = delta.mutable_data_ptr<float>();
+    p.dq = want_dq ? dq.mutable_data_ptr() : nullptr;
+    p.dk = want_dkdv ? dk.mutable_data_ptr() : nullptr;
+    p.dv = want_dkdv ? dv.mutable_data_ptr() : nullptr;
+    cu::backward(kernel_dtype(q.scalar_type()), p, want_dq, want_dkdv, current_stream());
+  }
+  return {dq, output_mask[1] ? dk : at::empty({0}, k.options()), output_mask[2] ? dv : at::empty({0}, v.options())};
+}
+
+at::Tensor attn_block_pool_cuda(const at::Tensor& q, const at::Tensor& k, int64_t block_size, bool causal,
+                                std::optional<double> scale) {
+  constexpr const char* op = "attn_block_pool";
+  const Dims d = check_pool_args(op, q, k, block_size, scale);
+  check_cuda_dims(op, q, d);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto qc = q.contiguous(), kc = k.contiguous();
+  auto pool = at::zeros({d.B, d.Hq, d.Qb, d.Kb}, q.options().dtype(at::kFloat));
+  if (pool.numel() == 0) return pool;
+  cu::Params p = params_of(d, causal);
+  p.q = qc.const_data_ptr();
+  p.k = kc.const_data_ptr();
+  p.pool = pool.mutable_data_ptr<float>();
+  cu::block_pool(kernel_dtype(q.scalar_type()), p, current_stream());
+  return pool;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
+  m.impl("block_sparse_attn", &block_sparse_attn_cuda);
+  m.impl("block_sparse_attn_backward", &block_sparse_attn_backward_cuda);
+  m.impl("attn_block_pool", &attn_block_pool_cuda);
+}
+
+}  // namespace peftcore::sparse_attn

@@ -1,0 +1,4 @@
+// sparse_attn CUDA kernels instantiated for __half storage (see sparse_attn_instantiate.cuh).
+#include "sparse_attn/sparse_attn_instantiate.cuh"
+
+PEFTCORE_SPARSE_ATTN_INSTANTIATE(__half)

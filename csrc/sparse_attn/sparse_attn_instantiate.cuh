@@ -1,0 +1,107 @@
+// sparse_attn launchers per storage dtype T: grids, shared-memory sizes and the head-dim dispatch. Included by one
+// short .cu per dtype (sparse_attn_{f32,f16,bf16}.cu, which instantiate them; small compile units that build in
+// parallel); sparse_attn.cu picks the dtype.
+#pragma once
+#include "sparse_attn/sparse_attn_kernels.cuh"
+#include "sparse_attn/sparse_attn_launch.h"
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace peftcore::sparse_attn::cuda {
+
+template <typename T>
+void forward_t(const Params& p, cudaStream_t stream);
+template <typename T>
+void backward_t(const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream);
+template <typename T>
+void block_pool_t(const Params& p, cudaStream_t stream);
+
+namespace detail {
+
+namespace K = kernels;
+
+inline void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "sparse_attn", what); }
+
+template <typename F>
+void with_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default:
+      throw std::runtime_error("peftcore sparse_attn CUDA: head dim must be 64, 128 or 256, got " + std::to_string(D));
+  }
+}
+
+// x: (mask block, tile within it), y: head, z: batch; L is the tiled axis' length.
+inline dim3 grid_for(int64_t blocks, int64_t bs, int64_t L, int tile, int64_t heads, int64_t batch, const char* what) {
+  const int64_t x = blocks * K::tiles_per_block(bs, L, tile);
+  if (x > 0x7fffffff || heads > 65535 || batch > 65535)
+    throw std::runtime_error(std::string("peftcore sparse_attn CUDA: ") + what + ": grid too large");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+}
+
+template <typename Kern>
+void launch(Kern kern, dim3 grid, int smem, const Params& p, cudaStream_t stream, const char* what) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
+  kern<<<grid, K::kThreads, smem, stream>>>(p);
+  check_cuda(cudaGetLastError(), what);
+}
+
+}  // namespace detail
+
+template <typename T>
+void forward_t(const Params& p, cudaStream_t stream) {
+  using namespace detail;
+  with_head_dim(p.D, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    using C = K::Cfg<D>;
+    launch(K::forward_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "forward"), C::kFwdSmem, p, stream,
+           "forward launch");
+  });
+}
+
+template <typename T>
+void backward_t(const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream) {
+  using namespace detail;
+  with_head_dim(p.D, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    using C = K::Cfg<D>;
+    const int64_t rows = p.B * p.Hq * p.Lq;
+    if (rows > 0) {
+      const int64_t blocks = (rows + 7) / 8;
+      if (blocks > 0x7fffffff) throw std::runtime_error("peftcore sparse_attn CUDA: delta: grid too large");
+      K::delta_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+      check_cuda(cudaGetLastError(), "delta launch");
+    }
+    if (want_dq)
+      launch(K::backward_dq_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "dq"), C::kBwdSmem, p, stream,
+             "dq launch");
+    if (want_dkdv)
+      launch(K::backward_dkdv_kernel<T, D>, grid_for(p.Kb, p.bs, p.Lk, C::BN, p.Hkv, p.B, "dkdv"), C::kBwdSmem, p,
+             stream, "dkdv launch");
+  });
+}
+
+template <typename T>
+void block_pool_t(const Params& p, cudaStream_t stream) {
+  using namespace detail;
+  with_head_dim(p.D, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    using C = K::Cfg<D>;
+    launch(K::block_pool_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "block_pool"), C::kPoolSmem, p,
+           stream, "block_pool launch");
+  });
+}
+
+}  // namespace peftcore::sparse_attn::cuda
+
+#define PEFTCORE_SPARSE_ATTN_INSTANTIATE(T)                                                          \
+  namespace peftcore::sparse_attn::cuda {                                                            \
+  template void forward_t<T>(const Params&, cudaStream_t);                                           \
+  template void backward_t<T>(const Params&, bool, bool, cudaStream_t);                              \
+  template void block_pool_t<T>(const Params&, cudaStream_t);                                        \
+  }

@@ -1,0 +1,201 @@
+"""sparse_attn: block-sparse flash attention and the attention-map block pool (SeerAttention's gate target).
+
+Shapes: ``q [B, Hq, Lq, D]``, ``k`` and ``v [B, Hkv, Lk, D]`` with ``Hq`` a multiple of ``Hkv`` (grouped-query /
+multi-query attention: query head ``h`` uses key/value head ``h // (Hq // Hkv)``; k and v are never repeated).
+Both sequence axes are cut into blocks of ``block_size`` tokens (the last block may be partial):
+``Qb = ceil(Lq / block_size)``, ``Kb = ceil(Lk / block_size)``.
+
+* ``block_mask`` — bool ``[B or 1, Hq or 1, Qb, Kb]`` (broadcast over batch / heads): query block ``I`` attends to
+  key block ``J`` iff ``block_mask[..., I, J]``. Masked blocks are skipped entirely (no work, no memory).
+* ``causal`` — additionally hides key ``j`` from query ``i`` when ``j > i``: top-left aligned, exactly as
+  ``F.scaled_dot_product_attention(is_causal=True)`` (also for ``Lq != Lk``).
+* ``scale`` — defaults to ``1 / sqrt(D)``.
+
+The result equals dense attention with the token-level mask the block mask (and causal) implies. A query row that
+sees no key gets ``out = 0`` and ``lse = -inf`` (never NaN), and zero gradients. ``lse [B, Hq, Lq]`` is the
+log-sum-exp of the scaled scores over the visible keys, in float32 (float64 for float64 inputs); it is a
+differentiable output too.
+
+Dtypes: float16, bfloat16 and float32 on CPU and CUDA (CUDA: D in {64, 128, 256}), float64 on CPU (for
+gradcheck); softmax statistics and accumulation in float32 (float64 for float64).
+
+The backward (:func:`torch.ops.peftcore.block_sparse_attn_backward`) is flash style: P is recomputed tile by
+tile from q, k and lse; autograd saves q, k, v, out, lse and the block mask, nothing of size ``[Lq, Lk]``.
+dk / dv of a GQA group are summed over its query heads.
+
+FlexAttention's CSR form. ``torch.nn.attention.flex_attention.BlockMask`` keeps, per (batch, head, query block),
+``kv_num_blocks [B, H, Qb]`` int32 and ``kv_indices [B, H, Qb, Kb]`` int32 (the kept key blocks first, ascending).
+:func:`dense_to_csr` and :func:`csr_to_dense` convert both ways, and :func:`block_sparse_attn` accepts a dense
+mask, a ``(kv_num_blocks, kv_indices)`` pair or a ``BlockMask`` (its partial and full blocks together: only the
+block structure is used, its ``mask_mod`` is not applied inside blocks — pass ``causal=True`` for causal masks).
+
+:func:`attn_block_pool` returns ``[B, Hq, Qb, Kb]`` float32: entry ``[I, J]`` is the max, over the query rows of
+block ``I`` and the keys of block ``J``, of the (causal if asked) softmax attention map over all visible keys —
+SeerAttention's ground truth for its gate. Not differentiable (a training target).
+
+CPU kernels are tiled and parallel (BLAS GEMMs on [bs, D] tiles, online softmax); CUDA kernels are
+flash-attention-2 style (unverified on a GPU so far).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._common import same_device
+
+_lib = torch.ops.peftcore
+
+__all__ = [
+    "block_sparse_attn",
+    "attn_block_pool",
+    "dense_to_csr",
+    "csr_to_dense",
+    "block_mask_from_flex",
+]
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSR conversion (FlexAttention's BlockMask layout).
+
+
+def dense_to_csr(block_mask: torch.Tensor):
+    """Dense bool ``[B, H, Qb, Kb]`` -> ``(kv_num_blocks [B, H, Qb] int32, kv_indices [B, H, Qb, Kb] int32)``.
+
+    As FlexAttention orders them: per row the kept key blocks first, ascending, then the others (ignored).
+    """
+    torch._check(block_mask.dtype == torch.bool, lambda: f"dense_to_csr: block_mask must be bool, got {block_mask.dtype}")
+    torch._check(block_mask.dim() == 4, lambda: f"dense_to_csr: block_mask must be 4-D, got {tuple(block_mask.shape)}")
+    num = block_mask.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num, idx.contiguous()
+
+
+def csr_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_kv_blocks: Optional[int] = None):
+    """``(kv_num_blocks [B, H, Qb], kv_indices [B, H, Qb, n])`` -> dense bool ``[B, H, Qb, num_kv_blocks]``
+    (``num_kv_blocks`` defaults to ``kv_indices.shape[-1]``). Entries of ``kv_indices`` past ``kv_num_blocks`` are
+    ignored."""
+    torch._check(kv_indices.dim() == 4 and kv_num_blocks.shape == kv_indices.shape[:3],
+                 lambda: f"csr_to_dense: kv_num_blocks {tuple(kv_num_blocks.shape)} must be kv_indices "
+                         f"{tuple(kv_indices.shape)} without its last dim")
+    kb = kv_indices.shape[-1] if num_kv_blocks is None else int(num_kv_blocks)
+    pos = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
+    valid = pos < kv_num_blocks.unsqueeze(-1)
+    target = torch.where(valid, kv_indices.long(), kb)  # invalid slots go to a spill column
+    dense = torch.zeros((*kv_indices.shape[:3], kb + 1), dtype=torch.bool, device=kv_indices.device)
+    dense.scatter_(-1, target, True)
+    return dense[..., :kb].contiguous()
+
+
+def block_mask_from_flex(bm, block_size: Optional[int] = None) -> torch.Tensor:
+    """Dense bool block mask of a FlexAttention ``BlockMask``: its partial and full blocks together (the
+    ``mask_mod`` inside partial blocks is not represented). ``block_size`` must match the BlockMask's (square)."""
+    q_bs, kv_bs = bm.BLOCK_SIZE
+    torch._check(q_bs == kv_bs, lambda: f"block_sparse_attn: BlockMask must have square blocks, got {bm.BLOCK_SIZE}")
+    torch._check(block_size is None or block_size == q_bs,
+                 lambda: f"block_sparse_attn: block_size {block_size} differs from the BlockMask's {q_bs}")
+    kb = bm.kv_indices.shape[-1]
+    dense = csr_to_dense(bm.kv_num_blocks, bm.kv_indices, kb)
+    if bm.full_kv_num_blocks is not None:
+        dense = dense | csr_to_dense(bm.full_kv_num_blocks, bm.full_kv_indices, kb)
+    return dense
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documented wrappers (the ops themselves are torch.ops.peftcore.<name>).
+
+
+def block_sparse_attn(q, k, v, block_mask=None, block_size: Optional[int] = None, causal: bool = False,
+                      scale: Optional[float] = None, *, return_lse: bool = False):
+    """Block-sparse attention ``softmax(scale q k^T + mask) v``; see the module doc for shapes and semantics.
+
+    ``block_mask``: a dense bool ``[B|1, Hq|1, Qb, Kb]`` tensor, a ``(kv_num_blocks, kv_indices)`` CSR pair, a
+    FlexAttention ``BlockMask`` (then ``block_size`` defaults to its block size), or ``None`` (every block: dense
+    attention, causal if asked). ``block_size`` defaults to 64 for the other forms. Returns ``out`` (q's dtype)
+    or, with ``return_lse``, ``(out, lse)``.
+    """
+    if block_mask is not None and hasattr(block_mask, "kv_num_blocks") and hasattr(block_mask, "BLOCK_SIZE"):
+        block_size = block_size or block_mask.BLOCK_SIZE[0]
+        block_mask = block_mask_from_flex(block_mask, block_size)
+    block_size = 64 if block_size is None else int(block_size)
+    qb, kb = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
+    if block_mask is None:
+        block_mask = torch.ones((1, 1, qb, kb), dtype=torch.bool, device=q.device)
+    elif isinstance(block_mask, (tuple, list)):
+        block_mask = csr_to_dense(block_mask[0], block_mask[1], kb)
+    out, lse = _lib.block_sparse_attn(q, k, v, block_mask, block_size, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def attn_block_pool(q, k, block_size: int, causal: bool = False, scale: Optional[float] = None):
+    """``[B, Hq, ceil(Lq/bs), ceil(Lk/bs)]`` float32: per (query block, key block) the max of the (causal if asked)
+    softmax attention probabilities over the whole row of visible keys (SeerAttention's gate ground truth).
+    Computed flash style (two passes per query tile, no ``[Lq, Lk]`` buffer); not differentiable."""
+    return _lib.attn_block_pool(q, k, block_size, causal, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
+
+
+def _check_fake(op, q, k, v, block_size):
+    same_device(op, q, k=k, v=v)
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: f"{op}: q and k must be 4-D, got {tuple(q.shape)}, {tuple(k.shape)}")
+    torch._check(block_size > 0, lambda: f"{op}: block_size must be > 0, got {block_size}")
+    torch._check(q.shape[1] % k.shape[1] == 0,
+                 lambda: f"{op}: Hq % Hkv must be 0, got Hq = {q.shape[1]}, Hkv = {k.shape[1]}")
+
+
+@torch.library.register_fake("peftcore::block_sparse_attn")
+def _(q, k, v, block_mask, block_size, causal=False, scale=None):
+    _check_fake("block_sparse_attn", q, k, v, block_size)
+    same_device("block_sparse_attn", q, block_mask=block_mask)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=_stat_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("peftcore::block_sparse_attn_backward")
+def _(grad_out, grad_lse, q, k, v, out, lse, block_mask, block_size, causal, scale, output_mask):
+    _check_fake("block_sparse_attn_backward", q, k, v, block_size)
+    dq = q.new_empty(q.shape) if output_mask[0] else q.new_empty((0,))
+    dk = k.new_empty(k.shape) if output_mask[1] else k.new_empty((0,))
+    dv = v.new_empty(v.shape) if output_mask[2] else v.new_empty((0,))
+    return dq, dk, dv
+
+
+@torch.library.register_fake("peftcore::attn_block_pool")
+def _(q, k, block_size, causal=False, scale=None):
+    _check_fake("attn_block_pool", q, k, k, block_size)
+    qb = (q.shape[2] + block_size - 1) // block_size
+    kb = (k.shape[2] + block_size - 1) // block_size
+    return q.new_empty((q.shape[0], q.shape[1], qb, kb), dtype=_stat_dtype(q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: saves q, k, v, out, lse and the block mask; the backward is another op, so it traces too.
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, block_mask, block_size, causal, scale = inputs
+    out, lse = output
+    ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, block_mask)
+
+
+def _attn_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, block_mask = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _lib.block_sparse_attn_backward(grad_out, grad_lse, q, k, v, out, lse, block_mask, ctx.block_size,
+                                                 ctx.causal, ctx.scale, list(need))
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None)
+
+
+torch.library.register_autograd("peftcore::block_sparse_attn", _attn_backward, setup_context=_attn_setup)
