@@ -8,6 +8,13 @@
 //   I + R = 2 (I + S)^{-1}  =>  dL/dS = -1/2 (I + R)^T G (I + R)^T, so only R is saved;
 // Neumann R = sum_k c_k S^k: dL/dS = sum_k c_k H_k with H_1 = G, H_{k+1} = H_k S^T + (S^T)^k G.
 // dL/dA = (dL/dS - dL/dS^T) / 2 (S = (A - A^T) / 2).
+//
+// The BOFT chain on CPU is one fused pass per tile of tokens (boft_fused_*): the tile is gathered once from x into
+// a per-thread buffer in the accumulate type and stays there through all m factors — block products by the tile
+// GEMM of cpu_tiles.h, the permutation between factor i and i-1 folded into one composed index gather — then
+// scattered once into the output. The backward recomputes each factor's input inside the tile (only x is saved),
+// runs the gradient chain the same way, and accumulates the rotation gradients per thread (no atomics). The ATen
+// form (boft_forward / boft_backward: gathers + bmm) serves the CUDA glue.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_tiles.h"
 #include "dispatch.h"
 #include "orthogonal/orthogonal.h"
 
@@ -345,6 +353,153 @@ at::Tensor neumann_backward_cpu(const at::Tensor& grad, const at::Tensor& params
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// Fused BOFT chain (CPU). Factor i (applied for i = m-1 .. 0): y_i = cur[inv_i]; z_i = blockdiag(R_i) y_i;
+// cur = z_i[perm_i]. Between factors, y_{i-1}[j] = z_i[perm_i[inv_{i-1}[j]]]: one gather by fwd_comp[i].
+
+using namespace peftcore::cpu;
+
+struct BoftIndex {
+  int64_t m, d;
+  std::vector<int64_t> perm, inv, fwd_comp, bwd_comp;  // [m, d] each (comp rows unused at the ends)
+  explicit BoftIndex(const at::Tensor& p) : m(p.size(0)), d(p.size(1)) {
+    auto pc = p.contiguous();
+    const int64_t* pp = pc.const_data_ptr<int64_t>();
+    perm.assign(pp, pp + m * d);
+    inv.resize(m * d);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < d; ++j) inv[i * d + perm[i * d + j]] = j;
+    fwd_comp.assign(m * d, 0);
+    bwd_comp.assign(m * d, 0);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        if (i > 0) fwd_comp[i * d + j] = perm[i * d + inv[(i - 1) * d + j]];      // y_{i-1} from z_i
+        if (i + 1 < m) bwd_comp[i * d + j] = perm[i * d + inv[(i + 1) * d + j]];  // gz_{i+1} from gy_i
+      }
+  }
+  const int64_t* row(const std::vector<int64_t>& v, int64_t i) const { return v.data() + i * d; }
+};
+
+template <typename acc_t>
+void blockmm_tile(int64_t tb, int64_t d, int64_t nb, int64_t b, const acc_t* src, const acc_t* R, acc_t* dst) {
+  for (int64_t r = 0; r < nb; ++r) gemm(tb, b, b, src + r * b, d, R + r * b * b, b, dst + r * b, d, false);
+}
+
+template <typename acc_t>
+void gather_tile(int64_t tb, int64_t d, const acc_t* src, const int64_t* idx, acc_t* dst) {
+  for (int64_t t = 0; t < tb; ++t) {
+    const acc_t* s = src + t * d;
+    acc_t* o = dst + t * d;
+    for (int64_t j = 0; j < d; ++j) o[j] = s[idx[j]];
+  }
+}
+
+template <typename scalar_t>
+at::Tensor boft_fused_forward(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2), d = x.size(-1);
+  auto x2d = flat2d(x);
+  const int64_t T = x2d.size(0);
+  auto y = at::empty({T, d}, x.options());
+  if (T == 0 || d == 0) return y.view(x.sizes());
+  // PEFT casts the rotations to the input's dtype before the products; then everything accumulates in acc_t.
+  at::Tensor R = rotations.to(x.scalar_type()).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* Rp = R.const_data_ptr<acc_t>();
+  const BoftIndex ix(perm);
+  const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t TB = tile_tokens(2 * d, sizeof(acc_t));
+  at::parallel_for(0, (T + TB - 1) / TB, 1, [&](int64_t t0b, int64_t t1b) {
+    std::vector<acc_t> A(TB * d), B(TB * d);
+    for (int64_t tile = t0b; tile < t1b; ++tile) {
+      const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+      const int64_t* inv = ix.row(ix.inv, m - 1);
+      for (int64_t t = 0; t < tb; ++t)
+        for (int64_t j = 0; j < d; ++j) B[t * d + j] = static_cast<acc_t>(xp[(t0 + t) * d + inv[j]]);
+      for (int64_t i = m - 1; i >= 0; --i) {
+        blockmm_tile(tb, d, nb, b, B.data(), Rp + i * nb * b * b, A.data());
+        if (i > 0) {
+          gather_tile(tb, d, A.data(), ix.row(ix.fwd_comp, i), B.data());
+        } else {
+          const int64_t* p0 = ix.row(ix.perm, 0);
+          for (int64_t t = 0; t < tb; ++t)
+            for (int64_t j = 0; j < d; ++j) yp[(t0 + t) * d + j] = static_cast<scalar_t>(A[t * d + p0[j]]);
+        }
+      }
+    }
+  });
+  return y.view(x.sizes());
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> boft_fused_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                       const at::Tensor& rotations, const at::Tensor& perm,
+                                                       std::array<bool, 2> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2), d = x.size(-1);
+  auto x2d = flat2d(x), g2d = flat2d(grad_out);
+  const int64_t T = x2d.size(0);
+  at::Tensor gx = mask[0] ? at::empty({T, d}, x.options()) : at::Tensor();
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor R = rotations.to(x.scalar_type()).to(acc_type).contiguous();
+  at::Tensor RT = R.transpose(-1, -2).contiguous();
+  const acc_t* Rp = R.const_data_ptr<acc_t>();
+  const acc_t* RTp = RT.const_data_ptr<acc_t>();
+  const BoftIndex ix(perm);
+  const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g2d.const_data_ptr<scalar_t>();
+  scalar_t* gxp = mask[0] ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t bb = b * b;
+  ThreadAccum<acc_t> grot(mask[1] ? m * nb * bb : 0);
+  const int64_t TB = tile_tokens((mask[1] ? m + 2 : 2) * d, sizeof(acc_t));
+  if (T > 0 && d > 0 && (mask[0] || mask[1])) {
+    at::parallel_for(0, (T + TB - 1) / TB, 1, [&](int64_t t0b, int64_t t1b) {
+      std::vector<acc_t> Y(mask[1] ? m * TB * d : 0), A(TB * d), G(TB * d), yt(mask[1] ? b * TB : 0);
+      acc_t* gr = mask[1] ? grot.mine() : nullptr;
+      for (int64_t tile = t0b; tile < t1b; ++tile) {
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        if (mask[1]) {  // recompute every factor's input y_i inside the tile
+          const int64_t* inv = ix.row(ix.inv, m - 1);
+          acc_t* y0 = Y.data() + (m - 1) * TB * d;
+          for (int64_t t = 0; t < tb; ++t)
+            for (int64_t j = 0; j < d; ++j) y0[t * d + j] = static_cast<acc_t>(xp[(t0 + t) * d + inv[j]]);
+          for (int64_t i = m - 1; i > 0; --i) {
+            blockmm_tile(tb, d, nb, b, Y.data() + i * TB * d, Rp + i * nb * bb, A.data());
+            gather_tile(tb, d, A.data(), ix.row(ix.fwd_comp, i), Y.data() + (i - 1) * TB * d);
+          }
+        }
+        // gz_0 = g[inv_0]
+        const int64_t* inv0 = ix.row(ix.inv, 0);
+        for (int64_t t = 0; t < tb; ++t)
+          for (int64_t j = 0; j < d; ++j) G[t * d + j] = static_cast<acc_t>(gp[(t0 + t) * d + inv0[j]]);
+        for (int64_t i = 0; i < m; ++i) {
+          if (mask[1]) {  // grot_i[r] += y_i[:, r]^T gz[:, r]
+            const acc_t* yi = Y.data() + i * TB * d;
+            for (int64_t r = 0; r < nb; ++r) {
+              for (int64_t t = 0; t < tb; ++t)
+                for (int64_t k = 0; k < b; ++k) yt[k * tb + t] = yi[t * d + r * b + k];
+              gemm(b, b, tb, yt.data(), tb, G.data() + r * b, d, gr + (i * nb + r) * bb, b, true);
+            }
+          }
+          const bool last = i + 1 == m;
+          if (last && !mask[0]) break;
+          blockmm_tile(tb, d, nb, b, G.data(), RTp + i * nb * bb, A.data());  // gy_i = gz_i @ R_i^T per block
+          if (!last) {
+            gather_tile(tb, d, A.data(), ix.row(ix.bwd_comp, i), G.data());  // gz_{i+1}
+          } else {
+            const int64_t* pl = ix.row(ix.perm, i);  // gx = gy_{m-1}[perm_{m-1}]
+            for (int64_t t = 0; t < tb; ++t)
+              for (int64_t j = 0; j < d; ++j) gxp[(t0 + t) * d + j] = static_cast<scalar_t>(A[t * d + pl[j]]);
+          }
+        }
+      }
+    });
+  }
+  auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  at::Tensor gr = mask[1] ? grot.reduce(rotations.sizes(), rotations.scalar_type()) : at::Tensor();
+  return {mask[0] ? gx.view(x.sizes()) : empty(x), mask[1] ? gr : empty(rotations)};
+}
+
 at::Tensor boft_apply_cpu(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm) {
   constexpr const char* op = "orthogonal_boft_apply";
   check_cpu(op, "x", x);
@@ -355,7 +510,9 @@ at::Tensor boft_apply_cpu(const at::Tensor& x, const at::Tensor& rotations, cons
     const bool ok = sorted.eq(at::arange(perm.size(1), perm.options())).all().item<bool>();
     TORCH_CHECK(ok, op, ": every row of perm must be a permutation of [0, ", perm.size(1), ")");
   }
-  return boft_forward(x, rotations, perm);
+  at::Tensor y;
+  PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] { y = boft_fused_forward<scalar_t>(x, rotations, perm); });
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> boft_apply_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
@@ -367,7 +524,10 @@ std::tuple<at::Tensor, at::Tensor> boft_apply_backward_cpu(const at::Tensor& gra
   check_same_dtype(op, "grad_out", grad_out, x, "x");
   TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(), ", got ",
               grad_out.sizes());
-  return boft_backward(grad_out, x, rotations, perm, mask);
+  std::tuple<at::Tensor, at::Tensor> out;
+  PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op,
+                             [&] { out = boft_fused_backward<scalar_t>(grad_out, x, rotations, perm, mask); });
+  return out;
 }
 
 }  // namespace
