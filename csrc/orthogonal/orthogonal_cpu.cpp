@@ -180,13 +180,17 @@ void gauss_jordan_solve(acc_t* M, acc_t* X, int64_t b) {
 // C = A @ B (trans_a: A^T, trans_b: B^T), b x b.
 template <typename acc_t>
 void matmul(const acc_t* A, const acc_t* B, acc_t* C, int64_t b, bool trans_a, bool trans_b) {
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < b; ++j) {
-      acc_t s = 0;
-      for (int64_t k = 0; k < b; ++k)
-        s += (trans_a ? A[k * b + i] : A[i * b + k]) * (trans_b ? B[j * b + k] : B[k * b + j]);
-      C[i * b + j] = s;
-    }
+  // Transposed operands are copied to a per-thread scratch, then the register-blocked tile GEMM of cpu_tiles.h.
+  thread_local std::vector<acc_t> scratch;
+  if (trans_a || trans_b) scratch.resize(2 * b * b);
+  auto transposed = [&](const acc_t* M, acc_t* out) {
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t j = 0; j < b; ++j) out[j * b + i] = M[i * b + j];
+    return out;
+  };
+  const acc_t* a = trans_a ? transposed(A, scratch.data()) : A;
+  const acc_t* bm = trans_b ? transposed(B, scratch.data() + b * b) : B;
+  peftcore::cpu::gemm(b, b, b, a, b, bm, b, C, b, false);
 }
 
 template <typename scalar_t, typename acc_t>
