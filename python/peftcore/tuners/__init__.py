@@ -28,6 +28,18 @@ from .monarch import MonarchConfig, MonarchLinear  # noqa: F401,E402
 from .oft import OFTConfig, OFTLinear  # noqa: F401,E402
 from .boft import BOFTConfig, BOFTLinear  # noqa: F401,E402
 from .miss import MissConfig, MissLinear  # noqa: F401,E402
+from .seer_attn import (  # noqa: F401,E402
+    AttnGate,
+    SeerAttnConfig,
+    apply_seer_attention,
+    load_seer_gates,
+    remove_seer_attention,
+    save_seer_gates,
+    seer_gate_parameters,
+    seer_loss,
+    seer_sparsity,
+    set_seer_mode,
+)
 from ._adapters import (  # noqa: F401,E402
     adapter_layers,
     adapter_state,
