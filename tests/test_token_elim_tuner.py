@@ -142,3 +142,27 @@ def test_half_keep_ratio_saves_at_least_1_6x_less_in_eliminating_layers():
     assert apply_token_elim(model, cfg) == chosen
     elim = _saved_activation_bytes(model, ids, chosen)
     assert dense / elim >= 1.6, (dense, elim)
+
+
+def test_composes_with_peftcore_sparse_delta(gather_calls):
+    """peftcore's own PEFT modules on q_proj / v_proj (and the MLP, which then runs unchanged) train through the
+    eliminating layers; at keep ratio 1.0 the logits equal the same adapted model's without elimination."""
+    from peftcore.tuners import SparseDeltaConfig, apply_sparse_delta
+
+    model = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "up_proj"],
+                                                               density=0.05))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 97, (1, 96))
+    ref = model(input_ids=ids).logits.detach()
+    apply_token_elim(model, TokenElimConfig(keep_ratio=1.0, block_size=16, dense_first=1, dense_last=0))
+    torch.testing.assert_close(model(input_ids=ids).logits.detach(), ref, atol=0, rtol=0)
+    remove_token_elim(model)
+    apply_token_elim(model, TokenElimConfig(keep_ratio=0.5, block_size=16, dense_first=1, dense_last=0))
+    calls = gather_calls[0]
+    loss = model(input_ids=ids, labels=ids).loss
+    assert gather_calls[0] > calls and torch.isfinite(loss)
+    loss.backward()
+    trained = [p.grad for p in model.parameters() if p.requires_grad]
+    assert trained and all(g is not None and torch.isfinite(g).all() for g in trained)
