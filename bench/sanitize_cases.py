@@ -1,4 +1,4 @@
-"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal, sparse_attn), on small shapes, for
+"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal, sparse_attn, token_elim), on small shapes, for
 compute-sanitizer runs on a GPU machine (memcheck over everything; racecheck over the attention kernels:
 PEFTCORE_SANITIZE_ONLY=sparse_attn; PEFTCORE_SANITIZE_ONLY=sparse_delta or =structured for the others alone).
 
@@ -287,6 +287,32 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
         vs_cpu(f"orthogonal_boft_apply T={T} d={d} m={m}", ops.orthogonal_boft_apply, (x, rot, perm), dtype)
         vs_cpu(f"orthogonal_boft_apply_backward T={T} d={d} m={m}", ops.orthogonal_boft_apply_backward,
                (rnd(T, d, dtype=dtype, seed=13), x, rot, perm, [True, True]), dtype)
+
+# token_elim: kept-token gather / scatter-add (token tails, 4-D rows, K = 0), the partial-save MLP with a given
+# channel set (forward, backward with and without the kept pre-activations' own grads), the block scores.
+for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else ():
+    for B, L, F, K in [(2, 37, 24, 11), (1, 300, 260, 128), (2, 8, 5, 0)]:
+        x = rnd(B, L, F, dtype=dtype, seed=20)
+        keep = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(b))[:K].sort().values
+                            for b in range(B)])
+        vs_cpu(f"token_gather B={B} L={L} K={K}", ops.token_gather, (x, keep), dtype)
+        vs_cpu(f"token_scatter_add B={B} L={L} K={K}", ops.token_scatter_add,
+               (x, rnd(B, K, F, dtype=dtype, seed=21), keep), dtype)
+    for T, H, I, C in [(19, 24, 40, 13), (130, 64, 300, 150), (0, 8, 16, 4)]:
+        x = rnd(T, H, dtype=dtype, seed=22)
+        wg, wu = rnd(I, H, dtype=dtype, seed=23, scale=H ** -0.5), rnd(I, H, dtype=dtype, seed=24, scale=H ** -0.5)
+        wd = rnd(H, I, dtype=dtype, seed=25, scale=I ** -0.5)
+        ci = torch.randperm(I, generator=torch.Generator().manual_seed(26))[:C].sort().values
+        vs_cpu(f"token_mlp_partial_save T={T} I={I} C={C}", lambda *a: ops.token_mlp_partial_save(*a)[:3],
+               (x, wg, wu, wd, C, ci), dtype)
+        gk, uk = (rnd(T, C, dtype=dtype, seed=27), rnd(T, C, dtype=dtype, seed=28))
+        gy = rnd(T, H, dtype=dtype, seed=29)
+        vs_cpu(f"token_mlp_partial_save_backward T={T} C={C}", ops.token_mlp_partial_save_backward,
+               (gy, gk, uk, ci, wg, wu, wd), dtype)
+        vs_cpu(f"token_mlp_partial_save_backward(+grads) T={T} C={C}", ops.token_mlp_partial_save_backward,
+               (gy, gk, uk, ci, wg, wu, wd, rnd(T, C, dtype=dtype, seed=30), rnd(T, C, dtype=dtype, seed=31)), dtype)
+    q, k = rnd(2, 4, 200, 64, dtype=dtype, seed=32), rnd(2, 2, 200, 64, dtype=dtype, seed=33)
+    vs_cpu("token_block_scores", ops.token_block_scores, (q, k, 64, True, None), dtype)
 
 if dev == "cuda":
     torch.cuda.synchronize()

@@ -75,6 +75,17 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("block_sparse_attn_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor block_mask, int block_size, bool causal, float? scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // [B, Hq, Qb, Kb] fp32: max over each (query block, key block) tile of the full (causal if asked) softmax map (SeerAttention's gate target).
   m.def("attn_block_pool(Tensor q, Tensor k, int block_size, bool causal=False, float? scale=None) -> Tensor");
+  // ---- token_elim: LeMo / Jenga token elimination (x [B, L, *], keep_index [B, K] int64, rows sorted unique; K static) ----
+  // x[b, keep_index[b, j]] for every kept j: [B, K, *]. Backward: token_scatter_add into zeros.
+  m.def("token_gather(Tensor x, Tensor keep_index) -> Tensor");
+  // residual + src [B, K, *] added at the kept rows (out of place): dropped tokens ride the residual. Backward: (grad, token_gather(grad)).
+  m.def("token_scatter_add(Tensor residual, Tensor src, Tensor keep_index) -> Tensor");
+  // [B, Kb] fp32: attention each key block receives, attn_block_pool's map summed over heads and query blocks (no [L, L] buffer).
+  m.def("token_block_scores(Tensor q, Tensor k, int block_size, bool causal=True, float? scale=None) -> Tensor");
+  // Frozen LlamaMLP (silu(x Wg^T) * x Wu^T) Wd^T, full forward; returns (y, gate_kept, up_kept, channel_index): the c kept channels' pre-activations (top-c by sum |act| unless channel_index is given).
+  m.def("token_mlp_partial_save(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, int keep_channels, Tensor? channel_index=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of token_mlp_partial_save: grad_x through the kept channels only (+ the grads of gate_kept / up_kept when given).
+  m.def("token_mlp_partial_save_backward(Tensor grad_y, Tensor gate_kept, Tensor up_kept, Tensor channel_index, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? grad_gate_kept=None, Tensor? grad_up_kept=None) -> Tensor");
 }
 
 namespace {

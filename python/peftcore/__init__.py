@@ -41,6 +41,13 @@ from .ops.sparse_delta import (  # noqa: F401
     sparse_delta_topk_grad,
     sparse_delta_validate,
 )
+from .ops.token_elim import (  # noqa: F401
+    token_block_scores,
+    token_gather,
+    token_mlp_partial_save,
+    token_scatter_add,
+    token_topk_blocks,
+)
 
 __version__ = "0.1.0"
 

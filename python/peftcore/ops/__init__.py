@@ -5,3 +5,4 @@ from . import orthogonal  # noqa: F401
 from . import partial  # noqa: F401
 from . import sparse_attn  # noqa: F401
 from . import sparse_delta  # noqa: F401
+from . import token_elim  # noqa: F401

@@ -51,3 +51,4 @@ from ._adapters import (  # noqa: F401,E402
     unload_adapter,
     unmerge_adapter,
 )
+from .token_elim import TokenElimConfig, apply_token_elim, remove_token_elim  # noqa: F401,E402

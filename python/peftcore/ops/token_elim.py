@@ -1,0 +1,204 @@
+"""token_elim: LeMo / Jenga token elimination — only informative tokens go through a layer's attention block.
+
+Ops (``torch.ops.peftcore.*``; CPU and CUDA kernels, fake kernels, autograd):
+
+* :func:`token_gather` ``(x [B, L, *], keep_index [B, K]) -> [B, K, *]`` — the kept tokens' rows.
+* :func:`token_scatter_add` ``(residual [B, L, *], src [B, K, *], keep_index) -> residual`` with ``src`` added at
+  the kept rows (out of place): the attention result goes back into the residual stream, dropped tokens ride the
+  residual unchanged. The two are each other's adjoint: ``token_gather``'s backward is ``token_scatter_add`` into
+  zeros, ``token_scatter_add``'s is ``(grad, token_gather(grad))``.
+* :func:`token_block_scores` ``(q [B, H, L, D], k, block_size, causal, scale) -> [B, Kb]`` float32 — the
+  attention each key block receives: ``attn_block_pool``'s block max-pooled softmax map (sparse_attn family,
+  flash style, no ``[L, L]`` buffer) summed over heads and query blocks ("column sums of the pooled map").
+  Not differentiable (a selection signal).
+* :func:`token_mlp_partial_save` — a frozen LlamaMLP ``down(silu(gate(x)) * up(x))`` whose forward is exact and
+  whose backward keeps only ``c`` intermediate channels: autograd saves the gate / up pre-activations of those
+  channels (``2 c`` values per token instead of the ``3 I`` a plain MLP with frozen weights saves) and the
+  gradient to ``x`` flows through them only — LeMo's approximation, ``dL/dx`` restricted to the kept channels.
+  The channels are ``channel_index`` when given, else the ``c`` largest by ``sum_t |silu(g) u|`` over the call's
+  tokens.
+
+keep_index: int64 ``[B, K]``, each row sorted ascending and unique, in ``[0, L)``. **K is static**: it is
+``keep_index.shape[1]``, fixed by the keep ratio and the sequence length (:func:`token_topk_blocks` always returns
+``keep_blocks`` whole blocks), so every output size follows from input shapes; the fake kernels have no
+data-dependent sizes, torch.compile needs no unbacked symbols, CUDA needs no host sync. Sorted rows mean plain
+causal attention over the kept sequence is causal over the original positions. The CPU ops validate
+``keep_index``; the CUDA ops do not read it on the host (entries outside ``[0, L)`` are skipped).
+
+Selection (:func:`token_topk_blocks`) is a Python helper: ``torch.topk`` over block scores, the first / last
+block forced in, then the kept blocks' token indices in order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._common import same_device
+
+_lib = torch.ops.peftcore
+
+__all__ = [
+    "token_gather",
+    "token_scatter_add",
+    "token_block_scores",
+    "token_topk_blocks",
+    "token_mlp_partial_save",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documented wrappers.
+
+
+def token_gather(x, keep_index):
+    """``x[b, keep_index[b]]`` for ``x [B, L, *]``, ``keep_index [B, K]`` -> ``[B, K, *]`` (differentiable)."""
+    return _lib.token_gather(x, keep_index)
+
+
+def token_scatter_add(residual, src, keep_index):
+    """``residual`` with ``src [B, K, *]`` added at the rows ``keep_index`` (out of place, differentiable)."""
+    return _lib.token_scatter_add(residual, src, keep_index)
+
+
+def token_block_scores(q, k, block_size: int = 64, causal: bool = True, scale: Optional[float] = None):
+    """``[B, ceil(L / block_size)]`` float32: the attention each key block receives (see the module doc)."""
+    return _lib.token_block_scores(q, k, block_size, causal, scale)
+
+
+def token_topk_blocks(scores, keep_blocks: int, block_size: int, seq_len: int, always_keep_first: bool = True,
+                      always_keep_last: bool = True):
+    """Sorted ``keep_index [B, K]`` (int64) of the ``keep_blocks`` best-scoring blocks' tokens.
+
+    ``scores [B, Kb]`` from :func:`token_block_scores`. The first / last block are kept when asked (LeMo keeps
+    the attention sink and the most recent tokens). A partial last block (``seq_len % block_size != 0``) is
+    either forced in (``always_keep_last``) or never picked, so ``K`` is static:
+    ``K = sum of the kept blocks' lengths``, known from the arguments alone.
+    """
+    nb = scores.shape[-1]
+    torch._check(nb == -(-seq_len // block_size),
+                 lambda: f"token_topk_blocks: scores has {nb} blocks, seq_len {seq_len} / block_size {block_size} needs "
+                         f"{-(-seq_len // block_size)}")
+    keep_blocks = max(1, min(int(keep_blocks), nb))
+    s = scores.to(torch.float32).clone()
+    tail = seq_len - (nb - 1) * block_size
+    if always_keep_first:
+        s[:, 0] = float("inf")
+    if tail != block_size or always_keep_last:
+        # the partial last block: forced in (keep_last) or out, so every kept set has the same token count
+        s[:, -1] = float("inf") if always_keep_last else float("-inf")
+        if not always_keep_last:
+            keep_blocks = min(keep_blocks, nb - 1)
+    blocks = torch.topk(s, keep_blocks, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, kb]
+    tok = blocks.unsqueeze(-1) * block_size + torch.arange(block_size, device=scores.device)  # [B, kb, bs]
+    tok = tok.flatten(1)
+    if tail != block_size and always_keep_last:
+        tok = tok[:, : tok.shape[1] - (block_size - tail)]  # the last kept block is the partial one (sorted)
+    return tok.contiguous()
+
+
+def token_mlp_partial_save(x, w_gate, w_up, w_down, keep_channels: int, channel_index=None):
+    """``down(silu(x w_gate^T) * (x w_up^T))`` with only ``keep_channels`` intermediate channels saved for
+    backward (frozen weights; see the module doc). Returns ``y``."""
+    return _lib.token_mlp_partial_save(x, w_gate, w_up, w_down, int(keep_channels), channel_index)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake kernels.
+
+
+def _check_tokens(op, x, keep_index):
+    same_device(op, x, keep_index=keep_index)
+    torch._check(x.dim() >= 2, lambda: f"{op}: x must be [B, L, ...], got {tuple(x.shape)}")
+    torch._check(keep_index.dim() == 2 and keep_index.shape[0] == x.shape[0],
+                 lambda: f"{op}: keep_index must be [B, K] with B = {x.shape[0]}, got {tuple(keep_index.shape)}")
+
+
+@torch.library.register_fake("peftcore::token_gather")
+def _(x, keep_index):
+    _check_tokens("token_gather", x, keep_index)
+    return x.new_empty((x.shape[0], keep_index.shape[1], *x.shape[2:]))
+
+
+@torch.library.register_fake("peftcore::token_scatter_add")
+def _(residual, src, keep_index):
+    _check_tokens("token_scatter_add", residual, keep_index)
+    same_device("token_scatter_add", residual, src=src)
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("peftcore::token_block_scores")
+def _(q, k, block_size, causal=True, scale=None):
+    same_device("token_block_scores", q, k=k)
+    torch._check(block_size > 0, lambda: f"token_block_scores: block_size must be > 0, got {block_size}")
+    kb = (k.shape[2] + block_size - 1) // block_size
+    return q.new_empty((q.shape[0], kb), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.register_fake("peftcore::token_mlp_partial_save")
+def _(x, w_gate, w_up, w_down, keep_channels, channel_index=None):
+    same_device("token_mlp_partial_save", x, w_gate=w_gate, w_up=w_up, w_down=w_down, channel_index=channel_index)
+    y = x.new_empty((*x.shape[:-1], w_down.shape[0]))
+    kept = x.new_empty((*x.shape[:-1], keep_channels))
+    return y, kept, torch.empty_like(kept), x.new_empty((keep_channels,), dtype=torch.long)
+
+
+@torch.library.register_fake("peftcore::token_mlp_partial_save_backward")
+def _(grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down, grad_gate_kept=None, grad_up_kept=None):
+    return grad_y.new_empty((*grad_y.shape[:-1], w_gate.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd (each backward is a peftcore op, so it traces under torch.compile).
+
+
+def _gather_setup(ctx, inputs, output):
+    x, keep_index = inputs
+    ctx.save_for_backward(keep_index)
+    ctx.x_shape = x.shape
+
+
+def _gather_backward(ctx, grad):
+    (keep_index,) = ctx.saved_tensors
+    zeros = grad.new_zeros(ctx.x_shape)
+    return _lib.token_scatter_add(zeros, grad, keep_index), None
+
+
+torch.library.register_autograd("peftcore::token_gather", _gather_backward, setup_context=_gather_setup)
+
+
+def _scatter_setup(ctx, inputs, output):
+    residual, src, keep_index = inputs
+    ctx.save_for_backward(keep_index)
+
+
+def _scatter_backward(ctx, grad):
+    (keep_index,) = ctx.saved_tensors
+    need_r, need_s = ctx.needs_input_grad[:2]
+    return (grad if need_r else None, _lib.token_gather(grad, keep_index) if need_s else None, None)
+
+
+torch.library.register_autograd("peftcore::token_scatter_add", _scatter_backward, setup_context=_scatter_setup)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w_gate, w_up, w_down, keep_channels, channel_index = inputs
+    _, gate_kept, up_kept, idx = output
+    ctx.save_for_backward(gate_kept, up_kept, idx, w_gate, w_up, w_down)
+
+
+def _mlp_backward(ctx, grad_y, grad_gate_kept, grad_up_kept, _grad_idx):
+    gate_kept, up_kept, idx, w_gate, w_up, w_down = ctx.saved_tensors
+    if any(ctx.needs_input_grad[1:4]):
+        raise RuntimeError("token_mlp_partial_save: the MLP weights must be frozen (no weight gradients: "
+                           "only the kept channels' pre-activations are saved, not x)")
+    gx = None
+    if ctx.needs_input_grad[0]:
+        if grad_y is None:
+            grad_y = gate_kept.new_zeros((*gate_kept.shape[:-1], w_down.shape[0]))
+        gx = _lib.token_mlp_partial_save_backward(grad_y, gate_kept, up_kept, idx, w_gate, w_up, w_down,
+                                                  grad_gate_kept, grad_up_kept)
+    return gx, None, None, None, None, None
+
+
+torch.library.register_autograd("peftcore::token_mlp_partial_save", _mlp_backward, setup_context=_mlp_setup)
