@@ -143,10 +143,11 @@ test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES
 @pytest.mark.parametrize("k,q,p,l,s,r,T", [(4, 64, 64, 4, 64, 64, 300), (16, 64, 64, 16, 64, 64, 130),
                                            (32, 32, 32, 32, 32, 32, 257), (4, 160, 130, 5, 90, 128, 70),
                                            (2, 128, 128, 2, 128, 128, 40), (2, 384, 384, 2, 384, 384, 20),
-                                           (2, 150, 128, 4, 220, 75, 33)])
+                                           (2, 150, 128, 4, 220, 75, 33), (9, 128, 128, 9, 128, 128, 21)])
 def test_monarch_equals_two_bmm_float32(k, q, p, l, s, r, T):
-    """Larger shapes than the suite (micro-kernel and BLAS-on-tile forward, token tails, and at 128x128 blocks the
-    batched-GEMM backward): the fused op equals fly's two-bmm form, forward and every gradient."""
+    """Larger shapes than the suite (micro-kernel and BLAS-on-tile forward, token tails, at 128x128 blocks the
+    batched-GEMM backward, and the batched-GEMM forward when wide features leave small token tiles): the fused op
+    equals fly's two-bmm form, forward and every gradient."""
     x = _randn((T, k * p), torch.float32, "cpu", 1)
     w1 = _randn((k, q, p), torch.float32, "cpu", 2, scale=p ** -0.5)
     w2 = _randn((l, s, r), torch.float32, "cpu", 3, scale=r ** -0.5)
