@@ -8,7 +8,20 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_dtype.h"
+
 namespace peftcore::cuda_common {
+
+// f(static_cast<T*>(nullptr)) with T the storage type of d (a tag: the lambda takes `auto tag`).
+template <typename F>
+void dispatch_dtype(CudaDType d, F&& f) {
+  switch (d) {
+    case CudaDType::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case CudaDType::kFloat16: f(static_cast<__half*>(nullptr)); break;
+    case CudaDType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: throw std::runtime_error("peftcore CUDA: unsupported dtype");
+  }
+}
 
 // Loads convert to fp32, stores round once (round-to-nearest-even).
 template <typename T>

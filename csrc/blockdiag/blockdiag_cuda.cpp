@@ -20,14 +20,7 @@ namespace {
 
 namespace cu = peftcore::blockdiag::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "blockdiag: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("blockdiag", t); }
 
 at::Tensor empty_like_none(const at::Tensor& like) { return at::empty({0}, like.options()); }
 

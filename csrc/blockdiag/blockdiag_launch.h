@@ -1,12 +1,13 @@
 // blockdiag CUDA launchers: plain C++ (no torch headers), implemented in blockdiag.cu.
 // Layouts: x [tokens, k*p], y [tokens, l*s] row-major contiguous; w1 [k, q, p], w2 [l, s, r] contiguous.
 #pragma once
+#include "cuda_dtype.h"
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
 namespace peftcore::blockdiag::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::peftcore::CudaDType;
 
 // Fused Monarch forward (see blockdiag_kernels.cuh). Returns false, launching nothing, when one token's input
 // and intermediate ((k*p + k*q) floats) do not fit in the device's shared memory; the caller then falls back.

@@ -14,14 +14,7 @@ namespace {
 
 namespace cu = peftcore::miss::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "miss: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("miss", t); }
 
 at::Tensor miss_fold_cuda(const at::Tensor& x, int64_t r) {
   constexpr const char* op = "miss_fold";

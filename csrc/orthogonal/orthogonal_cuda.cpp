@@ -20,14 +20,7 @@ namespace {
 
 namespace cu = peftcore::orthogonal::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "orthogonal: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("orthogonal", t); }
 
 void check_block(const char* op, const at::Tensor& p) {
   TORCH_CHECK(p.size(1) <= cu::kMaxBlock, op, ": block size must be <= ", cu::kMaxBlock, " on CUDA, got ",

@@ -1,12 +1,13 @@
 // orthogonal CUDA launchers: plain C++ (no torch headers), implemented in orthogonal.cu.
 // Layouts: nb row-major b x b blocks, contiguous ([nb, b, b]); one CUDA block per matrix, fp32 math in smem.
 #pragma once
+#include "cuda_dtype.h"
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
 namespace peftcore::orthogonal::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::peftcore::CudaDType;
 
 // Largest block size the shared-memory kernels take (6 fp32 tiles of 64 x 64 = 96 KiB, opted in per kernel).
 constexpr int64_t kMaxBlock = 64;

@@ -21,14 +21,7 @@ namespace {
 
 namespace cu = peftcore::partial::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "partial: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("partial", t); }
 
 
 at::Tensor gather_cuda_kernel(const at::Tensor& x2d, const at::Tensor& index) {

@@ -2,12 +2,13 @@
 // Layouts: activations row-major [tokens, features] with row stride ld; index [k] int64 (entries outside
 // [0, features) are skipped: a gathered element reads 0, a scattered one is dropped).
 #pragma once
+#include "cuda_dtype.h"
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
 namespace peftcore::partial::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::peftcore::CudaDType;
 
 // out[t, j] = x[t * ldx + index[j]]; out [tokens, k] contiguous.
 void gather(DType dtype, const void* x, int64_t ldx, int64_t features, const int64_t* index, int64_t k, void* out,

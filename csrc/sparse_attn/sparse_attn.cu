@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "sparse_attn/sparse_attn_launch.h"
 
 namespace peftcore::sparse_attn::cuda {
@@ -19,15 +20,7 @@ void block_pool_t(const Params& p, cudaStream_t stream);
 
 namespace {
 
-template <typename F>
-void dispatch_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw std::runtime_error("peftcore sparse_attn CUDA: unsupported dtype");
-  }
-}
+using cuda_common::dispatch_dtype;
 
 }  // namespace
 

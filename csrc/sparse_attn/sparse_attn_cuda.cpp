@@ -19,14 +19,7 @@ namespace {
 
 namespace cu = peftcore::sparse_attn::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "sparse_attn: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("sparse_attn", t); }
 
 void check_cuda_dims(const char* op, const at::Tensor& q, const Dims& d) {
   check_cuda_activation(op, "q", q);

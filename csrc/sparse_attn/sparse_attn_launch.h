@@ -4,12 +4,13 @@
 // dtype; block_mask bool [mask_b, mask_h, Qb, Kb]; lse / delta / grad_lse float32 [B, Hq, Lq]; pool float32
 // [B, Hq, Qb, Kb]. D must be 64, 128 or 256.
 #pragma once
+#include "cuda_dtype.h"
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
 namespace peftcore::sparse_attn::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::peftcore::CudaDType;
 
 // Every kernel argument in one struct (FlashAttention style); pointers a call does not use stay null.
 struct Params {

@@ -55,15 +55,7 @@ int pow2_tokens(int64_t tokens) {  // smallest tile >= tokens (16 when more)
 }
 int smaller_tt(int tt) { return tt == 4 ? 1 : tt / 2; }
 
-template <typename F>
-void dispatch_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw std::runtime_error("peftcore sparse_delta CUDA: unsupported dtype");
-  }
-}
+using cuda_common::dispatch_dtype;
 
 template <typename F>
 void dispatch_tt(int tt, F&& f) {

@@ -22,14 +22,7 @@ namespace {
 
 namespace cu = peftcore::sparse_delta::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "sparse_delta: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("sparse_delta", t); }
 
 
 // The CSR view of S for one call. Holds the tensors the launch params point into (freed back to the caching

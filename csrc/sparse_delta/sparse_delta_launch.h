@@ -3,12 +3,13 @@
 // CSR view of S: row_ptr [out+1] int64; indices [nnz] int32|int64 flat r*in+c (column c = idx - r*in; an entry
 // whose c falls outside [0, in) is skipped); values [nnz] float32 (the glue converts other dtypes).
 #pragma once
+#include "cuda_dtype.h"
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
 namespace peftcore::sparse_delta::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::peftcore::CudaDType;
 
 struct DeltaParams {
   DType dtype;              // dtype of activations / grads / weight

@@ -15,15 +15,7 @@ namespace K_ = kernels;
 
 void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "token_elim", what); }
 
-template <typename F>
-void dispatch_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw std::runtime_error("peftcore token_elim CUDA: unsupported dtype");
-  }
-}
+using cuda_common::dispatch_dtype;
 
 #define TE_TYPE(tag) std::remove_pointer_t<decltype(tag)>
 

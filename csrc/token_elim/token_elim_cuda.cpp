@@ -21,14 +21,7 @@ namespace {
 
 namespace cu = peftcore::token_elim::cuda;
 
-cu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cu::DType::kFloat32;
-    case at::kHalf: return cu::DType::kFloat16;
-    case at::kBFloat16: return cu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "token_elim: no CUDA kernel for dtype ", t);
-  }
-}
+cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("token_elim", t); }
 
 at::Tensor silu_mul_cuda(const at::Tensor& g, const at::Tensor& u) {
   auto a = at::empty_like(g);

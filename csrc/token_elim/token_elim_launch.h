@@ -2,12 +2,13 @@
 // Token layouts: x / out [B, L, F] row-major, keep [B, K] int64 (rows unique; entries outside [0, L) are skipped:
 // a gathered row reads 0, a scattered one is dropped). MLP operands [T, I] / [T, C] row-major.
 #pragma once
+#include "cuda_dtype.h"
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
 namespace peftcore::token_elim::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::peftcore::CudaDType;
 
 // out[b, j, :] = x[b, keep[b, j], :]; out [B, K, F] contiguous.
 void gather_rows(DType dtype, const void* x, const int64_t* keep, void* out, int64_t B, int64_t L, int64_t K,
