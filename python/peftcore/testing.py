@@ -4,9 +4,10 @@ An :class:`OpCase` describes one op: how to build sample inputs for a device and
 which dtypes it claims and which arguments are differentiable. :func:`check_op` then runs, per device:
 
 * ``torch.library.opcheck`` on every sample (schema, fake kernel, autograd registration, AOT dispatch);
-* comparison with the reference computed in float64 from the same inputs, accepting at most
-  ``2 x`` the error that the same reference makes in the op's own dtype (FlashAttention's rule), with a small
-  per-dtype floor from :data:`TOLERANCES`, forward and backward;
+* comparison with the reference computed in float64 from the same inputs, element by element: at each
+  position the op may be off by at most ``2 x`` the error that the same reference makes there in the op's own
+  dtype (FlashAttention's rule, applied per element), plus a per-dtype floor from :data:`TOLERANCES`
+  (``rtol`` of that element's magnitude and ``atol`` of the tensor's root-mean-square), forward and backward;
 * ``torch.autograd.gradcheck`` in float64 (CPU) for differentiable ops;
 * ``torch.compile(fullgraph=True)`` forward and backward matching eager, with a recompilation guard.
 """
@@ -17,7 +18,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-# Floors added to the 2x-reference-error rule, per dtype (absolute, relative to the reference's max magnitude).
+# Floors added to the per-element 2x-reference-error rule, per dtype: ``atol`` is relative to the reference
+# tensor's root-mean-square (so sums of many terms are judged at their own scale), ``rtol`` to each element's
+# own magnitude (two ulps of the dtype: the op and the low-precision reference may round one result differently).
 TOLERANCES = {
     torch.float64: dict(atol=1e-10, rtol=1e-9),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -52,6 +55,8 @@ class OpCase:
     mutates: Optional[int] = None
     compile: bool = True
     cuda: bool = True  # has a CUDA kernel
+    # Per-dtype overrides of TOLERANCES for this op ({dtype: dict(atol=..., rtol=...)}); the case says why.
+    tol: Optional[dict] = None
 
     def __repr__(self):
         return self.name
@@ -85,33 +90,62 @@ def _detach(x):
     return x
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max |a - b|; equal infinities (e.g. an lse of -inf for a row that sees nothing) count as no error, a NaN
-    or a mismatched infinity as an infinite / NaN error (which fails every bound)."""
-    if a.numel() == 0:
-        return 0.0
+def _abs_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in float64, elementwise; equal infinities (e.g. an lse of -inf for a row that sees nothing) are no
+    error, a NaN or a mismatched infinity an infinite / NaN error (which fails every bound)."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     d = (a - b).abs()
-    return torch.where(a == b, torch.zeros_like(d), d).max().item()
+    return torch.where(a == b, torch.zeros_like(d), d)
 
 
-def _max_abs(t: torch.Tensor) -> float:
-    """Max |t| over its finite entries (the scale of the relative tolerance)."""
-    f = t[torch.isfinite(t)] if t.numel() else t
-    return f.abs().max().item() if f.numel() else 0.0
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return _abs_err(a, b).max().item() if a.numel() else 0.0
+
+
+def _rms(t: torch.Tensor) -> float:
+    """Root-mean-square over the finite entries (the scale of the absolute floor)."""
+    f = t[torch.isfinite(t)].to(torch.float64) if t.numel() else t
+    return f.pow(2).mean().sqrt().item() if f.numel() else 0.0
 
 
 def assert_close_to_reference(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: Optional[torch.Tensor], dtype,
-                              what: str = "") -> None:
-    """``|out - ref_hi| <= 2 * |ref_lo - ref_hi| + atol + rtol * max|ref_hi|`` elementwise-max (see module doc)."""
+                              what: str = "", tol: Optional[dict] = None) -> None:
+    """Per element: ``|out - ref_hi| <= 2 |ref_lo - ref_hi| + rtol |ref_hi| + atol * max(1, rms(ref_hi))``.
+
+    ``ref_lo`` is the same reference run in the op's dtype (None for float64 inputs). NaN in ``ref_hi`` must be NaN
+    in ``out`` at the same place (and nowhere else); infinities must match exactly. ``tol`` overrides the
+    :data:`TOLERANCES` entry (a case that needs it says why).
+    """
     assert out.shape == ref_hi.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref_hi.shape)}"
-    tol = TOLERANCES[dtype]
-    base = _max_err(ref_lo, ref_hi) if ref_lo is not None else 0.0
-    scale = _max_abs(ref_hi)
-    bound = 2.0 * base + tol["atol"] + tol["rtol"] * scale
-    err = _max_err(out, ref_hi)
-    assert err <= bound, (f"{what}: max error {err:.3e} exceeds bound {bound:.3e} "
-                          f"(2 x reference error {base:.3e} in {dtype}, |ref| max {scale:.3e})")
+    if out.numel() == 0:
+        return
+    tol = tol or TOLERANCES[dtype]
+    hi = ref_hi.to(torch.float64).to(out.device)
+    o = out.detach().to(torch.float64)
+    nan_hi, nan_o = torch.isnan(hi), torch.isnan(o)
+    if not torch.equal(nan_hi, nan_o):
+        n_lost, n_new = int((nan_hi & ~nan_o).sum()), int((nan_o & ~nan_hi).sum())
+        raise AssertionError(f"{what}: NaN pattern differs from the reference ({n_lost} NaN not propagated, "
+                             f"{n_new} NaN where the reference is finite)")
+    base = _abs_err(ref_lo.to(torch.float64).to(out.device), hi) if ref_lo is not None else torch.zeros_like(hi)
+    base = torch.where(torch.isnan(base) | nan_hi, torch.zeros_like(base), base)
+    err = torch.where(nan_hi, torch.zeros_like(hi), _abs_err(o, hi))
+    finite_hi = torch.where(torch.isfinite(hi), hi.abs(), torch.zeros_like(hi))
+    bound = 2.0 * base + tol["rtol"] * finite_hi + tol["atol"] * max(1.0, _rms(hi))
+    bad = ~(err <= bound)
+    if bool(bad.any()):
+        excess = torch.where(bad, err / bound.clamp_min(1e-300), torch.zeros_like(err))
+        i = int(excess.reshape(-1).argmax())
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), tuple(hi.shape)))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {hi.numel()} elements exceed their bound; worst at {idx}: got "
+            f"{o.reshape(-1)[i].item():.6g}, reference {hi.reshape(-1)[i].item():.6g}, error "
+            f"{err.reshape(-1)[i].item():.3e} > bound {bound.reshape(-1)[i].item():.3e} (2 x reference error "
+            f"{base.reshape(-1)[i].item():.3e} in {dtype}; max error {err.max().item():.3e})")
+
+
+def _tol(case: OpCase, dtype) -> Optional[dict]:
+    return (case.tol or {}).get(dtype)
 
 
 def _run(case: OpCase, args, kwargs):
@@ -153,7 +187,8 @@ def check_reference(case: OpCase, device: str) -> None:
                     continue
                 assert o.dtype == rl.dtype if rl is not None else True, \
                     f"{case.name}[{s.name}] output {i} dtype {o.dtype} != reference {rl.dtype}"
-                assert_close_to_reference(o, rh, rl, dtype, f"{case.name}[{s.name}, {dtype}] output {i}")
+                assert_close_to_reference(o, rh, rl, dtype, f"{case.name}[{s.name}, {dtype}] output {i}",
+                                          _tol(case, dtype))
         if not case.grad_args:
             continue
         for s in case.samples(device, dtype, True):
@@ -184,7 +219,7 @@ def _check_grads(case: OpCase, s: Sample, dtype) -> None:
             continue
         assert g.dtype == s.args[i].dtype, f"{case.name}: grad of arg {i} has dtype {g.dtype}, input {s.args[i].dtype}"
         assert_close_to_reference(g, rh, rl if dtype != torch.float64 else None, dtype,
-                                  f"{case.name}[{s.name}, {dtype}] grad of arg {i}")
+                                  f"{case.name}[{s.name}, {dtype}] grad of arg {i}", _tol(case, dtype))
 
 
 def check_gradcheck(case: OpCase) -> None:
@@ -321,3 +356,80 @@ def op_test_suite(cases: Sequence[OpCase]):
         check_compile(case, device)
 
     return test_opcheck, test_reference, test_gradcheck, test_compile
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input that could crash the process: run it in a child process, so a crash is a failing test, not a dead run.
+
+_ISOLATED_PRELUDE = """
+import re, sys, traceback
+import torch
+import peftcore
+ops = torch.ops.peftcore
+"""
+
+
+def check_errors_isolated(cases: Sequence[tuple], prelude: str = "", timeout: float = 600.0) -> None:
+    """Run bad-input cases in one child Python process and require each to raise a clear error.
+
+    ``cases`` are ``(name, code, pattern)``: ``code`` (statements, may use ``torch``, ``peftcore`` and ``ops`` =
+    ``torch.ops.peftcore``, plus whatever ``prelude`` defines) must raise an exception whose message matches the
+    regular expression ``pattern`` (e.g. the op's name and the offending value). A case that raises nothing, raises
+    a non-matching error, or kills the process (segfault, abort, hang) fails, and the failure names the case.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    body = [_ISOLATED_PRELUDE, textwrap.dedent(prelude), "results = {}"]
+    for name, code, pattern in cases:
+        body.append(textwrap.dedent(f"""
+            print({name!r}, file=sys.stderr, flush=True)
+            try:
+            {textwrap.indent(textwrap.dedent(code), '    ')}
+                results[{name!r}] = ("no error", "")
+            except Exception as e:  # noqa: BLE001
+                msg = str(e)
+                results[{name!r}] = ("ok" if re.search({pattern!r}, msg, re.S) else "wrong message",
+                                     type(e).__name__ + ": " + msg[:400])
+            """))
+    body.append("print('@@RESULTS@@' + __import__('json').dumps(results))")
+    proc = subprocess.run([sys.executable, "-c", "\n".join(body)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULTS@@")]
+    if proc.returncode != 0 or not marker:
+        started = [ln for ln in proc.stderr.splitlines() if ln in {c[0] for c in cases}]
+        last = started[-1] if started else "(before the first case)"
+        raise AssertionError(f"bad-input cases: the child process died (exit code {proc.returncode}) in case "
+                             f"{last!r}\n{proc.stderr[-3000:]}")
+    results = json.loads(marker[-1][len("@@RESULTS@@"):])
+    failed = {k: v for k, v in results.items() if v[0] != "ok"}
+    if failed:
+        lines = [f"  {k}: {v[0]} ({v[1]})" for k, v in failed.items()]
+        raise AssertionError(f"{len(failed)} of {len(cases)} bad-input cases did not raise a matching error:\n"
+                             + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Double backward: every op either has a tested second derivative or refuses create_graph=True with a clear error.
+
+
+def check_double_backward_refused(fn: Callable, args: Sequence, grad_args: Sequence[int], op_name: str) -> None:
+    """``fn(*args)`` (outputs -> a scalar by a random projection), ``torch.autograd.grad(create_graph=True)``, then
+    a second backward: it must raise a RuntimeError naming ``op_name`` (never return wrong numbers silently)."""
+    import pytest
+
+    args = list(_detach(args))
+    for i in grad_args:
+        args[i].requires_grad_(True)
+    outs = [o for o in _flat(fn(*args)) if o.is_floating_point() and o.requires_grad]
+    loss = sum((o.to(torch.float64) * torch.randn(o.shape, dtype=torch.float64, device=o.device)).sum()
+               for o in outs)
+    gs = torch.autograd.grad(loss, [args[i] for i in grad_args], create_graph=True, allow_unused=True)
+    second = sum(g.to(torch.float64).pow(2).sum() for g in gs if g is not None and g.requires_grad)
+    if not isinstance(second, torch.Tensor):
+        return  # no gradient depends on the inputs: nothing to differentiate twice
+    with pytest.raises(RuntimeError, match=f"{op_name}.*double backward|double backward.*{op_name}"):
+        torch.autograd.grad(second, [args[i] for i in grad_args], allow_unused=True)
