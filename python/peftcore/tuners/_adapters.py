@@ -279,8 +279,8 @@ def from_peft(peft_model: nn.Module, adapter: Optional[str] = None) -> nn.Module
                                  f"{m.active_adapters}): call peft_model.set_adapter({adapter!r}) first")
             base = m.get_base_layer()
             if type(base) is not nn.Linear:
-                raise NotImplementedError(f"from_peft: {name!r} wraps a {type(base).__name__} (fan_in_fan_out="
-                                          f"{getattr(m, 'fan_in_fan_out', False)}); only nn.Linear is converted")
+                raise NotImplementedError(f"from_peft: {name!r} wraps a {type(base).__name__}; only torch.nn.Linear "
+                                          "is converted")
             frozen_not = [f"{name}.{n}" for n, p in base.named_parameters() if p.requires_grad]
             if frozen_not:
                 raise NotImplementedError(f"from_peft: {frozen_not} are trainable (PEFT bias= 'all' / 'oft_only' "

@@ -85,7 +85,8 @@ class BOFTLinear(FrozenLinearAdapter):
     @classmethod
     def create(cls, base: nn.Linear, config: BOFTConfig = None, *, block_size: int = None,
                n_butterfly_factor: int = 1) -> "BOFTLinear":
-        """A fresh adapter (identity rotations, unit scale, float32 as PEFT's) with PEFT's permutations."""
+        """A fresh adapter (identity rotations, unit scale) with PEFT's permutations; parameters in the base
+        weight's dtype, float32 for half types (PEFT's dtypes)."""
         dropout = 0.0
         if config is not None:
             block_size, n_butterfly_factor, dropout = config.block_size, config.n_butterfly_factor, config.dropout
@@ -96,9 +97,9 @@ class BOFTLinear(FrozenLinearAdapter):
         if nb % (2 ** (n_butterfly_factor - 1)):
             raise ValueError(f"the block count {nb} must be divisible by 2^(n_butterfly_factor - 1) = "
                              f"{2 ** (n_butterfly_factor - 1)}")
-        dev = base.weight.device
-        R = torch.zeros(n_butterfly_factor, nb, block_size, block_size, device=dev)
-        s = torch.ones(base.out_features, 1, device=dev)
+        dev, dtype = base.weight.device, compute_dtype(base.weight)
+        R = torch.zeros(n_butterfly_factor, nb, block_size, block_size, device=dev, dtype=dtype)
+        s = torch.ones(base.out_features, 1, device=dev, dtype=dtype)
         return cls(base, R, s, boft_permutations(d, nb, block_size, n_butterfly_factor), dropout)
 
     def to_config(self) -> BOFTConfig:

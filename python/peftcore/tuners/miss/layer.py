@@ -35,13 +35,15 @@ class MissLinear(FrozenLinearAdapter):
 
     @classmethod
     def create(cls, base: nn.Linear, config: MissConfig) -> "MissLinear":
-        """A fresh adapter at zero (PEFT's default init), float32."""
+        """A fresh adapter at zero (PEFT's default init), in the base weight's dtype, float32 for half types
+        (PEFT's dtypes)."""
         if config.r > base.in_features:
             raise ValueError(f"r={config.r} must be <= in_features={base.in_features}")
         cols = config.mini_r or base.out_features
         if base.out_features % cols:
             raise ValueError(f"mini_r={cols} must divide out_features={base.out_features}")
-        return cls(base, torch.zeros(config.r, cols, device=base.weight.device), config.dropout)
+        block = torch.zeros(config.r, cols, device=base.weight.device, dtype=compute_dtype(base.weight))
+        return cls(base, block, config.dropout)
 
     @classmethod
     def from_peft(cls, layer, adapter: str = "default") -> "MissLinear":

@@ -47,11 +47,13 @@ class OFTLinear(FrozenLinearAdapter):
 
     @classmethod
     def create(cls, base: nn.Linear, config: OFTConfig) -> "OFTLinear":
-        """A fresh adapter at the identity (``U = 0``), float32 parameters as PEFT's."""
+        """A fresh adapter at the identity (``U = 0``); parameters in the base weight's dtype, float32 for half
+        types (PEFT's dtypes)."""
         b, n = config.block_size, base.in_features
         if n % b:
             raise ValueError(f"block_size={b} must divide in_features={n}")
-        params = torch.zeros(1 if config.block_share else n // b, b * (b - 1) // 2, device=base.weight.device)
+        params = torch.zeros(1 if config.block_share else n // b, b * (b - 1) // 2, device=base.weight.device,
+                             dtype=compute_dtype(base.weight))
         return cls(base, params, b, config.use_cayley_neumann, config.num_cayley_neumann_terms, config.block_share)
 
     @classmethod
