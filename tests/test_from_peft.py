@@ -83,7 +83,7 @@ def assert_same(a, b, tol):
 
 
 F32 = dict(atol=1e-5, rtol=1e-4)
-F64 = dict(atol=1e-12, rtol=1e-10)
+F64 = dict(atol=1e-12, rtol=1e-12)
 
 
 def check_converts(pm, train=False, tol=F32, seed=0, **kw):
@@ -366,7 +366,16 @@ def _refusal_cases():
         pm.base_model.model.model.layers[0].mlp.down_proj = LoraLinear(q, "default", peft.LoraConfig(r=2), r=2)
         return pm
 
+    def no_input_cast():
+        pm = peft_model(SUPPORTED["boft"]())
+        pm.base_model.model.model.layers[1].mlp.down_proj.cast_input_dtype_enabled = False
+        return pm
+
     return {
+        "no_input_cast": (no_input_cast, NotImplementedError, "down_proj' has input dtype casting disabled"),
+        "neumann_terms_negative": (lambda: peft_model(peft.OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"],
+                                                                     num_cayley_neumann_terms=-1)),
+                                   NotImplementedError, "num_cayley_neumann_terms=-1"),
         "coft": (lambda: peft_model(peft.OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"], coft=True,
                                                    eps=1e-3)), NotImplementedError, r"coft=True \(eps=0.001\)"),
         "neumann_terms": (lambda: peft_model(peft.OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"],
@@ -417,3 +426,23 @@ def test_oft_one_neumann_term_is_identity():
         expected = pm(input_ids=IDS).logits
         torch.testing.assert_close(expected, tiny_llama()(input_ids=IDS).logits, **F32)
         torch.testing.assert_close(T.from_peft(pm)(input_ids=IDS).logits, expected, **F32)
+
+
+def test_loaded_for_inference_stays_eval_and_frozen(tmp_path):
+    """PeftModel.from_pretrained (eval, inference mode): the converted model runs in eval (no dropout at
+    inference: two seeds, one output) and its adapter parameters stay frozen."""
+    pm = peft_model(SUPPORTED["miss_tail_dropout"]())
+    pm.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not loaded.training
+    with torch.no_grad():
+        expected = loaded(input_ids=IDS).logits
+        model = T.from_peft(loaded)
+        layers = dict(T.adapter_layers(model))
+        assert layers and not any(m.training for layer in layers.values() for m in layer.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            torch.testing.assert_close(model(input_ids=IDS).logits, expected, **F32)
