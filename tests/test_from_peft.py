@@ -126,7 +126,7 @@ SUPPORTED = {  # PEFT options from_peft converts exactly
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("kind", sorted(SUPPORTED))
-def test_converts_exactly(kind, train, tmp_path):
+def test_converts_exactly(kind, train):
     pm = peft_model(SUPPORTED[kind]())
     peft_layers = {n: m for n, m in pm.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
     model, params, expected = check_converts(pm, train)
@@ -446,3 +446,34 @@ def test_loaded_for_inference_stays_eval_and_frozen(tmp_path):
         for seed in (0, 1):
             torch.manual_seed(seed)
             torch.testing.assert_close(model(input_ids=IDS).logits, expected, **F32)
+
+
+def test_unfrozen_base_layer_refused():
+    """A base weight made trainable by hand would be frozen by the conversion: refused, naming it."""
+    pm = peft_model(SUPPORTED["miss"]())
+    pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match=r"layers.0.self_attn.q_proj.weight'\] are trainable"):
+        T.from_peft(pm)
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+
+
+def test_boft_config_dropout_applies_and_saves(tmp_path):
+    """BOFTConfig(dropout=) on apply_adapter: fires in training only, and travels with the saved config."""
+    model = tiny_llama()
+    T.apply_adapter(model, T.BOFTConfig(target_modules=["q_proj"], block_size=4, n_butterfly_factor=2, dropout=0.5))
+    _perturb(model, std=0.3)
+    with torch.no_grad():
+        model.eval()
+        ev = model(input_ids=IDS).logits
+        model.train()
+        torch.manual_seed(0)
+        tr0 = model(input_ids=IDS).logits
+        torch.manual_seed(1)
+        tr1 = model(input_ids=IDS).logits
+    assert not torch.equal(tr0, tr1) and not torch.equal(tr0, ev)
+    T.save_adapter(model, tmp_path / "b.safetensors")
+    fresh = T.load_adapter(tiny_llama(), tmp_path / "b.safetensors")
+    assert getattr(fresh, T._adapters.CONFIG_ATTR).dropout == 0.5
+    assert all(l.dropout.p == 0.5 for _, l in T.adapter_layers(fresh))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=IDS).logits, ev, **F32)

@@ -283,12 +283,12 @@ def from_peft(peft_model: nn.Module, adapter: Optional[str] = None) -> nn.Module
                                           "is converted")
             frozen_not = [f"{name}.{n}" for n, p in base.named_parameters() if p.requires_grad]
             if frozen_not:
-                raise NotImplementedError(f"from_peft: {frozen_not} are trainable (PEFT bias= 'all' / 'oft_only' "
-                                          "/ ...); peftcore adapters keep the base layer frozen")
+                raise NotImplementedError(f"from_peft: {frozen_not} are trainable (e.g. PEFT's bias option); "
+                                          "peftcore adapters keep the base layer frozen")
             try:
                 ours = _REGISTRY[kind][1].from_peft(m, adapter)
-            except ValueError as e:
-                raise ValueError(f"from_peft: {name!r}: {e}") from None
+            except (ValueError, NotImplementedError) as e:
+                raise type(e)(f"from_peft: {name!r}: {e}") from None
             plan.append((name, ours))
         elif active:
             raise ValueError(f"from_peft: {name!r} runs adapter {active[0]!r}, which adapter={adapter!r} would drop")
