@@ -477,3 +477,17 @@ def test_boft_config_dropout_applies_and_saves(tmp_path):
     assert all(l.dropout.p == 0.5 for _, l in T.adapter_layers(fresh))
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(input_ids=IDS).logits, ev, **F32)
+
+
+@pytest.mark.parametrize("cfg", [T.MissConfig(target_modules=["q_proj"], r=16, dropout=0.5),
+                                 T.MonarchConfig(target_modules=["q_proj"], nblocks=4, dropout=0.5),
+                                 T.BOFTConfig(target_modules=["q_proj"], block_size=4, dropout=0.5),
+                                 T.OFTConfig(target_modules=["q_proj"], block_size=8)], ids=lambda c: c.peft_type)
+def test_apply_adapter_keeps_the_model_mode(cfg):
+    """apply_adapter (and so load_adapter) on a model in eval: the new layers are in eval too (no dropout at
+    inference); in training they train."""
+    for train in (False, True):
+        model = tiny_llama().train(train)
+        T.apply_adapter(model, copy.deepcopy(cfg))
+        layers = [l for _, l in T.adapter_layers(model)]
+        assert layers and all(m.training is train for l in layers for m in l.modules())

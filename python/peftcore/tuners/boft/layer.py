@@ -100,7 +100,8 @@ class BOFTLinear(FrozenLinearAdapter):
         dev, dtype = base.weight.device, compute_dtype(base.weight)
         R = torch.zeros(n_butterfly_factor, nb, block_size, block_size, device=dev, dtype=dtype)
         s = torch.ones(base.out_features, 1, device=dev, dtype=dtype)
-        return cls(base, R, s, boft_permutations(d, nb, block_size, n_butterfly_factor), dropout)
+        layer = cls(base, R, s, boft_permutations(d, nb, block_size, n_butterfly_factor), dropout)
+        return layer.train(base.training)  # the mode of the module it replaces
 
     def to_config(self) -> BOFTConfig:
         return BOFTConfig(block_size=self.boft_R.shape[-1], n_butterfly_factor=self.boft_R.shape[0],

@@ -43,7 +43,8 @@ class MissLinear(FrozenLinearAdapter):
         if base.out_features % cols:
             raise ValueError(f"mini_r={cols} must divide out_features={base.out_features}")
         block = torch.zeros(config.r, cols, device=base.weight.device, dtype=compute_dtype(base.weight))
-        return cls(base, block, config.dropout)
+        layer = cls(base, block, config.dropout)
+        return layer.train(base.training)  # the mode of the module it replaces
 
     @classmethod
     def from_peft(cls, layer, adapter: str = "default") -> "MissLinear":

@@ -39,7 +39,8 @@ class MonarchLinear(FrozenLinearAdapter):
         w1 = torch.randn(k, q, n_in // k, generator=gen) * (n_in // k) ** -0.5
         w2 = torch.zeros(k, n_out // k, q)
         dev = base.weight.device
-        return cls(base, w1.to(dev, dtype), w2.to(dev, dtype), config.scale, config.dropout)
+        layer = cls(base, w1.to(dev, dtype), w2.to(dev, dtype), config.scale, config.dropout)
+        return layer.train(base.training)  # the mode of the module it replaces
 
     @property
     def nblocks(self) -> int:

@@ -54,7 +54,9 @@ class OFTLinear(FrozenLinearAdapter):
             raise ValueError(f"block_size={b} must divide in_features={n}")
         params = torch.zeros(1 if config.block_share else n // b, b * (b - 1) // 2, device=base.weight.device,
                              dtype=compute_dtype(base.weight))
-        return cls(base, params, b, config.use_cayley_neumann, config.num_cayley_neumann_terms, config.block_share)
+        layer = cls(base, params, b, config.use_cayley_neumann, config.num_cayley_neumann_terms,
+                    config.block_share)
+        return layer.train(base.training)  # the mode of the module it replaces
 
     @classmethod
     def from_peft(cls, layer, adapter: str = "default") -> "OFTLinear":
