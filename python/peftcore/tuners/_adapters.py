@@ -181,36 +181,123 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     return model
 
 
-def from_peft(peft_model: nn.Module, adapter: str = "default") -> nn.Module:
+_PEFT_CONFIG_REFUSED = {  # PEFT config option -> the values from_peft converts (any other value is refused)
+    "bias": ("none",),
+    "modules_to_save": (None, [], ()),
+    "trainable_token_indices": (None,),
+}
+
+
+def _peft_refusals(peft_model: nn.Module, root: nn.Module, adapter_names) -> None:
+    """Raise for the PEFT settings that change behaviour beyond the adapter layers (options that train base
+    parameters or wrap other modules): their effect would be lost in the converted model or in its saved adapter."""
+    configs = getattr(peft_model, "peft_config", None) or {}
+    for name in adapter_names:
+        cfg = configs.get(name)
+        for opt, ok in _PEFT_CONFIG_REFUSED.items():
+            val = getattr(cfg, opt, None)
+            if cfg is not None and val not in ok:
+                raise NotImplementedError(f"from_peft: adapter {name!r} has {opt}={val!r}; only {opt}={ok[0]!r} is "
+                                          "converted (peftcore adapters train and save only their own parameters)")
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for mname, m in root.named_modules():
+        if isinstance(m, AuxiliaryTrainingWrapper):
+            raise NotImplementedError(f"from_peft: {mname!r} is a PEFT {type(m).__name__} (modules_to_save / "
+                                      "trainable_token_indices), which is not converted")
+
+
+def from_peft(peft_model: nn.Module, adapter: Optional[str] = None) -> nn.Module:
     """Run a HF PEFT model with OFT, BOFT or MiSS adapters on peftcore's ops, in one call.
 
     Every PEFT OFT / BOFT / MiSS ``Linear`` layer is replaced, in place inside the PEFT model's base model, by
-    the peftcore layer that shares its parameters (so an optimizer over the PEFT parameters keeps working); the
-    plain model (``peft_model.base_model.model``, or ``peft_model`` if it has no PEFT wrapper) is returned with the
-    equivalent peftcore config attached, ready for :func:`save_adapter` / :func:`merge_adapter` / training."""
+    the peftcore layer that shares its parameters (so an optimizer over the PEFT parameters keeps working) and has
+    its train / eval mode; the plain model (``peft_model.base_model.model``, or ``peft_model`` if it has no PEFT
+    wrapper) is returned with the equivalent peftcore config attached, ready for :func:`save_adapter` /
+    :func:`merge_adapter` / training.
+
+    A peftcore layer holds one adapter. ``adapter=None`` converts the model's only adapter; a model holding several
+    is refused (the error names them) unless ``adapter`` names the one to keep: it must be PEFT's active adapter
+    (``peft_model.set_adapter(name)`` first), and the others are dropped (layers holding only inactive adapters
+    become their plain base layer, which is what PEFT runs there). Everything the conversion would not reproduce
+    exactly is refused before anything changes: several active adapters, merged or disabled adapters, COFT,
+    MiSS ``bat``, ``bias`` other than ``"none"``, ``modules_to_save``, PEFT layers other than OFT / BOFT / MiSS
+    ``Linear`` (see the README's table)."""
     from peft.tuners.boft.layer import Linear as PeftBOFT
     from peft.tuners.miss.layer import MissLinear as PeftMiss
     from peft.tuners.oft.layer import Linear as PeftOFT
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     root = peft_model.base_model.model if hasattr(peft_model, "base_model") and hasattr(
         peft_model.base_model, "model") else peft_model
     kinds = {PeftOFT: "OFT", PeftBOFT: "BOFT", PeftMiss: "MISS"}
-    found, config = [], None
-    for name, m in list(root.named_modules()):
-        kind = next((k for cls, k in kinds.items() if type(m) is cls), None)
-        if kind is None:
+    layers, others = [], []  # (name, peft layer, kind, adapters it holds); PEFT layers of other kinds
+    for name, m in root.named_modules():
+        if not isinstance(m, BaseTunerLayer):
             continue
-        layer_cls = _REGISTRY[kind][1]
-        ours = layer_cls.from_peft(m, adapter)
-        _replace(root, name, ours)
-        found.append(name)
-        if config is None:
-            config = ours.to_config()
-        elif config.peft_type != kind:
-            raise ValueError(f"from_peft: mixed adapter types ({config.peft_type} and {kind}) are not supported")
-    if not found:
+        kind = kinds.get(type(m))
+        if kind is None:
+            others.append(f"{name!r} ({type(m).__module__}.{type(m).__name__})")
+            continue
+        held = [a for n in m.adapter_layer_names for a in getattr(m, n).keys()]
+        layers.append((name, m, kind, held))
+    if not layers:
         raise ValueError("from_peft: no PEFT OFT / BOFT / MiSS Linear layer found (other layer types, e.g. Conv2d, "
-                         "or other methods are not converted)")
+                         f"or other methods are not converted; found {others[:3]})")
+    if others:
+        raise NotImplementedError(f"from_peft: PEFT layers other than OFT / BOFT / MiSS Linear are not converted: "
+                                  f"{others[:3]}{' ...' if len(others) > 3 else ''}")
+    names = sorted({a for *_, held in layers for a in held})
+    if adapter is None:
+        if len(names) > 1:
+            raise ValueError(f"from_peft: the model holds adapters {names}; a peftcore layer holds one: pass "
+                             f"adapter=<name> to convert the active one and drop the others, or delete_adapter first")
+        adapter = names[0]
+    elif adapter not in names:
+        raise ValueError(f"from_peft: no adapter {adapter!r} in the model (it holds {names})")
+    kinds_used = {kind for _, _, kind, held in layers if adapter in held}
+    if len(kinds_used) > 1:
+        raise ValueError(f"from_peft: mixed adapter types ({' and '.join(sorted(kinds_used))}) are not supported")
+    _peft_refusals(peft_model, root, [adapter])
+
+    # Check and build everything first: a refusal leaves the PEFT model as it was.
+    plan = []
+    for name, m, kind, held in layers:
+        active = [a for a in m.active_adapters if a in held]
+        if m.merged:
+            raise NotImplementedError(f"from_peft: {name!r} has merged adapters {m.merged_adapters}; unmerge first")
+        if m.disable_adapters:
+            raise NotImplementedError(f"from_peft: {name!r} has its adapters disabled (disable_adapter())")
+        if len(active) > 1:
+            raise NotImplementedError(f"from_peft: {name!r} runs several active adapters {active} (PEFT composes "
+                                      "them); a peftcore layer holds one: set_adapter one of them first")
+        if not getattr(m, "cast_input_dtype_enabled", True):
+            raise NotImplementedError(f"from_peft: {name!r} has input dtype casting disabled")
+        if adapter in held:
+            if active != [adapter]:
+                raise ValueError(f"from_peft: adapter {adapter!r} is not active on {name!r} (active adapters: "
+                                 f"{m.active_adapters}): call peft_model.set_adapter({adapter!r}) first")
+            base = m.get_base_layer()
+            if type(base) is not nn.Linear:
+                raise NotImplementedError(f"from_peft: {name!r} wraps a {type(base).__name__}; only torch.nn.Linear "
+                                          "is converted")
+            frozen_not = [f"{name}.{n}" for n, p in base.named_parameters() if p.requires_grad]
+            if frozen_not:
+                raise NotImplementedError(f"from_peft: {frozen_not} are trainable (e.g. PEFT's bias option); "
+                                          "peftcore adapters keep the base layer frozen")
+            try:
+                ours = _REGISTRY[kind][1].from_peft(m, adapter)
+            except (ValueError, NotImplementedError) as e:
+                raise type(e)(f"from_peft: {name!r}: {e}") from None
+            plan.append((name, ours))
+        elif active:
+            raise ValueError(f"from_peft: {name!r} runs adapter {active[0]!r}, which adapter={adapter!r} would drop")
+        else:
+            plan.append((name, m.get_base_layer()))  # only inactive adapters: PEFT runs the base layer here
+    for name, new in plan:
+        _replace(root, name, new)
+    found = [name for name, new in plan if isinstance(new, FrozenLinearAdapter)]
+    config = root.get_submodule(found[0]).to_config()
     config.target_modules = found
     setattr(root, CONFIG_ATTR, config)
     return root

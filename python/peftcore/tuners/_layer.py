@@ -9,6 +9,26 @@ from typing import Optional
 import torch
 from torch import nn
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter's weight arithmetic (rotations, merge, unmerge) runs in: the promoted dtype of
+    ``tensors``, float32 for half types (so float64 stays float64 and merge / unmerge round-trip there)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def keep_modes(ours: nn.Module, theirs: nn.Module, pairs=()) -> None:
+    """Give a converted layer the train / eval mode of the layer it replaces (``ours.training = theirs.training``),
+    and each ``(our_submodule, their_submodule)`` pair (e.g. the dropouts) the mode of its counterpart. Set
+    flag by flag, never through ``.train()``, so the shared base layer keeps its own mode."""
+    ours.training = theirs.training
+    for a, b in pairs:
+        a.training = b.training
+
 
 class FrozenLinearAdapter(nn.Module):
     def __init__(self, base_layer: nn.Linear):

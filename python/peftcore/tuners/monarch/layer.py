@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ...ops.blockdiag import monarch_matmul
-from .._layer import FrozenLinearAdapter
+from .._layer import FrozenLinearAdapter, compute_dtype
 from .config import MonarchConfig
 
 
@@ -39,7 +39,8 @@ class MonarchLinear(FrozenLinearAdapter):
         w1 = torch.randn(k, q, n_in // k, generator=gen) * (n_in // k) ** -0.5
         w2 = torch.zeros(k, n_out // k, q)
         dev = base.weight.device
-        return cls(base, w1.to(dev, dtype), w2.to(dev, dtype), config.scale, config.dropout)
+        layer = cls(base, w1.to(dev, dtype), w2.to(dev, dtype), config.scale, config.dropout)
+        return layer.train(base.training)  # the mode of the module it replaces
 
     @property
     def nblocks(self) -> int:
@@ -54,16 +55,23 @@ class MonarchLinear(FrozenLinearAdapter):
         u = monarch_matmul(self.dropout(x).to(self.w1.dtype), self.w1, self.w2)
         return y + (self.scale * u).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scale * M`` as a dense ``[out, in]`` float32 matrix (the Monarch product of the identity)."""
-        eye = torch.eye(self.in_features, device=self.w1.device, dtype=torch.float32)
-        return self.scale * monarch_matmul(eye, self.w1.float(), self.w2.float()).T
+    def delta_weight(self, dtype: torch.dtype = None) -> torch.Tensor:
+        """``scale * M`` as a dense ``[out, in]`` matrix (the Monarch product of the identity) in ``dtype``
+        (default: the factors' dtype, float32 for half types)."""
+        dtype = dtype or compute_dtype(self.w1)
+        eye = torch.eye(self.in_features, device=self.w1.device, dtype=dtype)
+        return self.scale * monarch_matmul(eye, self.w1.to(dtype), self.w2.to(dtype)).T
+
+    def _merge_dtype(self) -> torch.dtype:
+        return compute_dtype(self.base_layer.weight, self.w1, self.w2)
 
     @torch.no_grad()
     def add_to_weight(self, sign: float) -> None:
         w = self.base_layer.weight
-        w.copy_((w.float() + sign * self.delta_weight()).to(w.dtype))
+        dtype = self._merge_dtype()
+        w.copy_((w.to(dtype) + sign * self.delta_weight(dtype)).to(w.dtype))
 
     @torch.no_grad()
     def merged_weight_is_finite(self) -> bool:
-        return bool(torch.isfinite(self.base_layer.weight.float() + self.delta_weight()).all())
+        dtype = self._merge_dtype()
+        return bool(torch.isfinite(self.base_layer.weight.to(dtype) + self.delta_weight(dtype)).all())
