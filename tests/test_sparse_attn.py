@@ -706,7 +706,9 @@ def test_nan_reaches_only_rows_that_see_it(dtype, align):
     m[..., 0, 1] = False  # ... except by query block 0
     m[..., 3, :] = False  # query block 3 sees nothing
     k[0, 0, 17, 2] = float("nan")  # key 17, block 1
-    q[0, 1, 40, 0] = float("nan")
+    q[0, 1, 41, 0] = float("nan")
+    q[0, 1, 30, 0] = float("nan")  # a row of the empty query block: stays 0 / -inf; in the pool (no block mask)
+    # bottom-right it does not see key block 5 at all, though its query block does: pool[3, 5] stays finite
     out, lse = ops.block_sparse_attn(q, k, v, m, bs, True, None, align)
     ro, rl = ref_attn(q.double(), k.double(), v.double(), m, bs, True, None, align, visible_only=True)
     rlo = ref_attn(q, k, v, m, bs, True, None, align)[0] if dtype != torch.float64 else None
