@@ -45,7 +45,8 @@ FlexAttention's CSR form. ``torch.nn.attention.flex_attention.BlockMask`` keeps,
 ``kv_num_blocks [B, H, Qb]`` int32 and ``kv_indices [B, H, Qb, Kb]`` int32 (the kept key blocks first, ascending).
 :func:`dense_to_csr` and :func:`csr_to_dense` convert both ways, and :func:`block_sparse_attn` accepts a dense
 mask, a ``(kv_num_blocks, kv_indices)`` pair or a ``BlockMask`` (its partial and full blocks together: only the
-block structure is used, its ``mask_mod`` is not applied inside blocks — pass ``causal=True`` for causal masks).
+block structure is used, its ``mask_mod`` is not applied inside blocks — pass ``causal=True`` for causal masks,
+with ``causal_align="bottom_right"`` when the ``mask_mod`` is ``q_idx + KV_LEN - Q_LEN >= kv_idx``).
 
 :func:`attn_block_pool` returns ``[B, Hq, Qb, Kb]`` float32: entry ``[I, J]`` is the max, over the query rows of
 block ``I`` and the keys of block ``J``, of the (causal if asked) softmax attention map over all visible keys —
