@@ -92,9 +92,17 @@ def ref_block_pool(q, k, block_size, causal=False, scale=None, causal_align="top
     Lk = k.shape[2]
     kk = k.repeat_interleave(Hq // k.shape[1], 1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    m = token_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), B, Hq, Lq, Lk, max(Lq, Lk, 1), causal, causal_align)
-    p, _, _ = _masked_softmax((q @ kk.transpose(-1, -2)) * scale, m)
-    p = torch.where(m, p, 0.0)
+    s = (q @ kk.transpose(-1, -2)) * scale
+    vis = None
+    if causal:
+        vis = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril(Lk - Lq if causal_align == "bottom_right"
+                                                                         else 0)
+        s = s.masked_fill(~vis, float("-inf"))
+    empty = s.amax(-1, keepdim=True) == float("-inf")  # sees nothing (NaN rows are not empty)
+    p = torch.softmax(s, -1)
+    if vis is not None:
+        p = p.masked_fill(~vis, 0.0)  # a NaN row is NaN only where it sees a key
+    p = p.masked_fill(empty, 0.0)
     qb, kb = -(-Lq // block_size), -(-Lk // block_size)
     p = F.pad(p, (0, kb * block_size - Lk, 0, qb * block_size - Lq))
     return p.view(B, Hq, qb, block_size, kb, block_size).amax(dim=(3, 5)).to(_stat(q.dtype))
@@ -719,6 +727,8 @@ def test_nan_reaches_only_rows_that_see_it(dtype, align):
     sees = tm[..., 17]
     assert torch.equal(torch.isnan(out[..., 0])[0, 0], sees[0, 0]), "head 0: NaN exactly where key 17 is seen"
     assert (out[:, :, 30:40] == 0).all() and torch.isneginf(lse[:, :, 30:40]).all(), "empty query block"
+    # pool without the NaN key (which every row of query blocks 1.. sees): the NaN query rows alone
+    k[0, 0, 17, 2] = 0.0
     pool = ops.attn_block_pool(q, k, bs, True, None, align)
     rp = ref_block_pool(q.double(), k.double(), bs, True, None, align)
     assert_close_to_reference(pool, rp, ref_block_pool(q, k, bs, True, None, align) if dtype != torch.float64 else None,
