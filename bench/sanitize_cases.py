@@ -130,10 +130,17 @@ def ref_attn32(q, k, v, tok_mask, scale):
     return p @ vf, lse.masked_fill(empty, float("-inf")).squeeze(-1), p
 
 
-def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0):
-    """block_sparse_attn (+ backward) and attn_block_pool once, against an fp32 dense reference."""
+def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0, align="top_left", smem=None):
+    """block_sparse_attn (+ backward) and attn_block_pool once, against an fp32 dense reference; `smem` forces the
+    tile plan of a device with that much opt-in shared memory (PEFTCORE_SPARSE_ATTN_SMEM_LIMIT)."""
+    if smem:
+        os.environ["PEFTCORE_SPARSE_ATTN_SMEM_LIMIT"] = str(smem)
+    else:
+        os.environ.pop("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", None)
     gen = torch.Generator().manual_seed(seed)
-    tag = f"attn B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} bs{bs} causal={causal} {str(dtype)[6:]} mask{mask_shape}"
+    tag = (f"attn B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} bs{bs} causal={causal} {align} {str(dtype)[6:]} mask{mask_shape}"
+           f" smem={smem or 'device'}")
+    off = Lk - Lq if align == "bottom_right" else 0
     q = torch.randn(B, Hq, Lq, D, generator=gen).to(dev, dtype)
     k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dev, dtype)
     v = torch.randn(B, Hkv, Lk, D, generator=gen).to(dev, dtype)
@@ -144,9 +151,9 @@ def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0):
     m = m.to(dev)
     tok = m.expand(B, Hq, -1, -1).repeat_interleave(bs, 2)[:, :, :Lq].repeat_interleave(bs, 3)[..., :Lk]
     if causal:
-        tok = tok & torch.ones(Lq, Lk, dtype=torch.bool, device=dev).tril()
+        tok = tok & torch.ones(Lq, Lk, dtype=torch.bool, device=dev).tril(off)
     scale = D ** -0.5
-    out, lse = ops.block_sparse_attn(q, k, v, m, bs, causal, None)
+    out, lse = ops.block_sparse_attn(q, k, v, m, bs, causal, None, align)
     ro, rl, _ = ref_attn32(q, k, v, tok, scale)
     close(f"{tag} out", out, ro, dtype)
     fin = torch.isfinite(rl)
@@ -155,7 +162,8 @@ def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0):
     else:
         close(f"{tag} lse", lse[fin], rl[fin], dtype)
     glse = torch.randn(lse.shape, generator=gen).to(dev)
-    dq, dk, dv = ops.block_sparse_attn_backward(go, glse, q, k, v, out, lse, m, bs, causal, None, [True, True, True])
+    dq, dk, dv = ops.block_sparse_attn_backward(go, glse, q, k, v, out, lse, m, bs, causal, None, [True, True, True],
+                                                align)
     qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     o2, l2, _ = ref_attn32(qr, kr, vr, tok, scale)
     rq, rk, rv = torch.autograd.grad([o2, l2.masked_fill(~fin, 0.0)], [qr, kr, vr], [go.float(), glse])
@@ -163,24 +171,31 @@ def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0):
         close(f"{tag} {name}", a, r, dtype)
     full = torch.ones(Lq, Lk, dtype=torch.bool, device=dev)
     if causal:
-        full = full.tril()
+        full = full.tril(off)
     _, _, p = ref_attn32(q, k, v, full.expand(B, Hq, -1, -1), scale)
     p = torch.nn.functional.pad(p, (0, kb * bs - Lk, 0, qb * bs - Lq))
     rp = p.view(B, Hq, qb, bs, kb, bs).amax(dim=(3, 5))
-    close(f"{tag} pool", ops.attn_block_pool(q, k, bs, causal, None), rp, dtype)
+    close(f"{tag} pool", ops.attn_block_pool(q, k, bs, causal, None, align), rp, dtype)
 
 
 attn_cases = [
-    # B, Hq, Hkv, Lq, Lk, D, bs, causal, mask shape
-    (1, 4, 2, 100, 100, 64, 32, True, (1, 4)),     # GQA, bs < tile (one tile per block), partial last block
-    (2, 2, 1, 70, 150, 128, 64, False, (2, 1)),    # MQA, Lq != Lk
-    (1, 2, 2, 130, 45, 64, 80, True, (1, 1)),      # bs > tile: several tiles per block (pool atomics), Lq > Lk
-    (1, 2, 1, 65, 65, 256, 16, True, (1, 2)),      # D = 256 (32-row tiles)
+    # B, Hq, Hkv, Lq, Lk, D, bs, causal, mask shape, causal alignment
+    (1, 4, 2, 100, 100, 64, 32, True, (1, 4), "top_left"),       # GQA, bs < tile, partial last block
+    (2, 2, 1, 70, 150, 128, 64, False, (2, 1), "top_left"),      # MQA, Lq != Lk
+    (1, 2, 2, 130, 45, 64, 80, True, (1, 1), "top_left"),        # bs > tile: several tiles per block, Lq > Lk
+    (1, 2, 1, 65, 65, 256, 16, True, (1, 2), "top_left"),        # D = 256 (32-row tiles)
+    (1, 4, 2, 37, 150, 128, 24, True, (1, 1), "bottom_right"),   # decode-like chunk, offset 113
+    (1, 2, 2, 130, 45, 64, 40, True, (1, 2), "bottom_right"),    # Lq > Lk: the first 85 queries see nothing
 ]
 if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_attn"):
-    for B, Hq, Hkv, Lq, Lk, D, bs, causal, ms in attn_cases:
+    for B, Hq, Hkv, Lq, Lk, D, bs, causal, ms, align in attn_cases:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, ms)
+            run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, ms, align=align)
+        # the smaller tiles planned for 99 KB (sm_86 / sm_89) and 48 KB of opt-in shared memory
+        for smem in (101376, 49152):
+            if not (D == 256 and smem == 49152):
+                run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, torch.bfloat16, ms, align=align, smem=smem)
+    os.environ.pop("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", None)
 
 cases = [
     # tokens, out, in, nnz

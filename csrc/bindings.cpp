@@ -69,12 +69,14 @@ TORCH_LIBRARY(peftcore, m) {
   // Backward of orthogonal_boft_apply: (grad_x, grad_rotations), x's chain recomputed; unasked outputs empty.
   m.def("orthogonal_boft_apply_backward(Tensor grad_out, Tensor x, Tensor rotations, Tensor perm, bool[2] output_mask) -> (Tensor, Tensor)");
   // ---- sparse_attn: block-sparse flash attention (q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D], GQA) and the attention-map block pool ----
-  // (out, lse): softmax(scale q k^T) v over the keys block_mask [B|1, Hq|1, ceil(Lq/bs), ceil(Lk/bs)] bool keeps (and j <= i if causal); lse fp32.
-  m.def("block_sparse_attn(Tensor q, Tensor k, Tensor v, Tensor block_mask, int block_size, bool causal=False, float? scale=None) -> (Tensor, Tensor)");
+  // (out, lse): softmax(scale q k^T) v over the keys block_mask [B|1, Hq|1, ceil(Lq/bs), ceil(Lk/bs)] bool keeps (and, if causal, j <= i top-left or j <= i + Lk - Lq bottom-right); lse fp32.
+  m.def("block_sparse_attn(Tensor q, Tensor k, Tensor v, Tensor block_mask, int block_size, bool causal=False, float? scale=None, str causal_align=\"top_left\") -> (Tensor, Tensor)");
   // Backward of block_sparse_attn: (dq, dk, dv), P recomputed from q, k, lse; grad_lse may be None; unasked outputs empty.
-  m.def("block_sparse_attn_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor block_mask, int block_size, bool causal, float? scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("block_sparse_attn_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor block_mask, int block_size, bool causal, float? scale, bool[3] output_mask, str causal_align=\"top_left\") -> (Tensor, Tensor, Tensor)");
   // [B, Hq, Qb, Kb] fp32: max over each (query block, key block) tile of the full (causal if asked) softmax map (SeerAttention's gate target).
-  m.def("attn_block_pool(Tensor q, Tensor k, int block_size, bool causal=False, float? scale=None) -> Tensor");
+  m.def("attn_block_pool(Tensor q, Tensor k, int block_size, bool causal=False, float? scale=None, str causal_align=\"top_left\") -> Tensor");
+  // The CUDA kernels' tile rows per kernel (forward, dq, dk/dv, pool; 0: none fits) and their shared memory bytes for head dim D under an opt-in limit (pure host planning, any build).
+  m.def("sparse_attn_tile_plan(int head_dim, int smem_limit) -> int[]");
   // ---- token_elim: LeMo / Jenga token elimination (x [B, L, *], keep_index [B, K] int64, rows sorted unique; K static) ----
   // x[b, keep_index[b, j]] for every kept j: [B, K, *]. Backward: token_scatter_add into zeros.
   m.def("token_gather(Tensor x, Tensor keep_index) -> Tensor");

@@ -3,8 +3,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <mutex>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cuda_common.cuh"
 #include "sparse_attn/sparse_attn_launch.h"
@@ -27,6 +30,23 @@ using cuda_common::dispatch_dtype;
 #define SA_TYPE(tag) std::remove_pointer_t<decltype(tag)>
 
 bool supported_head_dim(int64_t D) { return D == 64 || D == 128 || D == 256; }
+
+int64_t smem_optin(int device) {
+  static std::mutex mu;
+  static std::vector<int64_t> cache;  // per device; -1 = not queried yet
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0) throw std::runtime_error("peftcore sparse_attn CUDA: bad device index " + std::to_string(device));
+  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    int v = 0;
+    const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("peftcore sparse_attn CUDA: cannot read the opt-in shared memory of device ") +
+                               std::to_string(device) + ": " + cudaGetErrorString(e));
+    cache[device] = v;
+  }
+  return cache[device];
+}
 
 void forward(DType dtype, const Params& p, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) { forward_t<SA_TYPE(tag)>(p, stream); });

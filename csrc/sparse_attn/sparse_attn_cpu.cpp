@@ -18,6 +18,15 @@
 //       mask entry keeps this key block (the transposed mask, read in place): dV += P^T dO, dK += scale dS^T Q.
 //       Each task owns its dK / dV rows: no atomics, no per-thread copies of dK / dV.
 // The dlse term makes lse a differentiable output (d lse_i / d s_ij = P_ij, folded into Delta).
+//
+// Causal alignment: query i sees key j iff j <= i + off (Dims::off: 0 top-left, Lk - Lq bottom-right); every
+// causal bound below (key blocks a query block reaches, the tile mask, the query blocks of a key block) is
+// written in terms of the shifted row i + off.
+//
+// NaN / inf: the row max and the exp propagate NaN (std::max and _mm256_max_ps return one operand when the other
+// is NaN, so neither is used bare on scores), a row is empty only when its sum is exactly 0 (a NaN sum is not),
+// so a NaN or inf in q, or in k of a visible key, gives a NaN row as in SDPA; a row that sees nothing keeps
+// out = 0, lse = -inf.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,6 +50,7 @@
 
 #include "checks.h"
 #include "sparse_attn/sparse_attn.h"
+#include "sparse_attn/sparse_attn_tiles.h"
 
 namespace peftcore::sparse_attn {
 
@@ -51,10 +61,18 @@ at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDou
 
 namespace {
 
+// causal_align -> bottom-right?
+bool parse_align(const char* op, c10::string_view causal_align) {
+  TORCH_CHECK(causal_align == "top_left" || causal_align == "bottom_right", op,
+              ": causal_align must be \"top_left\" or \"bottom_right\", got \"", std::string(causal_align), "\"");
+  return causal_align == "bottom_right";
+}
+
 void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t block_size) {
   check_float(op, "q", q);
   check_dim(op, "q", q, 4);
   check_dim(op, "k", k, 4);
+  check_float(op, "k", k);
   check_same_dtype(op, "k", k, q, "q");
   check_same_device(op, "k", k, q, "q");
   TORCH_CHECK(k.size(0) == q.size(0), op, ": k must have batch size ", q.size(0), " (q is ", q.sizes(),
@@ -68,7 +86,10 @@ void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t 
   TORCH_CHECK(block_size > 0, op, ": block_size must be > 0, got ", block_size);
 }
 
-Dims dims_of(const at::Tensor& q, const at::Tensor& k, int64_t block_size, std::optional<double> scale) {
+Dims dims_of(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t block_size, bool causal,
+             std::optional<double> scale, c10::string_view causal_align) {
+  const bool bottom_right = parse_align(op, causal_align);
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op, ": scale must be finite, got ", *scale);
   Dims d{};
   d.B = q.size(0);
   d.Hq = q.size(1);
@@ -80,24 +101,28 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& k, int64_t block_size, std::
   d.Qb = ceil_div(d.Lq, block_size);
   d.Kb = ceil_div(d.Lk, block_size);
   d.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D));
+  d.causal = causal;
+  d.off = causal && bottom_right ? d.Lk - d.Lq : 0;
   return d;
 }
 
 }  // namespace
 
-Dims check_pool_args(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t block_size,
-                     std::optional<double> scale) {
+Dims check_pool_args(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t block_size, bool causal,
+                     std::optional<double> scale, c10::string_view causal_align) {
   check_qk(op, q, k, block_size);
-  return dims_of(q, k, block_size, scale);
+  return dims_of(op, q, k, block_size, causal, scale, causal_align);
 }
 
 Dims check_attn_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor* block_mask, int64_t block_size, std::optional<double> scale) {
+                     const at::Tensor* block_mask, int64_t block_size, bool causal, std::optional<double> scale,
+                     c10::string_view causal_align) {
   check_qk(op, q, k, block_size);
+  check_float(op, "v", v);
   check_same_dtype(op, "v", v, q, "q");
   check_same_device(op, "v", v, q, "q");
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
-  Dims d = dims_of(q, k, block_size, scale);
+  Dims d = dims_of(op, q, k, block_size, causal, scale, causal_align);
   if (block_mask != nullptr) {
     const at::Tensor& m = *block_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool, op, ": block_mask must be bool, got ", m.scalar_type());
@@ -182,7 +207,7 @@ constexpr bool kT = true;
 // |r| <= ln2 / 2, exp(r) by the Cephes expf polynomial (relative error ~1e-7), 2^n from the exponent bits.
 // x < -87 (exp underflows to a denormal) gives exactly 0.
 inline float exp_softmax(float x) {
-  const float xc = x < -87.f ? -87.f : x;
+  const float xc = x >= -87.f ? (x <= 88.f ? x : 88.f) : -87.f;  // NaN -> -87 (keeps the int cast defined)
   const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -194,16 +219,22 @@ inline float exp_softmax(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
   const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.f ? 0.f : p * two_n;
+  return x < -87.f ? 0.f : (x == x ? p * two_n : x);
 }
 inline double exp_softmax(double x) { return std::exp(x); }
+
+// max(a, b) that returns NaN when either is NaN (std::max(a, NaN) returns a).
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
 
 // Row kernels of the online softmax. float rows take an AVX2 + FMA path when the CPU has it (chosen at run time:
 // the extension itself is built for baseline x86-64); the scalar versions are the fallback and the float64 path.
 template <typename T>
 inline T row_max_scalar(const T* s, int64_t n) {
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  for (int64_t j = 0; j < n; ++j) mx = nan_max(mx, s[j]);
   return mx;
 }
 // s[j] <- exp(s[j] - c); returns the row sum.
@@ -222,7 +253,7 @@ inline T exp_row_sum_scalar(T* s, int64_t n, T c) {
 __attribute__((target("avx2,fma"))) inline __m256 exp_softmax8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also -inf
-  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));  // NaN -> -87, fixed below
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
@@ -235,7 +266,8 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_softmax8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  const __m256 r8 = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  return _mm256_blendv_ps(r8, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
@@ -245,15 +277,22 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
+// _mm256_max_ps drops a NaN in its first operand: NaN lanes are tracked apart and win at the end.
 __attribute__((target("avx2,fma"))) float row_max_avx2(const float* s, int64_t n) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    m = _mm256_max_ps(m, x);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan) != 0) return std::numeric_limits<float>::quiet_NaN();
   __m128 a = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   a = _mm_max_ps(a, _mm_movehl_ps(a, a));
   a = _mm_max_ss(a, _mm_movehdup_ps(a));
   float mx = _mm_cvtss_f32(a);
-  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  for (; j < n; ++j) mx = nan_max(mx, s[j]);
   return mx;
 }
 
@@ -274,7 +313,13 @@ __attribute__((target("avx2,fma"))) float exp_row_sum_avx2(float* s, int64_t n, 
   return sum;
 }
 
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// PEFTCORE_CPU_SIMD=scalar forces the scalar row kernels (read once; the tests run both paths).
+bool have_avx2() {
+  const char* env = std::getenv("PEFTCORE_CPU_SIMD");
+  if (env != nullptr && std::string(env) == "scalar") return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+const bool kHaveAvx2 = have_avx2();
 #endif
 
 inline float row_max(const float* s, int64_t n) {
@@ -306,17 +351,28 @@ inline const bool* mask_row(const bool* mask, const Dims& d, int64_t b, int64_t 
 // threads also when batch x heads is small.
 inline int64_t zigzag(int64_t t, int64_t n) { return (t & 1) ? n - 1 - t / 2 : t / 2; }
 
-// Key blocks a query block [i0, i0 + m) can see: all, or when causal those starting at or before row i0 + m - 1.
-inline int64_t key_blocks_end(const Dims& d, bool causal, int64_t i0, int64_t m) {
-  return causal ? std::min(d.Kb, (i0 + m - 1) / d.bs + 1) : d.Kb;
+// Key blocks a query block [i0, i0 + m) can see: all, or when causal those starting at or before key
+// i0 + m - 1 + off (none when that is negative).
+inline int64_t key_blocks_end(const Dims& d, int64_t i0, int64_t m) {
+  if (!d.causal) return d.Kb;
+  const int64_t last = i0 + m - 1 + d.off;
+  return last < 0 ? 0 : std::min(d.Kb, last / d.bs + 1);
 }
 
-// Causal mask of an [m, n] tile of rows i0.., keys j0..: s[i, j] = -inf where j0 + j > i0 + i.
+// Query blocks that can see key block J (starting at key j0) under causal: from the block holding row j0 - off.
+inline int64_t query_blocks_begin(const Dims& d, int64_t j0) {
+  if (!d.causal) return 0;
+  const int64_t r = j0 - d.off;
+  return r <= 0 ? 0 : std::min(d.Qb, r / d.bs);
+}
+
+// Causal mask of an [m, n] tile of rows i0.., keys j0..: s[i, j] = -inf where j0 + j > i0 + i + off.
 template <typename T>
-inline void causal_mask_tile(T* s, int64_t m, int64_t n, int64_t i0, int64_t j0) {
-  if (j0 + n - 1 <= i0) return;  // fully visible
+inline void causal_mask_tile(const Dims& d, T* s, int64_t m, int64_t n, int64_t i0, int64_t j0) {
+  const int64_t top = i0 + d.off;  // the tile's first row, shifted
+  if (j0 + n - 1 <= top) return;   // fully visible
   for (int64_t i = 0; i < m; ++i) {
-    const int64_t first_hidden = std::max<int64_t>(0, i0 + i - j0 + 1);
+    const int64_t first_hidden = std::clamp<int64_t>(top + i - j0 + 1, 0, n);
     for (int64_t j = first_hidden; j < n; ++j) s[i * n + j] = kNegInf<T>;
   }
 }
@@ -339,10 +395,10 @@ inline void gemm_acc_atb(int64_t m, int64_t n, int64_t D, T alpha, const T* p, c
 
 // P tile = exp(scale Q K^T - lse) with the causal mask; rows with lse = -inf (no visible key) give 0.
 template <typename T>
-inline void probs_tile(const Dims& d, bool causal, int64_t m, int64_t n, int64_t i0, int64_t j0, const T* qp,
-                       const T* kp, const T* lse_rows, T* p) {
+inline void probs_tile(const Dims& d, int64_t m, int64_t n, int64_t i0, int64_t j0, const T* qp, const T* kp,
+                       const T* lse_rows, T* p) {
   gemm_abt<T>(m, n, d.D, static_cast<T>(d.scale), qp, kp, p);
-  if (causal) causal_mask_tile(p, m, n, i0, j0);
+  if (d.causal) causal_mask_tile(d, p, m, n, i0, j0);
   for (int64_t i = 0; i < m; ++i) {
     const T l = lse_rows[i] == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse_rows[i];
     exp_row_sum(p + i * n, n, l);
@@ -361,7 +417,7 @@ inline void ds_tile(int64_t m, int64_t n, const T* p, const T* delta_rows, T* dp
 }
 
 template <typename T>
-void forward_kernel(const Dims& d, bool causal, const T* q, const T* k, const T* v, const bool* mask, T* out,
+void forward_kernel(const Dims& d, const T* q, const T* k, const T* v, const bool* mask, T* out,
                     T* lse) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hq * d.Qb, 1, [&](int64_t begin, int64_t end) {
@@ -377,16 +433,16 @@ void forward_kernel(const Dims& d, bool causal, const T* q, const T* k, const T*
       std::fill(acc.begin(), acc.begin() + m * D, T(0));
       std::fill(mx.begin(), mx.begin() + m, kNegInf<T>);
       std::fill(sum.begin(), sum.begin() + m, T(0));
-      const int64_t jend = key_blocks_end(d, causal, i0, m);
+      const int64_t jend = key_blocks_end(d, i0, m);
       for (int64_t J = 0; J < jend; ++J) {
         if (!keep[J]) continue;
         const int64_t j0 = J * bs, n = std::min(bs, d.Lk - j0);
         T* s = S.data();
         gemm_abt<T>(m, n, D, static_cast<T>(d.scale), qp, k + (kv0 + j0) * D, s);
-        if (causal) causal_mask_tile(s, m, n, i0, j0);
+        if (d.causal) causal_mask_tile(d, s, m, n, i0, j0);
         for (int64_t i = 0; i < m; ++i) {
           T* r = s + i * n;
-          const T mnew = std::max(mx[i], row_max(r, n));
+          const T mnew = nan_max(mx[i], row_max(r, n));
           if (mnew == kNegInf<T>) {  // nothing visible in this row yet
             std::fill(r, r + n, T(0));
             continue;
@@ -404,17 +460,18 @@ void forward_kernel(const Dims& d, bool causal, const T* q, const T* k, const T*
       }
       T* op = out + row0 * D;
       for (int64_t i = 0; i < m; ++i) {
-        const bool any = sum[i] > T(0);
-        const T inv = any ? T(1) / sum[i] : T(0);
-        for (int64_t c = 0; c < D; ++c) op[i * D + c] = acc[i * D + c] * inv;
-        lse[row0 + i] = any ? mx[i] + std::log(sum[i]) : kNegInf<T>;
+        // Empty (no visible finite score): exactly 0, even if 0 x a non-finite v reached acc. NaN sums are not.
+        const bool empty = sum[i] == T(0);
+        const T inv = T(1) / sum[i];
+        for (int64_t c = 0; c < D; ++c) op[i * D + c] = empty ? T(0) : acc[i * D + c] * inv;
+        lse[row0 + i] = empty ? kNegInf<T> : mx[i] + std::log(sum[i]);
       }
     }
   });
 }
 
 template <typename T>
-void backward_dq_kernel(const Dims& d, bool causal, const T* q, const T* k, const T* v, const T* go, const T* lse,
+void backward_dq_kernel(const Dims& d, const T* q, const T* k, const T* v, const T* go, const T* lse,
                         const T* delta, const bool* mask, T* dq) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hq * d.Qb, 1, [&](int64_t begin, int64_t end) {
@@ -427,12 +484,12 @@ void backward_dq_kernel(const Dims& d, bool causal, const T* q, const T* k, cons
       const int64_t kv0 = (b * d.Hkv + h / G) * d.Lk;
       const bool* keep = mask_row(mask, d, b, h, I);
       std::fill(acc.begin(), acc.begin() + m * D, T(0));
-      const int64_t jend = key_blocks_end(d, causal, i0, m);
+      const int64_t jend = key_blocks_end(d, i0, m);
       for (int64_t J = 0; J < jend; ++J) {
         if (!keep[J]) continue;
         const int64_t j0 = J * bs, n = std::min(bs, d.Lk - j0);
         const T* kp = k + (kv0 + j0) * D;
-        probs_tile<T>(d, causal, m, n, i0, j0, q + row0 * D, kp, lse + row0, P.data());
+        probs_tile<T>(d, m, n, i0, j0, q + row0 * D, kp, lse + row0, P.data());
         gemm_abt<T>(m, n, D, T(1), go + row0 * D, v + (kv0 + j0) * D, dP.data());
         ds_tile<T>(m, n, P.data(), delta + row0, dP.data());
         gemm_acc_ab<T>(m, n, D, static_cast<T>(d.scale), dP.data(), kp, acc.data());
@@ -443,7 +500,7 @@ void backward_dq_kernel(const Dims& d, bool causal, const T* q, const T* k, cons
 }
 
 template <typename T>
-void backward_dkdv_kernel(const Dims& d, bool causal, const T* q, const T* k, const T* v, const T* go, const T* lse,
+void backward_dkdv_kernel(const Dims& d, const T* q, const T* k, const T* v, const T* go, const T* lse,
                           const T* delta, const bool* mask, T* dk, T* dv) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hkv * d.Kb, 1, [&](int64_t begin, int64_t end) {
@@ -457,17 +514,17 @@ void backward_dkdv_kernel(const Dims& d, bool causal, const T* q, const T* k, co
       const T* vp = v + kv0 * D;
       std::fill(dk_acc.begin(), dk_acc.begin() + n * D, T(0));
       std::fill(dv_acc.begin(), dv_acc.begin() + n * D, T(0));
-      // Causal: query block I sees key block J iff its last row is >= j0, i.e. from I = J on (when it exists).
-      const int64_t ibeg = causal ? std::min(J, d.Qb) : 0;
+      // Causal: query block I sees key block J iff its last row + off is >= j0.
+      const int64_t ibeg = query_blocks_begin(d, j0);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         for (int64_t I = ibeg; I < d.Qb; ++I) {
           if (!mask_row(mask, d, b, h, I)[J]) continue;
           const int64_t i0 = I * bs, m = std::min(bs, d.Lq - i0);
-          if (causal && i0 + m - 1 < j0) continue;
+          if (d.causal && i0 + m - 1 + d.off < j0) continue;
           const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
           const T* qp = q + row0 * D;
           const T* gp = go + row0 * D;
-          probs_tile<T>(d, causal, m, n, i0, j0, qp, kp, lse + row0, P.data());
+          probs_tile<T>(d, m, n, i0, j0, qp, kp, lse + row0, P.data());
           gemm_acc_atb<T>(m, n, D, T(1), P.data(), gp, dv_acc.data());
           gemm_abt<T>(m, n, D, T(1), gp, vp, dP.data());
           ds_tile<T>(m, n, P.data(), delta + row0, dP.data());
@@ -483,7 +540,7 @@ void backward_dkdv_kernel(const Dims& d, bool causal, const T* q, const T* k, co
 // Two passes per query block: lse over every visible key (online max / sum), then per key block the max of
 // exp(s - lse) over the tile, taken as exp(max(s - lse)).
 template <typename T>
-void block_pool_kernel(const Dims& d, bool causal, const T* q, const T* k, T* pool) {
+void block_pool_kernel(const Dims& d, const T* q, const T* k, T* pool) {
   const int64_t bs = d.bs, D = d.D, G = d.Hq / d.Hkv;
   at::parallel_for(0, d.B * d.Hq * d.Qb, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = std::min(bs, d.Lq), bn = std::min(bs, d.Lk);
@@ -497,29 +554,33 @@ void block_pool_kernel(const Dims& d, bool causal, const T* q, const T* k, T* po
       std::fill(prow, prow + d.Kb, T(0));
       std::fill(mx.begin(), mx.begin() + m, kNegInf<T>);
       std::fill(sum.begin(), sum.begin() + m, T(0));
-      const int64_t jend = key_blocks_end(d, causal, i0, m);
+      const int64_t jend = key_blocks_end(d, i0, m);
       T* s = S.data();
       for (int64_t J = 0; J < jend; ++J) {
         const int64_t j0 = J * bs, n = std::min(bs, d.Lk - j0);
         gemm_abt<T>(m, n, D, static_cast<T>(d.scale), qp, k + (kv0 + j0) * D, s);
-        if (causal) causal_mask_tile(s, m, n, i0, j0);
+        if (d.causal) causal_mask_tile(d, s, m, n, i0, j0);
         for (int64_t i = 0; i < m; ++i) {
           T* r = s + i * n;
-          const T mnew = std::max(mx[i], row_max(r, n));
+          const T mnew = nan_max(mx[i], row_max(r, n));
           if (mnew == kNegInf<T>) continue;
           const T rs = exp_row_sum(r, n, mnew);
           sum[i] = sum[i] * exp_softmax(mx[i] - mnew) + rs;
           mx[i] = mnew;
         }
       }
-      for (int64_t i = 0; i < m; ++i) mx[i] = sum[i] > T(0) ? mx[i] + std::log(sum[i]) : std::numeric_limits<T>::infinity();
+      // lse per row; +inf for rows that see nothing (their p is 0), NaN stays NaN.
+      for (int64_t i = 0; i < m; ++i)
+        mx[i] = sum[i] == T(0) ? std::numeric_limits<T>::infinity() : mx[i] + std::log(sum[i]);
       for (int64_t J = 0; J < jend; ++J) {
         const int64_t j0 = J * bs, n = std::min(bs, d.Lk - j0);
         gemm_abt<T>(m, n, D, static_cast<T>(d.scale), qp, k + (kv0 + j0) * D, s);
-        if (causal) causal_mask_tile(s, m, n, i0, j0);
+        if (d.causal) causal_mask_tile(d, s, m, n, i0, j0);
         T best = kNegInf<T>;
         for (int64_t i = 0; i < m; ++i) {
-          best = std::max(best, row_max(s + i * n, n) - mx[i]);
+          const T rm = row_max(s + i * n, n);
+          if (rm == kNegInf<T>) continue;  // the row sees nothing in this block (a NaN lse must not reach it)
+          best = nan_max(best, rm - mx[i]);
         }
         prow[J] = best == kNegInf<T> ? T(0) : std::exp(best);
       }
@@ -543,10 +604,10 @@ void dispatch_acc(at::ScalarType st, F&& f) {
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& block_mask,
                                                          int64_t block_size, bool causal,
-                                                         std::optional<double> scale) {
+                                                         std::optional<double> scale, c10::string_view causal_align) {
   constexpr const char* op = "block_sparse_attn";
+  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, causal, scale, causal_align);
   check_cpu(op, q);
-  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, scale);
   const auto st = stat_dtype(q.scalar_type());
   auto qc = q.to(st).contiguous(), kc = k.to(st).contiguous(), vc = v.to(st).contiguous();
   auto mc = block_mask.contiguous();
@@ -555,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cpu(const at::Tensor& q, co
   if (out.numel() > 0) {
     dispatch_acc(st, [&](auto tag) {
       using T = decltype(tag);
-      forward_kernel<T>(d, causal, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
+      forward_kernel<T>(d, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
                         mc.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>());
     });
   }
@@ -565,10 +626,11 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cpu(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& block_mask,
-    int64_t block_size, bool causal, std::optional<double> scale, std::array<bool, 3> output_mask) {
+    int64_t block_size, bool causal, std::optional<double> scale, std::array<bool, 3> output_mask,
+    c10::string_view causal_align) {
   constexpr const char* op = "block_sparse_attn_backward";
+  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, causal, scale, causal_align);
   check_cpu(op, q);
-  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, scale);
   check_backward_args(op, d, q, grad_out, grad_lse, out, lse);
   const auto st = stat_dtype(q.scalar_type());
   auto qc = q.to(st).contiguous(), kc = k.to(st).contiguous(), vc = v.to(st).contiguous();
@@ -589,11 +651,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cpu(
     dispatch_acc(st, [&](auto tag) {
       using T = decltype(tag);
       if (output_mask[0])
-        backward_dq_kernel<T>(d, causal, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
+        backward_dq_kernel<T>(d, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
                               gc.const_data_ptr<T>(), lc.const_data_ptr<T>(), delta.const_data_ptr<T>(),
                               mc.const_data_ptr<bool>(), dq.mutable_data_ptr<T>());
       if (output_mask[1] || output_mask[2])
-        backward_dkdv_kernel<T>(d, causal, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
+        backward_dkdv_kernel<T>(d, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
                                 gc.const_data_ptr<T>(), lc.const_data_ptr<T>(), delta.const_data_ptr<T>(),
                                 mc.const_data_ptr<bool>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>());
     });
@@ -605,20 +667,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cpu(
 }
 
 at::Tensor attn_block_pool_cpu(const at::Tensor& q, const at::Tensor& k, int64_t block_size, bool causal,
-                               std::optional<double> scale) {
+                               std::optional<double> scale, c10::string_view causal_align) {
   constexpr const char* op = "attn_block_pool";
+  Dims d = check_pool_args(op, q, k, block_size, causal, scale, causal_align);
   check_cpu(op, q);
-  Dims d = check_pool_args(op, q, k, block_size, scale);
   const auto st = stat_dtype(q.scalar_type());
   auto qc = q.to(st).contiguous(), kc = k.to(st).contiguous();
   auto pool = at::empty({d.B, d.Hq, d.Qb, d.Kb}, qc.options());
   if (pool.numel() > 0) {
     dispatch_acc(st, [&](auto tag) {
       using T = decltype(tag);
-      block_pool_kernel<T>(d, causal, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), pool.mutable_data_ptr<T>());
+      block_pool_kernel<T>(d, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), pool.mutable_data_ptr<T>());
     });
   }
   return pool;
+}
+
+// [tile rows of forward, dq, dk/dv, pool (0: none fits), then their shared memory bytes]: the CUDA launchers'
+// plan (sparse_attn_tiles.h), reachable without a GPU.
+std::vector<int64_t> sparse_attn_tile_plan(int64_t head_dim, int64_t smem_limit) {
+  constexpr const char* op = "sparse_attn_tile_plan";
+  TORCH_CHECK(tiles::smallest_tile(head_dim) > 0, op, ": head dim must be 64, 128 or 256, got ", head_dim);
+  TORCH_CHECK(smem_limit >= 0, op, ": smem_limit must be >= 0, got ", smem_limit);
+  std::vector<int64_t> out(2 * tiles::kKernels);
+  for (int kern = 0; kern < tiles::kKernels; ++kern) {
+    out[kern] = tiles::plan(kern, head_dim, smem_limit);
+    out[tiles::kKernels + kern] = out[kern] ? tiles::smem_bytes(kern, head_dim, out[kern]) : 0;
+  }
+  return out;
 }
 
 }  // namespace
@@ -627,6 +703,11 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("block_sparse_attn", &block_sparse_attn_cpu);
   m.impl("block_sparse_attn_backward", &block_sparse_attn_backward_cpu);
   m.impl("attn_block_pool", &attn_block_pool_cpu);
+}
+
+// No tensor arguments: a composite kernel serves every call.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
+  m.impl("sparse_attn_tile_plan", &sparse_attn_tile_plan);
 }
 
 }  // namespace peftcore::sparse_attn

@@ -1,11 +1,14 @@
 // sparse_attn CUDA glue: argument checks (shared with the CPU, sparse_attn.h, plus the CUDA limits: head dim 64 /
-// 128 / 256, no float64), contiguous copies, output allocation and the plain-CUDA launchers of sparse_attn.cu.
+// 128 / 256, no float64), the tile plan for the device's opt-in shared memory (sparse_attn_tiles.h), contiguous
+// copies, output allocation and the plain-CUDA launchers of sparse_attn.cu.
 // No host sync anywhere: the block mask is read by the kernels, so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -13,6 +16,7 @@
 #include "cuda_glue.h"
 #include "sparse_attn/sparse_attn.h"
 #include "sparse_attn/sparse_attn_launch.h"
+#include "sparse_attn/sparse_attn_tiles.h"
 
 namespace peftcore::sparse_attn {
 namespace {
@@ -27,6 +31,27 @@ void check_cuda_dims(const char* op, const at::Tensor& q, const Dims& d) {
               " (q of shape ", q.sizes(), ")");
   TORCH_CHECK(d.Hq <= 65535 && d.B <= 65535, op, ": batch and heads must be <= 65535 on CUDA, got B = ", d.B,
               ", Hq = ", d.Hq);
+}
+
+// The device's opt-in shared memory per block, lowered by PEFTCORE_SPARSE_ATTN_SMEM_LIMIT (bytes) when set: the
+// GPU tests use it to run the smaller tiles of a 99 KB (sm_86 / sm_89) or 48 KB device on a larger one.
+int64_t smem_limit(const at::Tensor& q) {
+  int64_t lim = cu::smem_optin(q.device().index());
+  if (const char* env = std::getenv("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT")) {
+    const long long v = std::atoll(env);
+    if (v > 0) lim = std::min<int64_t>(lim, v);
+  }
+  return lim;
+}
+
+// The tile rows of `kernel` at head dim D on q's device, or a clear error when even the smallest tile does not fit.
+int plan_tile(const char* op, const at::Tensor& q, int kernel, int64_t D) {
+  const int64_t lim = smem_limit(q);
+  const int t = tiles::plan(kernel, D, lim);
+  TORCH_CHECK(t > 0, op, ": head dim ", D, " needs ", tiles::smem_bytes(kernel, D, tiles::smallest_tile(D)),
+              " bytes of shared memory per block even with the smallest tile (", tiles::smallest_tile(D),
+              " rows), but ", q.device(), " allows ", lim, " (opt-in maximum per block)");
+  return t;
 }
 
 cu::Params params_of(const Dims& d, bool causal) {
@@ -44,22 +69,25 @@ cu::Params params_of(const Dims& d, bool causal) {
   p.mask_h = d.mask_h;
   p.scale = static_cast<float>(d.scale);
   p.causal = causal;
+  p.off = d.off;
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const at::Tensor& block_mask,
                                                           int64_t block_size, bool causal,
-                                                          std::optional<double> scale) {
+                                                          std::optional<double> scale, c10::string_view causal_align) {
   constexpr const char* op = "block_sparse_attn";
-  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, scale);
+  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, causal, scale, causal_align);
   check_cuda_dims(op, q, d);
   const c10::cuda::CUDAGuard guard(q.device());
+  const int tile = plan_tile(op, q, tiles::kForward, d.D);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
   auto out = at::empty({d.B, d.Hq, d.Lq, d.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   cu::Params p = params_of(d, causal);
+  p.tile[tiles::kForward] = tile;
   p.q = qc.const_data_ptr();
   p.k = kc.const_data_ptr();
   p.v = vc.const_data_ptr();
@@ -73,13 +101,16 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& block_mask,
-    int64_t block_size, bool causal, std::optional<double> scale, std::array<bool, 3> output_mask) {
+    int64_t block_size, bool causal, std::optional<double> scale, std::array<bool, 3> output_mask,
+    c10::string_view causal_align) {
   constexpr const char* op = "block_sparse_attn_backward";
-  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, scale);
+  const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, causal, scale, causal_align);
   check_cuda_dims(op, q, d);
   check_backward_args(op, d, q, grad_out, grad_lse, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
   const bool want_dq = output_mask[0], want_dkdv = output_mask[1] || output_mask[2];
+  const int tile_dq = want_dq ? plan_tile(op, q, tiles::kDq, d.D) : 0;
+  const int tile_dkdv = want_dkdv ? plan_tile(op, q, tiles::kDkdv, d.D) : 0;
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
   auto gc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
   at::Tensor glc;
@@ -92,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cuda(
   if (q.numel() > 0 && k.numel() > 0 && (want_dq || want_dkdv)) {
     auto delta = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
     cu::Params p = params_of(d, causal);
+    p.tile[tiles::kDq] = tile_dq;
+    p.tile[tiles::kDkdv] = tile_dkdv;
     p.q = qc.const_data_ptr();
     p.k = kc.const_data_ptr();
     p.v = vc.const_data_ptr();
@@ -110,15 +143,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cuda(
 }
 
 at::Tensor attn_block_pool_cuda(const at::Tensor& q, const at::Tensor& k, int64_t block_size, bool causal,
-                                std::optional<double> scale) {
+                                std::optional<double> scale, c10::string_view causal_align) {
   constexpr const char* op = "attn_block_pool";
-  const Dims d = check_pool_args(op, q, k, block_size, scale);
+  const Dims d = check_pool_args(op, q, k, block_size, causal, scale, causal_align);
   check_cuda_dims(op, q, d);
   const c10::cuda::CUDAGuard guard(q.device());
+  const int tile = plan_tile(op, q, tiles::kPool, d.D);
   auto qc = q.contiguous(), kc = k.contiguous();
   auto pool = at::zeros({d.B, d.Hq, d.Qb, d.Kb}, q.options().dtype(at::kFloat));
   if (pool.numel() == 0) return pool;
   cu::Params p = params_of(d, causal);
+  p.tile[tiles::kPool] = tile;
   p.q = qc.const_data_ptr();
   p.k = kc.const_data_ptr();
   p.pool = pool.mutable_data_ptr<float>();

@@ -24,14 +24,31 @@ namespace K = kernels;
 
 inline void check_cuda(cudaError_t e, const char* what) { cuda_common::check_cuda(e, "sparse_attn", what); }
 
+// f(D, TILE) for the compiled (head dim, tile rows) pairs: sparse_attn_tiles.h's tile_candidate list.
 template <typename F>
-void with_head_dim(int64_t D, F&& f) {
+void with_tile(int64_t D, int tile, F&& f) {
+  const auto bad = [&] {
+    throw std::runtime_error("peftcore sparse_attn CUDA: no kernel for head dim " + std::to_string(D) + " with " +
+                             std::to_string(tile) + "-row tiles");
+  };
   switch (D) {
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    case 256: f(std::integral_constant<int, 256>{}); break;
-    default:
-      throw std::runtime_error("peftcore sparse_attn CUDA: head dim must be 64, 128 or 256, got " + std::to_string(D));
+    case 64:
+      if (tile == 64) f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
+      else if (tile == 32) f(std::integral_constant<int, 64>{}, std::integral_constant<int, 32>{});
+      else bad();
+      break;
+    case 128:
+      if (tile == 64) f(std::integral_constant<int, 128>{}, std::integral_constant<int, 64>{});
+      else if (tile == 32) f(std::integral_constant<int, 128>{}, std::integral_constant<int, 32>{});
+      else if (tile == 16) f(std::integral_constant<int, 128>{}, std::integral_constant<int, 16>{});
+      else bad();
+      break;
+    case 256:
+      if (tile == 32) f(std::integral_constant<int, 256>{}, std::integral_constant<int, 32>{});
+      else if (tile == 16) f(std::integral_constant<int, 256>{}, std::integral_constant<int, 16>{});
+      else bad();
+      break;
+    default: bad();
   }
 }
 
@@ -43,6 +60,8 @@ inline dim3 grid_for(int64_t blocks, int64_t bs, int64_t L, int tile, int64_t he
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
 }
 
+// Raises the kernel's dynamic shared memory limit to what this tile needs (above 48 KB needs the opt-in; the tile
+// was planned to fit the device's opt-in maximum), then launches.
 template <typename Kern>
 void launch(Kern kern, dim3 grid, int smem, const Params& p, cudaStream_t stream, const char* what) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
@@ -56,44 +75,48 @@ void launch(Kern kern, dim3 grid, int smem, const Params& p, cudaStream_t stream
 template <typename T>
 void forward_t(const Params& p, cudaStream_t stream) {
   using namespace detail;
-  with_head_dim(p.D, [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    using C = K::Cfg<D>;
-    launch(K::forward_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "forward"), C::kFwdSmem, p, stream,
-           "forward launch");
+  with_tile(p.D, p.tile[tiles::kForward], [&](auto d, auto t) {
+    constexpr int D = decltype(d)::value, TILE = decltype(t)::value;
+    using C = K::Cfg<D, TILE>;
+    launch(K::forward_kernel<T, D, TILE>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "forward"), C::kFwdSmem, p,
+           stream, "forward launch");
   });
 }
 
 template <typename T>
 void backward_t(const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream) {
   using namespace detail;
-  with_head_dim(p.D, [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    using C = K::Cfg<D>;
-    const int64_t rows = p.B * p.Hq * p.Lq;
-    if (rows > 0) {
-      const int64_t blocks = (rows + 7) / 8;
-      if (blocks > 0x7fffffff) throw std::runtime_error("peftcore sparse_attn CUDA: delta: grid too large");
-      K::delta_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
-      check_cuda(cudaGetLastError(), "delta launch");
-    }
-    if (want_dq)
-      launch(K::backward_dq_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "dq"), C::kBwdSmem, p, stream,
-             "dq launch");
-    if (want_dkdv)
-      launch(K::backward_dkdv_kernel<T, D>, grid_for(p.Kb, p.bs, p.Lk, C::BN, p.Hkv, p.B, "dkdv"), C::kBwdSmem, p,
-             stream, "dkdv launch");
-  });
+  const int64_t rows = p.B * p.Hq * p.Lq;
+  if (rows > 0) {
+    const int64_t blocks = (rows + 7) / 8;
+    if (blocks > 0x7fffffff) throw std::runtime_error("peftcore sparse_attn CUDA: delta: grid too large");
+    K::delta_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "delta launch");
+  }
+  if (want_dq)
+    with_tile(p.D, p.tile[tiles::kDq], [&](auto d, auto t) {
+      constexpr int D = decltype(d)::value, TILE = decltype(t)::value;
+      using C = K::Cfg<D, TILE>;
+      launch(K::backward_dq_kernel<T, D, TILE>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "dq"), C::kBwdSmem, p,
+             stream, "dq launch");
+    });
+  if (want_dkdv)
+    with_tile(p.D, p.tile[tiles::kDkdv], [&](auto d, auto t) {
+      constexpr int D = decltype(d)::value, TILE = decltype(t)::value;
+      using C = K::Cfg<D, TILE>;
+      launch(K::backward_dkdv_kernel<T, D, TILE>, grid_for(p.Kb, p.bs, p.Lk, C::BN, p.Hkv, p.B, "dkdv"), C::kBwdSmem,
+             p, stream, "dkdv launch");
+    });
 }
 
 template <typename T>
 void block_pool_t(const Params& p, cudaStream_t stream) {
   using namespace detail;
-  with_head_dim(p.D, [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    using C = K::Cfg<D>;
-    launch(K::block_pool_kernel<T, D>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "block_pool"), C::kPoolSmem, p,
-           stream, "block_pool launch");
+  with_tile(p.D, p.tile[tiles::kPool], [&](auto d, auto t) {
+    constexpr int D = decltype(d)::value, TILE = decltype(t)::value;
+    using C = K::Cfg<D, TILE>;
+    launch(K::block_pool_kernel<T, D, TILE>, grid_for(p.Qb, p.bs, p.Lq, C::BM, p.Hq, p.B, "block_pool"),
+           C::kPoolSmem, p, stream, "block_pool launch");
   });
 }
 

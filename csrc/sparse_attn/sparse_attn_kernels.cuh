@@ -6,10 +6,16 @@
 // Tiling. A CTA of kThreads = 128 threads owns one tile of BM query rows (forward, dQ, pool) or BN key rows (dK /
 // dV) of one (batch, head). Tiles never straddle a mask block: a query block of bs rows is cut into ceil(bs / BM)
 // tiles, a key block into ceil(bs / BN) sub-tiles, so every tile reads one block-mask entry. Masked key blocks
-// are skipped whole (the mask row is read from global memory, no host sync); causal (top-left, key j visible to
-// query i iff j <= i) also skips every key sub-tile starting after the tile's last row.
-// BM = BN = 64 for D <= 128, 32 for D = 256. Tiles live in shared memory as fp32 with a row stride of D + 1
-// (BN + 1 for the probability tile) so that the column walks below are free of bank conflicts.
+// are skipped whole (the mask row is read from global memory, no host sync); causal (key j visible to query i
+// iff j <= i + off: off = 0 top-left, Lk - Lq bottom-right) also skips every key sub-tile starting after the
+// tile's last row + off.
+// BM = BN = TILE: 64 (D <= 128) or 32 (D = 256) where the device's opt-in shared memory allows, smaller tiles
+// otherwise (chosen at run time, sparse_attn_tiles.h). Tiles live in shared memory as fp32 with a row stride of
+// D + 1 (BN + 1 for the probability tile) so that the column walks below are free of bank conflicts.
+//
+// NaN: fmaxf returns the other operand when one is NaN, so the row maxima use nan_max (NaN wins); a row is empty
+// only when its sum is exactly 0, so a NaN in q or in a visible key's k gives a NaN row (as SDPA), and the pool
+// writes a positive NaN for a block a NaN row sees.
 //
 // Thread layout. Thread t = 16 ty + tx (ty < 8, tx < 16). In a [BM, BN] score tile it owns rows ty + 8a and
 // columns tx + 16b (a < BM / 8, b < BN / 16); the 16 threads of one ty (a half warp) share rows, so row max / sum
@@ -35,6 +41,7 @@
 
 #include "cuda_common.cuh"
 #include "sparse_attn/sparse_attn_launch.h"
+#include "sparse_attn/sparse_attn_tiles.h"
 
 namespace peftcore::sparse_attn::cuda::kernels {
 
@@ -45,10 +52,10 @@ constexpr int kThreads = 128;
 constexpr int kTX = 16;  // threads along columns
 constexpr int kTY = 8;   // threads along rows
 
-template <int D>
+template <int D, int TILE>
 struct Cfg {
-  static constexpr int BM = D <= 128 ? 64 : 32;
-  static constexpr int BN = BM;
+  static constexpr int BM = TILE;
+  static constexpr int BN = TILE;
   static constexpr int RM = BM / kTY;  // score-tile rows per thread
   static constexpr int RN = BN / kTX;  // score-tile columns per thread
   static constexpr int RK = BN / kTY;  // key rows per thread in dK / dV
@@ -59,6 +66,10 @@ struct Cfg {
   static constexpr int kBwdSmem = (2 * BM * LD + 2 * BN * LD + BM * LP + 2 * BM) * 4;
   static constexpr int kPoolSmem = (BM * LD + BN * LD) * 4;
   static_assert(D % kTX == 0 && BM % kTY == 0 && BN % kTX == 0, "tile shape");
+  static_assert(kFwdSmem == tiles::smem_bytes(tiles::kForward, D, TILE) &&
+                    kBwdSmem == tiles::smem_bytes(tiles::kDq, D, TILE) &&
+                    kPoolSmem == tiles::smem_bytes(tiles::kPool, D, TILE),
+                "the host planner's shared memory sizes must be the kernels'");
 };
 
 #define kInf (__int_as_float(0x7f800000))
@@ -72,9 +83,12 @@ __host__ __device__ __forceinline__ int64_t tiles_per_block(int64_t bs, int64_t 
   return rows > 0 ? (rows + tile - 1) / tile : 1;
 }
 
+// max that propagates NaN (fmaxf(x, NaN) = x).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __device__ __forceinline__ float group16_max(float v) {
 #pragma unroll
-  for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 8; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 __device__ __forceinline__ float group16_sum(float v) {
@@ -84,7 +98,7 @@ __device__ __forceinline__ float group16_sum(float v) {
 }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -98,6 +112,20 @@ __device__ __forceinline__ void load_tile(float* __restrict__ sm, const T* __res
   }
 }
 
+// Causal bounds with the alignment offset (key j visible to query i iff j <= i + off).
+// Key blocks a query tile whose last row is last_row can reach.
+__device__ __forceinline__ int64_t key_blocks_end(const Params& p, int64_t last_row) {
+  if (!p.causal) return p.Kb;
+  const int64_t last = last_row + p.off;
+  return last < 0 ? 0 : min64(p.Kb, last / p.bs + 1);
+}
+// The first query block that can see key block J.
+__device__ __forceinline__ int64_t query_blocks_begin(const Params& p, int64_t J) {
+  if (!p.causal) return 0;
+  const int64_t r = J * p.bs - p.off;
+  return r <= 0 ? 0 : min64(p.Qb, r / p.bs);
+}
+
 // The block-mask row of (b, h, I).
 __device__ __forceinline__ const bool* mask_row(const Params& p, int64_t b, int64_t h, int64_t I) {
   const int64_t mb = p.mask_b > 1 ? b : 0, mh = p.mask_h > 1 ? h : 0;
@@ -105,10 +133,10 @@ __device__ __forceinline__ const bool* mask_row(const Params& p, int64_t b, int6
 }
 
 // s[a][b] = sum_d A[ty + 8a][d] * Bt[tx + 16b][d] over two shared [*, D] tiles.
-template <int D>
+template <int D, int TILE>
 __device__ __forceinline__ void tile_abt(const float* __restrict__ A, const float* __restrict__ Bt,
-                                         float (&s)[Cfg<D>::RM][Cfg<D>::RN]) {
-  using C = Cfg<D>;
+                                         float (&s)[Cfg<D, TILE>::RM][Cfg<D, TILE>::RN]) {
+  using C = Cfg<D, TILE>;
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
 #pragma unroll
   for (int a = 0; a < C::RM; ++a)
@@ -128,17 +156,17 @@ __device__ __forceinline__ void tile_abt(const float* __restrict__ A, const floa
   }
 }
 
-// Whether score (row, col) of the tile is visible: inside the tile's rows / columns and causal.
-__device__ __forceinline__ bool visible(int r, int rows, int c, int cols, int64_t row, int64_t col, bool causal) {
-  return r < rows && c < cols && (!causal || col <= row);
+// Whether score (row, col) of the tile is visible: inside the tile's rows / columns and causal (col <= row + off).
+__device__ __forceinline__ bool visible(const Params& p, int r, int rows, int c, int cols, int64_t row, int64_t col) {
+  return r < rows && c < cols && (!p.causal || col <= row + p.off);
 }
 
 // ------------------------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename T, int D>
+template <typename T, int D, int TILE>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
-  using C = Cfg<D>;
+  using C = Cfg<D, TILE>;
   extern __shared__ float smem[];
   float* Qs = smem;
   float* Ks = Qs + C::BM * C::LD;
@@ -168,19 +196,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
 #pragma unroll
     for (int c = 0; c < C::DC; ++c) o[a][c] = 0.f;
   }
-  const int64_t jend = p.causal ? min64(p.Kb, last_row / p.bs + 1) : p.Kb;
+  const int64_t jend = key_blocks_end(p, last_row);
   for (int64_t J = 0; J < jend; ++J) {
     if (!keep[J]) continue;
     const int64_t kend = min64(J * p.bs + p.bs, p.Lk);
     for (int64_t c0 = J * p.bs; c0 < kend; c0 += C::BN) {
-      if (p.causal && c0 > last_row) break;
+      if (p.causal && c0 > last_row + p.off) break;
       const int cols = static_cast<int>(min64(C::BN, kend - c0));
       __syncthreads();  // the previous sub-tile's reads of Ks / Vs / Ps are done
       load_tile<T, C::BN, D>(Ks, kg, c0, cols, 1.f);
       load_tile<T, C::BN, D>(Vs, vg, c0, cols, 1.f);
       __syncthreads();
       float s[C::RM][C::RN];
-      tile_abt<D>(Qs, Ks, s);
+      tile_abt<D, TILE>(Qs, Ks, s);
 #pragma unroll
       for (int a = 0; a < C::RM; ++a) {
         const int r = ty + kTY * a;
@@ -188,11 +216,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
 #pragma unroll
         for (int bb = 0; bb < C::RN; ++bb) {
           const int c = tx + kTX * bb;
-          if (!visible(r, rows, c, cols, r0 + r, c0 + c, p.causal)) s[a][bb] = -kInf;
-          mx = fmaxf(mx, s[a][bb]);
+          if (!visible(p, r, rows, c, cols, r0 + r, c0 + c)) s[a][bb] = -kInf;
+          mx = nan_max(mx, s[a][bb]);
         }
         mx = group16_max(mx);
-        const float mnew = fmaxf(m[a], mx);
+        const float mnew = nan_max(m[a], mx);
         const float muse = mnew == -kInf ? 0.f : mnew;  // a row with nothing visible yet keeps p = 0
         const float alpha = __expf(m[a] - muse);
         m[a] = mnew;
@@ -228,10 +256,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
     const float lt = group16_sum(l[a]);
     const int r = ty + kTY * a;
     if (r >= rows) continue;
-    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    const bool empty = lt == 0.f;  // nothing visible; a NaN sum is not empty
+    const float inv = 1.f / lt;
 #pragma unroll
-    for (int c = 0; c < C::DC; ++c) og[(r0 + r) * D + tx + kTX * c] = from_f32<T>(o[a][c] * inv);
-    if (tx == 0) lg[r0 + r] = lt > 0.f ? m[a] + __logf(lt) : -kInf;
+    for (int c = 0; c < C::DC; ++c) og[(r0 + r) * D + tx + kTX * c] = from_f32<T>(empty ? 0.f : o[a][c] * inv);
+    if (tx == 0) lg[r0 + r] = empty ? -kInf : m[a] + __logf(lt);
   }
 }
 
@@ -262,9 +291,9 @@ __device__ __forceinline__ float lse_for_p(const float* lse, int64_t row, bool i
   return v == -kInf ? kInf : v;
 }
 
-template <typename T, int D>
+template <typename T, int D, int TILE>
 __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const Params p) {
-  using C = Cfg<D>;
+  using C = Cfg<D, TILE>;
   extern __shared__ float smem[];
   float* Qs = smem;
   float* Gs = Qs + C::BM * C::LD;  // dO
@@ -296,27 +325,27 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const Params p) {
 #pragma unroll
     for (int c = 0; c < C::DC; ++c) acc[a][c] = 0.f;
   }
-  const int64_t jend = p.causal ? min64(p.Kb, last_row / p.bs + 1) : p.Kb;
+  const int64_t jend = key_blocks_end(p, last_row);
   for (int64_t J = 0; J < jend; ++J) {
     if (!keep[J]) continue;
     const int64_t kend = min64(J * p.bs + p.bs, p.Lk);
     for (int64_t c0 = J * p.bs; c0 < kend; c0 += C::BN) {
-      if (p.causal && c0 > last_row) break;
+      if (p.causal && c0 > last_row + p.off) break;
       const int cols = static_cast<int>(min64(C::BN, kend - c0));
       __syncthreads();
       load_tile<T, C::BN, D>(Ks, kg, c0, cols, 1.f);
       load_tile<T, C::BN, D>(Vs, vg, c0, cols, 1.f);
       __syncthreads();
       float s[C::RM][C::RN], dp[C::RM][C::RN];
-      tile_abt<D>(Qs, Ks, s);
-      tile_abt<D>(Gs, Vs, dp);
+      tile_abt<D, TILE>(Qs, Ks, s);
+      tile_abt<D, TILE>(Gs, Vs, dp);
 #pragma unroll
       for (int a = 0; a < C::RM; ++a) {
         const int r = ty + kTY * a;
 #pragma unroll
         for (int bb = 0; bb < C::RN; ++bb) {
           const int c = tx + kTX * bb;
-          const float pv = visible(r, rows, c, cols, r0 + r, c0 + c, p.causal) ? __expf(s[a][bb] - lse_r[a]) : 0.f;
+          const float pv = visible(p, r, rows, c, cols, r0 + r, c0 + c) ? __expf(s[a][bb] - lse_r[a]) : 0.f;
           Ps[r * C::LP + c] = pv * (dp[a][bb] - del_r[a]);
         }
       }
@@ -345,9 +374,9 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const Params p) {
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int TILE>
 __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p) {
-  using C = Cfg<D>;
+  using C = Cfg<D, TILE>;
   extern __shared__ float smem[];
   float* Qs = smem;                 // scale * Q
   float* Gs = Qs + C::BM * C::LD;   // dO
@@ -374,8 +403,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
     for (int c = 0; c < C::DC; ++c) dk[a][c] = dv[a][c] = 0.f;
   const int64_t G = p.Hq / p.Hkv;
   const int64_t qsubs = tiles_per_block(p.bs, p.Lq, C::BM);
-  // Causal: query blocks before J end before c0.
-  const int64_t ibeg = p.causal ? J : 0;
+  // Causal: query blocks before query_blocks_begin end before c0 - off.
+  const int64_t ibeg = query_blocks_begin(p, J);
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
     const int64_t qoff = (b * p.Hq + h) * p.Lq;
     for (int64_t I = ibeg; I < p.Qb; ++I) {
@@ -385,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
         const int64_t r0 = I * p.bs + qs * C::BM;
         if (r0 >= rend) break;
         const int rows = static_cast<int>(min64(C::BM, rend - r0));
-        if (p.causal && r0 + rows - 1 < c0) continue;
+        if (p.causal && r0 + rows - 1 + p.off < c0) continue;
         __syncthreads();  // the previous query tile's reads are done
         load_tile<T, C::BM, D>(Qs, static_cast<const T*>(p.q) + qoff * D, r0, rows, p.scale);
         load_tile<T, C::BM, D>(Gs, static_cast<const T*>(p.grad_out) + qoff * D, r0, rows, 1.f);
@@ -395,15 +424,15 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
         }
         __syncthreads();
         float s[C::RM][C::RN], dp[C::RM][C::RN];
-        tile_abt<D>(Qs, Ks, s);
-        tile_abt<D>(Gs, Vs, dp);
+        tile_abt<D, TILE>(Qs, Ks, s);
+        tile_abt<D, TILE>(Gs, Vs, dp);
 #pragma unroll
         for (int a = 0; a < C::RM; ++a) {
           const int r = ty + kTY * a;
 #pragma unroll
           for (int bb = 0; bb < C::RN; ++bb) {
             const int c = tx + kTX * bb;
-            s[a][bb] = visible(r, rows, c, cols, r0 + r, c0 + c, p.causal) ? __expf(s[a][bb] - Ls[r]) : 0.f;
+            s[a][bb] = visible(p, r, rows, c, cols, r0 + r, c0 + c) ? __expf(s[a][bb] - Ls[r]) : 0.f;
             Ps[r * C::LP + c] = s[a][bb];
             dp[a][bb] = s[a][bb] * (dp[a][bb] - Ds[r]);  // dS
           }
@@ -461,9 +490,9 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
 // ------------------------------------------------------------------------------------------------------------
 // Attention-map block pool.
 
-template <typename T, int D>
+template <typename T, int D, int TILE>
 __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
-  using C = Cfg<D>;
+  using C = Cfg<D, TILE>;
   extern __shared__ float smem[];
   float* Qs = smem;
   float* Ks = Qs + C::BM * C::LD;
@@ -479,7 +508,7 @@ __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
   const int64_t hk = h / (p.Hq / p.Hkv);
   const T* kg = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * D;
   load_tile<T, C::BM, D>(Qs, static_cast<const T*>(p.q) + (b * p.Hq + h) * p.Lq * D, r0, rows, p.scale);
-  const int64_t jend = p.causal ? min64(p.Kb, last_row / p.bs + 1) : p.Kb;
+  const int64_t jend = key_blocks_end(p, last_row);
   float m[C::RM], l[C::RM];
 #pragma unroll
   for (int a = 0; a < C::RM; ++a) {
@@ -491,13 +520,13 @@ __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
       const int64_t kend = min64(J * p.bs + p.bs, p.Lk);
       float best = -kInf;
       for (int64_t c0 = J * p.bs; c0 < kend; c0 += C::BN) {
-        if (p.causal && c0 > last_row) break;
+        if (p.causal && c0 > last_row + p.off) break;
         const int cols = static_cast<int>(min64(C::BN, kend - c0));
         __syncthreads();
         load_tile<T, C::BN, D>(Ks, kg, c0, cols, 1.f);
         __syncthreads();
         float s[C::RM][C::RN];
-        tile_abt<D>(Qs, Ks, s);
+        tile_abt<D, TILE>(Qs, Ks, s);
 #pragma unroll
         for (int a = 0; a < C::RM; ++a) {
           const int r = ty + kTY * a;
@@ -505,27 +534,29 @@ __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
 #pragma unroll
           for (int bb = 0; bb < C::RN; ++bb) {
             const int c = tx + kTX * bb;
-            if (!visible(r, rows, c, cols, r0 + r, c0 + c, p.causal)) s[a][bb] = -kInf;
-            mx = fmaxf(mx, s[a][bb]);
+            if (!visible(p, r, rows, c, cols, r0 + r, c0 + c)) s[a][bb] = -kInf;
+            mx = nan_max(mx, s[a][bb]);
           }
           if (pass == 0) {
             mx = group16_max(mx);
-            const float mnew = fmaxf(m[a], mx);
+            const float mnew = nan_max(m[a], mx);
             const float muse = mnew == -kInf ? 0.f : mnew;
             l[a] *= __expf(m[a] - muse);
             m[a] = mnew;
 #pragma unroll
             for (int bb = 0; bb < C::RN; ++bb) l[a] += __expf(s[a][bb] - muse);
-          } else {
-            best = fmaxf(best, mx - m[a]);  // m[a] holds lse (+inf for rows without keys) in pass 1
+          } else if (mx != -kInf) {  // this thread's columns of the row see something
+            best = nan_max(best, mx - m[a]);  // m[a] holds lse (+inf for rows without keys) in pass 1
           }
         }
       }
       if (pass == 1) {
         best = warp_max(best);
-        if ((threadIdx.x % 32) == 0 && best > -kInf) {
+        if ((threadIdx.x % 32) == 0 && best != -kInf) {
           float* dst = p.pool + ((b * p.Hq + h) * p.Qb + I) * p.Kb + J;
-          atomicMax(reinterpret_cast<int*>(dst), __float_as_int(__expf(best)));
+          // Non-negative floats order like their bits, and the positive quiet NaN 0x7fffffff above them all.
+          const float val = best != best ? __int_as_float(0x7fffffff) : __expf(best);
+          atomicMax(reinterpret_cast<int*>(dst), __float_as_int(val));
         }
       }
     }
@@ -533,7 +564,7 @@ __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
 #pragma unroll
       for (int a = 0; a < C::RM; ++a) {
         const float lt = group16_sum(l[a]);
-        m[a] = lt > 0.f ? m[a] + __logf(lt) : kInf;
+        m[a] = lt == 0.f ? kInf : m[a] + __logf(lt);
       }
     }
   }

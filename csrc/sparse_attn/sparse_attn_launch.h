@@ -30,10 +30,18 @@ struct Params {
   int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0, bs = 0, Qb = 0, Kb = 0, mask_b = 1, mask_h = 1;
   float scale = 1.f;
   bool causal = false;
+  int64_t off = 0;  // causal: key j visible to query i iff j <= i + off (0 top-left, Lk - Lq bottom-right)
+  // Tile rows per kernel (sparse_attn_tiles.h: forward, dq, dk/dv, pool), planned by the caller from the device's
+  // opt-in shared memory; each must be one of tile_candidate(D, .).
+  int tile[4] = {0, 0, 0, 0};
 };
 
 // True when a kernel exists for head dim D.
 bool supported_head_dim(int64_t D);
+
+// The device's opt-in shared memory per block in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin), queried once
+// per device and cached.
+int64_t smem_optin(int device);
 
 // out, lse.
 void forward(DType dtype, const Params& p, cudaStream_t stream);

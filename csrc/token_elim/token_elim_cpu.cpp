@@ -350,8 +350,9 @@ at::Tensor token_block_scores_impl(const at::Tensor& q, const at::Tensor& k, int
   TORCH_CHECK(block_size > 0, op, ": block_size must be > 0, got ", block_size);
   static auto pool = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("peftcore::attn_block_pool", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, std::optional<double>)>();
-  auto pooled = pool.call(q, k, block_size, causal, scale);  // [B, Hq, Qb, Kb], fp32 (fp64 for fp64)
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, std::optional<double>,
+                                           c10::string_view)>();
+  auto pooled = pool.call(q, k, block_size, causal, scale, "top_left");  // [B, Hq, Qb, Kb], fp32 (fp64 for fp64)
   return pooled.sum(at::IntArrayRef{1, 2});
 }
 

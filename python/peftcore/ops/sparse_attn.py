@@ -7,12 +7,30 @@ Both sequence axes are cut into blocks of ``block_size`` tokens (the last block 
 
 * ``block_mask`` — bool ``[B or 1, Hq or 1, Qb, Kb]`` (broadcast over batch / heads): query block ``I`` attends to
   key block ``J`` iff ``block_mask[..., I, J]``. Masked blocks are skipped entirely (no work, no memory).
-* ``causal`` — additionally hides key ``j`` from query ``i`` when ``j > i``: top-left aligned, exactly as
-  ``F.scaled_dot_product_attention(is_causal=True)`` (also for ``Lq != Lk``).
-* ``scale`` — defaults to ``1 / sqrt(D)``.
+* ``causal`` — additionally hides key ``j`` from query ``i`` when ``j > i + off``. ``causal_align="top_left"``
+  (the default): ``off = 0``, exactly as ``F.scaled_dot_product_attention(is_causal=True)`` (also for
+  ``Lq != Lk``). ``causal_align="bottom_right"``: ``off = Lk - Lq``, as FlashAttention >= 2.1 and
+  Block-Sparse-Attention (the last query sees the last key: a KV-cache decode / chunked prefill with ``Lq < Lk``;
+  with ``Lq > Lk`` the first ``Lq - Lk`` queries see nothing). The alignment only matters when ``causal``.
+* ``scale`` — defaults to ``1 / sqrt(D)``; must be finite.
 
 The result equals dense attention with the token-level mask the block mask (and causal) implies. A query row that
-sees no key gets ``out = 0`` and ``lse = -inf`` (never NaN), and zero gradients. ``lse [B, Hq, Lq]`` is the
+sees no key gets ``out = 0`` and ``lse = -inf`` (never NaN), and zero gradients.
+
+NaN / inf (as ``F.scaled_dot_product_attention``): a NaN or inf in a query row, or in ``k`` of a key that row
+sees, gives that row NaN ``out`` and ``lse``; a NaN / inf in ``v`` of a seen key reaches the row's output. Keys a row
+does not see (masked blocks, causally hidden) do not touch it through ``q`` / ``k``; through ``v`` a hidden key
+inside a computed tile may (``0 * NaN``, as in SDPA's own kernels). A row whose visible scores are all ``-inf``
+counts as seeing nothing (``0`` / ``-inf``, as SDPA's safe softmax). :func:`attn_block_pool` gives NaN for every
+block a NaN row sees.
+
+Validation: every op checks dtypes, devices, shapes, ``block_size > 0``, the GQA ratio, ``scale`` (finite) and
+``causal_align`` on CPU and CUDA alike (and its fake kernel checks the same); the backward op also checks
+``grad_out`` / ``out`` (q's dtype and shape) and ``lse`` / ``grad_lse`` (the statistics dtype, ``[B, Hq, Lq]``).
+Nothing is indexed by tensor values (the block mask is bool), so no check needs a host sync.
+
+Autograd: ``block_sparse_attn`` is differentiable once (q, k, v; through ``out`` and ``lse``); double backward
+is refused with an error naming the op. ``attn_block_pool``'s output never requires grad. ``lse [B, Hq, Lq]`` is the
 log-sum-exp of the scaled scores over the visible keys, in float32 (float64 for float64 inputs); it is a
 differentiable output too.
 
@@ -27,7 +45,8 @@ FlexAttention's CSR form. ``torch.nn.attention.flex_attention.BlockMask`` keeps,
 ``kv_num_blocks [B, H, Qb]`` int32 and ``kv_indices [B, H, Qb, Kb]`` int32 (the kept key blocks first, ascending).
 :func:`dense_to_csr` and :func:`csr_to_dense` convert both ways, and :func:`block_sparse_attn` accepts a dense
 mask, a ``(kv_num_blocks, kv_indices)`` pair or a ``BlockMask`` (its partial and full blocks together: only the
-block structure is used, its ``mask_mod`` is not applied inside blocks — pass ``causal=True`` for causal masks).
+block structure is used, its ``mask_mod`` is not applied inside blocks — pass ``causal=True`` for causal masks,
+with ``causal_align="bottom_right"`` when the ``mask_mod`` is ``q_idx + KV_LEN - Q_LEN >= kv_idx``).
 
 :func:`attn_block_pool` returns ``[B, Hq, Qb, Kb]`` float32: entry ``[I, J]`` is the max, over the query rows of
 block ``I`` and the keys of block ``J``, of the (causal if asked) softmax attention map over all visible keys —
@@ -43,7 +62,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device, register_autograd
+from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device
 
 _lib = torch.ops.peftcore
 
@@ -111,13 +130,15 @@ def block_mask_from_flex(bm, block_size: Optional[int] = None) -> torch.Tensor:
 
 
 def block_sparse_attn(q, k, v, block_mask=None, block_size: Optional[int] = None, causal: bool = False,
-                      scale: Optional[float] = None, *, return_lse: bool = False):
+                      scale: Optional[float] = None, *, return_lse: bool = False, causal_align: str = "top_left"):
     """Block-sparse attention ``softmax(scale q k^T + mask) v``; see the module doc for shapes and semantics.
 
     ``block_mask``: a dense bool ``[B|1, Hq|1, Qb, Kb]`` tensor, a ``(kv_num_blocks, kv_indices)`` CSR pair, a
     FlexAttention ``BlockMask`` (then ``block_size`` defaults to its block size), or ``None`` (every block: dense
-    attention, causal if asked). ``block_size`` defaults to 64 for the other forms. Returns ``out`` (q's dtype)
-    or, with ``return_lse``, ``(out, lse)``.
+    attention, causal if asked). ``block_size`` defaults to 64 for the other forms. ``causal_align``:
+    ``"top_left"`` (default, SDPA's ``is_causal``) or ``"bottom_right"`` (query ``i`` sees keys ``j <= i + Lk -
+    Lq``: FlashAttention >= 2.1; use it for a KV-cache decode). Returns ``out`` (q's dtype) or, with
+    ``return_lse``, ``(out, lse)``.
     """
     if block_mask is not None and hasattr(block_mask, "kv_num_blocks") and hasattr(block_mask, "BLOCK_SIZE"):
         block_size = block_size or block_mask.BLOCK_SIZE[0]
@@ -128,41 +149,108 @@ def block_sparse_attn(q, k, v, block_mask=None, block_size: Optional[int] = None
         block_mask = torch.ones((1, 1, qb, kb), dtype=torch.bool, device=q.device)
     elif isinstance(block_mask, (tuple, list)):
         block_mask = csr_to_dense(block_mask[0], block_mask[1], kb)
-    out, lse = _lib.block_sparse_attn(q, k, v, block_mask, block_size, causal, scale)
+    out, lse = _lib.block_sparse_attn(q, k, v, block_mask, block_size, causal, scale, causal_align)
     return (out, lse) if return_lse else out
 
 
-def attn_block_pool(q, k, block_size: int, causal: bool = False, scale: Optional[float] = None):
-    """``[B, Hq, ceil(Lq/bs), ceil(Lk/bs)]`` float32: per (query block, key block) the max of the (causal if asked)
-    softmax attention probabilities over the whole row of visible keys (SeerAttention's gate ground truth).
-    Computed flash style (two passes per query tile, no ``[Lq, Lk]`` buffer); not differentiable."""
-    return _lib.attn_block_pool(q, k, block_size, causal, scale)
+def attn_block_pool(q, k, block_size: int, causal: bool = False, scale: Optional[float] = None,
+                    causal_align: str = "top_left"):
+    """``[B, Hq, ceil(Lq/bs), ceil(Lk/bs)]`` float32: per (query block, key block) the max of the (causal if asked,
+    aligned as ``causal_align``) softmax attention probabilities over the whole row of visible keys
+    (SeerAttention's gate ground truth). Computed flash style (two passes per query tile, no ``[Lq, Lk]``
+    buffer); not differentiable: the output never requires grad."""
+    return _lib.attn_block_pool(q, k, block_size, causal, scale, causal_align)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
+# Fake kernels: the same shape / dtype / device checks (and messages) as the C++ ones (sparse_attn_cpu.cpp).
+
+_CNAME = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+          torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_fake(op, q, k, v, block_size):
-    same_device(op, q, k=k, v=v)
-    torch._check(q.dim() == 4 and k.dim() == 4, lambda: f"{op}: q and k must be 4-D, got {tuple(q.shape)}, {tuple(k.shape)}")
+def _cname(dtype):
+    return _CNAME.get(dtype, str(dtype))
+
+
+def _check_float(op, name, t):
+    torch._check(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got "
+                                             f"{_cname(t.dtype)}")
+
+
+def _check_same(op, name, t, ref, ref_name="q"):
+    torch._check(t.dtype == ref.dtype, lambda: f"{op}: {name} has dtype {_cname(t.dtype)} but {ref_name} has "
+                                               f"{_cname(ref.dtype)}")
+    torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_qk(op, q, k, block_size, scale, causal_align):
+    _check_float(op, "q", q)
+    torch._check(q.dim() == 4, lambda: f"{op}: q must be 4-D, got shape {list(q.shape)}")
+    torch._check(k.dim() == 4, lambda: f"{op}: k must be 4-D, got shape {list(k.shape)}")
+    _check_float(op, "k", k)
+    _check_same(op, "k", k, q)
+    torch._check(k.shape[0] == q.shape[0], lambda: f"{op}: k must have batch size {q.shape[0]} (q is "
+                                                   f"{list(q.shape)}), got k of shape {list(k.shape)}")
+    torch._check(k.shape[3] == q.shape[3], lambda: f"{op}: k must have head dim {q.shape[3]} (q is "
+                                                   f"{list(q.shape)}), got k of shape {list(k.shape)}")
+    torch._check(q.shape[3] >= 1, lambda: f"{op}: head dim must be >= 1, got q of shape {list(q.shape)}")
+    torch._check(k.shape[1] >= 1 and q.shape[1] % max(k.shape[1], 1) == 0,
+                 lambda: f"{op}: the query heads must be a multiple of the key/value heads (Hq % Hkv == 0), got "
+                         f"Hq = {q.shape[1]} and Hkv = {k.shape[1]}")
     torch._check(block_size > 0, lambda: f"{op}: block_size must be > 0, got {block_size}")
-    torch._check(q.shape[1] % k.shape[1] == 0,
-                 lambda: f"{op}: Hq % Hkv must be 0, got Hq = {q.shape[1]}, Hkv = {k.shape[1]}")
+    torch._check(causal_align in ("top_left", "bottom_right"),
+                 lambda: f'{op}: causal_align must be "top_left" or "bottom_right", got "{causal_align}"')
+    torch._check(scale is None or math.isfinite(scale), lambda: f"{op}: scale must be finite, got {scale}")
+
+
+def _check_attn(op, q, k, v, block_mask, block_size, scale, causal_align):
+    _check_qk(op, q, k, block_size, scale, causal_align)
+    _check_float(op, "v", v)
+    _check_same(op, "v", v, q)
+    torch._check(v.shape == k.shape, lambda: f"{op}: v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+    torch._check(block_mask.dtype == torch.bool, lambda: f"{op}: block_mask must be bool, got "
+                                                         f"{_cname(block_mask.dtype)}")
+    torch._check(block_mask.device == q.device,
+                 lambda: f"{op}: block_mask is on {block_mask.device} but q is on {q.device}")
+    B, Hq, Lq = q.shape[:3]
+    qb, kb = (Lq + block_size - 1) // block_size, (k.shape[2] + block_size - 1) // block_size
+    m = block_mask
+    torch._check(m.dim() == 4 and (m.shape[0] == 1 or m.shape[0] == B) and (m.shape[1] == 1 or m.shape[1] == Hq)
+                 and m.shape[2] == qb and m.shape[3] == kb,
+                 lambda: f"{op}: block_mask must have shape [{B} or 1, {Hq} or 1, {qb}, {kb}] (ceil(Lq / "
+                         f"block_size), ceil(Lk / block_size) for Lq = {Lq}, Lk = {k.shape[2]}, block_size = "
+                         f"{block_size}), got {list(m.shape)}")
 
 
 @torch.library.register_fake("peftcore::block_sparse_attn")
-def _(q, k, v, block_mask, block_size, causal=False, scale=None):
-    _check_fake("block_sparse_attn", q, k, v, block_size)
-    same_device("block_sparse_attn", q, block_mask=block_mask)
+def _(q, k, v, block_mask, block_size, causal=False, scale=None, causal_align="top_left"):
+    _check_attn("block_sparse_attn", q, k, v, block_mask, block_size, scale, causal_align)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_stat_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("peftcore::block_sparse_attn_backward")
-def _(grad_out, grad_lse, q, k, v, out, lse, block_mask, block_size, causal, scale, output_mask):
-    _check_fake("block_sparse_attn_backward", q, k, v, block_size)
+def _(grad_out, grad_lse, q, k, v, out, lse, block_mask, block_size, causal, scale, output_mask,
+      causal_align="top_left"):
+    op = "block_sparse_attn_backward"
+    _check_attn(op, q, k, v, block_mask, block_size, scale, causal_align)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        _check_same(op, name, t, q)
+        torch._check(t.shape == q.shape, lambda: f"{op}: {name} must have q's shape {list(q.shape)}, got "
+                                                 f"{list(t.shape)}")
+    st = _stat_dtype(q.dtype)
+    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
+        if t is None:
+            continue
+        torch._check(t.dtype == st, lambda: f"{op}: {name} must be {_cname(st)} for q of dtype {_cname(q.dtype)}, "
+                                            f"got {_cname(t.dtype)}")
+        torch._check(t.device == q.device, lambda: f"{op}: {name} is on {t.device} but q is on {q.device}")
+        torch._check(t.shape == q.shape[:3], lambda: f"{op}: {name} must have shape {list(q.shape[:3])}, got "
+                                                     f"{list(t.shape)}")
     dq = q.new_empty(q.shape) if output_mask[0] else q.new_empty((0,))
     dk = k.new_empty(k.shape) if output_mask[1] else k.new_empty((0,))
     dv = v.new_empty(v.shape) if output_mask[2] else v.new_empty((0,))
@@ -170,21 +258,22 @@ def _(grad_out, grad_lse, q, k, v, out, lse, block_mask, block_size, causal, sca
 
 
 @torch.library.register_fake("peftcore::attn_block_pool")
-def _(q, k, block_size, causal=False, scale=None):
-    _check_fake("attn_block_pool", q, k, k, block_size)
+def _(q, k, block_size, causal=False, scale=None, causal_align="top_left"):
+    _check_qk("attn_block_pool", q, k, block_size, scale, causal_align)
     qb = (q.shape[2] + block_size - 1) // block_size
     kb = (k.shape[2] + block_size - 1) // block_size
     return q.new_empty((q.shape[0], q.shape[1], qb, kb), dtype=_stat_dtype(q.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autograd: saves q, k, v, out, lse and the block mask; the backward is another op, so it traces too.
+# Autograd: saves q, k, v, out, lse and the block mask; the backward is another op, so it traces too. The backward
+# op itself refuses to be differentiated (no double backward); attn_block_pool is a training target.
 
 
 def _attn_setup(ctx, inputs, output):
-    q, k, v, block_mask, block_size, causal, scale = inputs
+    q, k, v, block_mask, block_size, causal, scale, causal_align = inputs
     out, lse = output
-    ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
+    ctx.block_size, ctx.causal, ctx.scale, ctx.causal_align = block_size, causal, scale, causal_align
     ctx.save_for_backward(q, k, v, out, lse, block_mask)
 
 
@@ -194,8 +283,10 @@ def _attn_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _lib.block_sparse_attn_backward(grad_out, grad_lse, q, k, v, out, lse, block_mask, ctx.block_size,
-                                                 ctx.causal, ctx.scale, list(need))
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None)
+                                                 ctx.causal, ctx.scale, list(need), ctx.causal_align)
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None, None)
 
 
 register_autograd("peftcore::block_sparse_attn", _attn_backward, setup_context=_attn_setup)
+refuse_double_backward("block_sparse_attn_backward", "block_sparse_attn")
+non_differentiable("attn_block_pool", "a block max-pool of the softmax map, used as a training target")
