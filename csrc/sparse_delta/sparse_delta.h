@@ -16,7 +16,7 @@ namespace peftcore::sparse_delta {
 
 // Argument checks shared by every backend; `ref` is the activation/weight the delta is applied to.
 void check_delta(const char* op, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& ref);
-void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref);
+void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref, const char* name = "indices");
 // Host-side structural check (sorted, unique, in range). Syncs on CUDA.
 void validate_indices(const char* op, const at::Tensor& indices, int64_t out_features, int64_t in_features);
 // row_ptr [out+1] int64 on indices' device (at::searchsorted: no host sync).
