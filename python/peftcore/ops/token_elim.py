@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device
+from ._common import same_device, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -164,7 +164,7 @@ def _gather_backward(ctx, grad):
     return _lib.token_scatter_add(zeros, grad, keep_index), None
 
 
-torch.library.register_autograd("peftcore::token_gather", _gather_backward, setup_context=_gather_setup)
+register_autograd("peftcore::token_gather", _gather_backward, setup_context=_gather_setup)
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -178,7 +178,7 @@ def _scatter_backward(ctx, grad):
     return (grad if need_r else None, _lib.token_gather(grad, keep_index) if need_s else None, None)
 
 
-torch.library.register_autograd("peftcore::token_scatter_add", _scatter_backward, setup_context=_scatter_setup)
+register_autograd("peftcore::token_scatter_add", _scatter_backward, setup_context=_scatter_setup)
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -201,4 +201,4 @@ def _mlp_backward(ctx, grad_y, grad_gate_kept, grad_up_kept, _grad_idx):
     return gx, None, None, None, None, None
 
 
-torch.library.register_autograd("peftcore::token_mlp_partial_save", _mlp_backward, setup_context=_mlp_setup)
+register_autograd("peftcore::token_mlp_partial_save", _mlp_backward, setup_context=_mlp_setup)
