@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device, with_last, register_autograd
+from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device, with_last
 
 _lib = torch.ops.peftcore
 
@@ -98,18 +98,104 @@ def sparse_delta_validate(indices, out_features: int, in_features: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
+# Fake kernels (shapes and dtypes only) for torch.compile / meta tensors. They check what the real kernels check
+# before touching any value (dtypes, ranks, shapes, devices), with the same messages.
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_C10_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+              torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool"}
+
+
+def _dt(dtype) -> str:
+    """A dtype as the C++ kernels print it (c10's ScalarType name)."""
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _tokens(t):
+    n = 1
+    for s in t.shape[:-1]:
+        n = n * s
+    return n
+
+
+def _check_float(op, name, t):
+    torch._check(t.dtype in _FLOATS,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(t.dtype)}")
+
+
+def _check_activation(op, name, t, features=None):
+    _check_float(op, name, t)
+    torch._check(t.dim() >= 1, lambda: f"{op}: {name} must have at least 1 dim, got a scalar")
+    if features is not None:
+        torch._check(t.shape[-1] == features, lambda: f"{op}: {name} must have last dim {features}, got shape {_shape(t)}")
+
+
+def _check_indices(op, indices, ref, name="indices"):
+    torch._check(indices.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: {name} must be int32 or int64, got {_dt(indices.dtype)}")
+    torch._check(indices.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {_shape(indices)}")
+    same_device(op, ref, **{name: indices})
+
+
+def _check_delta(op, indices, values, ref):
+    _check_indices(op, indices, ref)
+    _check_float(op, "values", values)
+    torch._check(values.dim() == 1, lambda: f"{op}: values must be 1-D, got shape {_shape(values)}")
+    torch._check(values.shape[0] == indices.shape[0],
+                 lambda: f"{op}: values has {values.shape[0]} entries but indices has {indices.shape[0]}")
+    torch._check(values.dtype in (torch.float32, ref.dtype),
+                 lambda: f"{op}: values must be float32 or the input's dtype ({_dt(ref.dtype)}), got {_dt(values.dtype)}")
+    same_device(op, ref, values=values)
+
+
+def _check_weight(op, weight, bias, x):
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got shape {_shape(weight)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight has dtype {_dt(weight.dtype)} but x has {_dt(x.dtype)}")
+    same_device(op, x, weight=weight)
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias has dtype {_dt(bias.dtype)} but x has {_dt(x.dtype)}")
+        same_device(op, x, bias=bias)
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
+
+
+def _check_size(op, name, value):
+    torch._check(value >= 0, lambda: f"{op}: {name} must be >= 0, got {value}")
+
+
+def _check_token_pair(op, a_name, a, b_name, b):
+    torch._check(b.dtype == a.dtype, lambda: f"{op}: {b_name} has dtype {_dt(b.dtype)} but {a_name} has {_dt(a.dtype)}")
+    same_device(op, a, **{b_name: b})
+    torch._check(a.dim() >= 1 and b.dim() >= 1, lambda: f"{op}: {a_name} and {b_name} must have at least 1 dim")
+    torch._check(_tokens(a) == _tokens(b), lambda: f"{op}: {a_name} has {_tokens(a)} tokens but {b_name} has "
+                                                   f"{_tokens(b)} (shapes {_shape(a)} and {_shape(b)})")
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear")
 def _(x, weight, bias, indices, values, scale=1.0):
-    same_device("sparse_delta_linear", x, weight=weight, bias=bias, indices=indices, values=values)
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_delta_linear: x's last dim must equal in_features")
+    op = "sparse_delta_linear"
+    _check_float(op, "x", x)
+    _check_weight(op, weight, bias, x)
+    _check_delta(op, indices, values, x)
+    _check_activation(op, "x", x, weight.shape[1])
     return x.new_empty(with_last(x, weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear_backward")
 def _(grad_out, x, weight, indices, values, scale, output_mask):
+    op = "sparse_delta_linear_backward"
+    _check_float(op, "grad_out", grad_out)
+    _check_weight(op, weight, None, x)
+    _check_delta(op, indices, values, x)
+    torch._check(grad_out.dim() >= 1 and grad_out.shape[-1] == weight.shape[0],
+                 lambda: f"{op}: grad_out must have last dim {weight.shape[0]}, got shape {_shape(grad_out)}")
+    _check_token_pair(op, "grad_out", grad_out, "x", x)
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"{op}: x must have last dim {weight.shape[1]}, got shape {_shape(x)}")
     gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     gv = values.new_empty(values.shape) if output_mask[1] else values.new_empty((0,))
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))
@@ -118,13 +204,19 @@ def _(grad_out, x, weight, indices, values, scale, output_mask):
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm")
 def _(x, indices, values, out_features, scale=1.0):
-    same_device("sparse_delta_spmm", x, indices=indices, values=values)
+    op = "sparse_delta_spmm"
+    _check_activation(op, "x", x)
+    _check_delta(op, indices, values, x)
+    _check_size(op, "out_features", out_features)
     return x.new_empty(with_last(x, out_features))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm_t")
 def _(grad, indices, values, in_features, scale=1.0):
-    same_device("sparse_delta_spmm_t", grad, indices=indices, values=values)
+    op = "sparse_delta_spmm_t"
+    _check_activation(op, "grad", grad)
+    _check_delta(op, indices, values, grad)
+    _check_size(op, "in_features", in_features)
     return grad.new_empty(with_last(grad, in_features))
 
 
@@ -136,27 +228,60 @@ def _sddmm_dtype(grad, out_dtype):
 
 @torch.library.register_fake("peftcore::sparse_delta_sddmm")
 def _(grad, x, indices, scale=1.0, out_dtype=None):
-    same_device("sparse_delta_sddmm", grad, x=x, indices=indices)
+    op = "sparse_delta_sddmm"
+    _check_float(op, "grad", grad)
+    _check_float(op, "x", x)
+    _check_indices(op, indices, grad)
+    torch._check(out_dtype is None or out_dtype in _FLOATS,
+                 lambda: f"{op}: out_dtype must be float32, float16, bfloat16 or float64, got {_dt(out_dtype)}")
+    _check_token_pair(op, "grad", grad, "x", x)
     return grad.new_empty((indices.shape[0],), dtype=_sddmm_dtype(grad, out_dtype))
+
+
+def _check_merge(op, weight, indices, values):
+    _check_float(op, "weight", weight)
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got shape {_shape(weight)}")
+    _check_delta(op, indices, values, weight)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_merge_")
 def _(weight, indices, values, scale=1.0):
+    op = "sparse_delta_merge_"
+    _check_merge(op, weight, indices, values)
+    torch._check(weight.is_contiguous(), lambda: f"{op}: weight must be contiguous, got strides {list(weight.stride())}")
     return None
 
 
 @torch.library.register_fake("peftcore::sparse_delta_merge")
 def _(weight, indices, values, scale=1.0):
+    _check_merge("sparse_delta_merge", weight, indices, values)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_topk_grad")
 def _(grad, x, k, exclude=None):
+    op = "sparse_delta_topk_grad"
+    _check_float(op, "grad", grad)
+    _check_float(op, "x", x)
+    _check_token_pair(op, "grad", grad, "x", x)
+    n_excl = 0
+    if exclude is not None:
+        _check_indices(op, exclude, grad, "exclude")
+        n_excl = exclude.shape[0]
+    avail = grad.shape[-1] * x.shape[-1] - n_excl
+    torch._check(k >= 0 and k <= avail, lambda: f"{op}: k must be in [0, {avail}] ({grad.shape[-1]}*{x.shape[-1]} "
+                                               f"positions, {n_excl} excluded), got {k}")
     return grad.new_empty((k,), dtype=torch.int64), grad.new_empty((k,), dtype=torch.float32)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_validate")
 def _(indices, out_features, in_features):
+    op = "sparse_delta_validate"
+    torch._check(indices.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: indices must be int32 or int64, got {_dt(indices.dtype)}")
+    torch._check(indices.dim() == 1, lambda: f"{op}: indices must be 1-D, got shape {_shape(indices)}")
+    torch._check(out_features >= 0 and in_features >= 0,
+                 lambda: f"{op}: out_features and in_features must be >= 0, got {out_features} and {in_features}")
     return None
 
 
@@ -258,3 +383,10 @@ def _merge_backward(ctx, grad):
 
 
 register_autograd("peftcore::sparse_delta_merge", _merge_backward, setup_context=_merge_setup)
+
+
+# The fused backward of sparse_delta_linear has no derivative of its own: create_graph=True through
+# sparse_delta_linear gives first derivatives, and differentiating those again raises naming the op. (spmm, spmm_t,
+# sddmm and merge have double backward: their backwards are each other / plain torch.)
+refuse_double_backward("sparse_delta_linear_backward", "sparse_delta_linear")
+non_differentiable("sparse_delta_topk_grad", "its outputs are positions and scores for choosing a delta's support")
