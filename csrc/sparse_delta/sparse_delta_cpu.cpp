@@ -60,6 +60,11 @@ at::Tensor flatten_tokens(const char* op, const char* name, const at::Tensor& t,
   return t.reshape({-1, features}).contiguous();
 }
 
+int64_t last_dim(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
+  return t.size(-1);
+}
+
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   auto s = t.sizes().vec();
   s.back() = last;
@@ -476,8 +481,8 @@ at::Tensor sparse_delta_spmm_cpu(const at::Tensor& x, const at::Tensor& indices,
   constexpr const char* op = "sparse_delta_spmm";
   check_activation(op, "x", x);
   check_delta(op, indices, values, x);
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  const int64_t in = x.size(-1);
+  const int64_t in = last_dim(op, "x", x);
+  checked_numel(op, "out_features", out_features, "in_features", in);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
@@ -492,8 +497,8 @@ at::Tensor sparse_delta_spmm_t_cpu(const at::Tensor& grad, const at::Tensor& ind
   constexpr const char* op = "sparse_delta_spmm_t";
   check_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
-  const int64_t out = grad.size(-1);
+  const int64_t out = last_dim(op, "grad", grad);
+  checked_numel(op, "out_features", out, "in_features", in_features);
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
   PEFTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
@@ -557,8 +562,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
   if (mask[0]) gx = at::mm(g2d, weight);
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    auto s = make_csr<acc_t>(op, indices, &values, out, in);  // validates the delta even when only grad_bias is asked
     if (!mask[0] && !mask[1]) return;
-    auto s = make_csr<acc_t>(op, indices, &values, out, in);
     at::Tensor gv_acc;
     if (mask[1]) gv_acc = at::empty({s.nnz}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     backward_cpu<scalar_t>(g2d, x2d, s, scale, mask[0] ? &gx : nullptr, mask[1] ? &gv_acc : nullptr);

@@ -89,9 +89,9 @@ at::Tensor sparse_delta_spmm_cuda(const at::Tensor& x, const at::Tensor& indices
   constexpr const char* op = "sparse_delta_spmm";
   check_cuda_activation(op, "x", x);
   check_delta(op, indices, values, x);
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  const int64_t in = last_dim(op, "x", x);
+  checked_numel(op, "out_features", out_features, "in_features", in);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t in = x.size(-1);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
   auto d = make_delta(indices, &values, out_features, in, x.scalar_type(), scale);
@@ -104,9 +104,9 @@ at::Tensor sparse_delta_spmm_t_cuda(const at::Tensor& grad, const at::Tensor& in
   constexpr const char* op = "sparse_delta_spmm_t";
   check_cuda_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t out = last_dim(op, "grad", grad);
+  checked_numel(op, "out_features", out, "in_features", in_features);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t out = grad.size(-1);
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
   auto d = make_delta(indices, &values, out, in_features, grad.scalar_type(), scale);

@@ -164,8 +164,9 @@ def _check_weight(op, weight, bias, x):
                      lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
 
 
-def _check_size(op, name, value):
-    torch._check(value >= 0, lambda: f"{op}: {name} must be >= 0, got {value}")
+def _check_sizes(op, out_features, in_features):
+    torch._check(out_features >= 0 and in_features >= 0, lambda: f"{op}: out_features and in_features must be >= 0, "
+                                                                 f"got {out_features} and {in_features}")
 
 
 def _check_token_pair(op, a_name, a, b_name, b):
@@ -207,7 +208,7 @@ def _(x, indices, values, out_features, scale=1.0):
     op = "sparse_delta_spmm"
     _check_activation(op, "x", x)
     _check_delta(op, indices, values, x)
-    _check_size(op, "out_features", out_features)
+    _check_sizes(op, out_features, x.shape[-1])
     return x.new_empty(with_last(x, out_features))
 
 
@@ -216,7 +217,7 @@ def _(grad, indices, values, in_features, scale=1.0):
     op = "sparse_delta_spmm_t"
     _check_activation(op, "grad", grad)
     _check_delta(op, indices, values, grad)
-    _check_size(op, "in_features", in_features)
+    _check_sizes(op, grad.shape[-1], in_features)
     return grad.new_empty(with_last(grad, in_features))
 
 
@@ -280,8 +281,7 @@ def _(indices, out_features, in_features):
     torch._check(indices.dtype in (torch.int32, torch.int64),
                  lambda: f"{op}: indices must be int32 or int64, got {_dt(indices.dtype)}")
     torch._check(indices.dim() == 1, lambda: f"{op}: indices must be 1-D, got shape {_shape(indices)}")
-    torch._check(out_features >= 0 and in_features >= 0,
-                 lambda: f"{op}: out_features and in_features must be >= 0, got {out_features} and {in_features}")
+    _check_sizes(op, out_features, in_features)
     return None
 
 
