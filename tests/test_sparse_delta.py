@@ -176,7 +176,7 @@ def linear_backward_samples(device, dtype, requires_grad):
 
 
 def merge_samples(device, dtype, requires_grad):
-    for i, (batch, out, inn, dens, idt, empty) in enumerate(_configs(dtype)[:3]):
+    for i, (batch, out, inn, dens, idt, empty) in enumerate(_configs(dtype)):
         for vdt in _values_dtypes(dtype):
             idx, vals = make_delta(out, inn, dens, idt, vdt, device, seed=i, empty_rows=empty)
             yield Sample((_randn((out, inn), dtype, device, 5 + i), idx, vals, -0.5), name=f"{out}x{inn}")
@@ -881,7 +881,8 @@ def test_cpu_deterministic(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("tokens", [1, 3, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_cpu_at_tile_shapes(tokens, dtype):
+def test_cuda_matches_cpu_at_tile_shapes(tokens, dtype, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the dense x W^T / g W
     out, inn = 300, 1100
     idx, vals = make_delta(out, inn, 0.02, seed=tokens, empty_rows=(0, 257))
     x = _randn((tokens, inn), dtype, "cpu", 1)

@@ -76,7 +76,7 @@ void spmm_t_into(const Delta& d, const at::Tensor& indices, const at::Tensor& va
   auto r = at::div(idx, in, "floor");
   auto c = idx - r * in;
   auto valid = idx.ge(0).logical_and_(idx.lt(out * in));
-  auto tidx = at::where(valid, c * out + r, at::full({}, -1, idx.options()));
+  auto tidx = at::where(valid, c * out + r, at::Scalar(int64_t(-1)));
   auto [sorted, perm] = at::sort(tidx, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
   auto tvals = values.index_select(0, perm);
   auto dt = make_delta(sorted, &tvals, in, out, dtype, scale);

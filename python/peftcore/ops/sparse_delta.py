@@ -9,10 +9,19 @@ The effective weight is ``W + scale * S``. Every op walks ``S`` through a CSR vi
 so no op ever builds an ``[out, in]`` temporary except ``sparse_delta_merge`` (whose output is one) and the dense
 weight gradient of ``sparse_delta_linear`` when — and only when — ``W.requires_grad`` is set.
 
-Validation: on CPU every op checks the indices (sorted, unique, in range) as it builds the CSR view. On CUDA the
-hot path never syncs with the host (the ops are CUDA-graph capturable), so the structural checks live in
-:func:`sparse_delta_validate`; call it once when a delta is created or loaded. Malformed indices on CUDA give
-wrong numbers but never an out-of-bounds access.
+Validation: every op (backward op included) checks dtypes, ranks, shapes, devices and sizes, on every backend and
+in its fake kernel, with messages that start with the op name. On CPU every op also checks the index values
+(sorted, unique, in range) as it builds the CSR view, before writing anything. On CUDA the hot path never syncs with
+the host (the ops are CUDA-graph capturable), so the value checks live in :func:`sparse_delta_validate`; call it
+once when a delta is created or loaded. Malformed indices on CUDA give wrong numbers but never an out-of-bounds
+access (the kernels skip entries outside their row / buffer).
+
+Autograd: ``sparse_delta_linear``'s backward op refuses double backward (an error naming the op); spmm, spmm_t,
+sddmm and merge have double backward. ``sparse_delta_merge_`` behaves as an ATen in-place op (version counter,
+leaf / inference-tensor checks). ``sparse_delta_topk_grad``'s outputs are non-differentiable.
+
+Determinism: CPU results are bitwise repeatable. On CUDA, spmm_t and sddmm use float atomics unless
+``torch.use_deterministic_algorithms(True)``, under which they take atomic-free paths.
 """
 from __future__ import annotations
 
@@ -56,7 +65,10 @@ def sparse_delta_spmm(x, indices, values, out_features: int, scale: float = 1.0)
 
 
 def sparse_delta_spmm_t(grad, indices, values, in_features: int, scale: float = 1.0):
-    """``scale * grad @ S`` for ``grad [..., out]`` and ``S [out, in_features]``: the sparse half of grad_x."""
+    """``scale * grad @ S`` for ``grad [..., out]`` and ``S [out, in_features]``: the sparse half of grad_x.
+
+    On CUDA it accumulates with float atomics, except under ``torch.use_deterministic_algorithms(True)``.
+    """
     return _lib.sparse_delta_spmm_t(grad, indices, values, in_features, scale)
 
 
@@ -64,12 +76,19 @@ def sparse_delta_sddmm(grad, x, indices, scale: float = 1.0, out_dtype: Optional
     """SDDMM ``out[k] = scale * sum_t grad[t, r_k] * x[t, c_k]`` accumulated in fp32 (fp64 for float64 inputs).
 
     This is the gradient of ``values``. Returned in ``out_dtype`` (default float32, float64 for float64 inputs).
+    On CUDA tokens are split over blocks with float atomics, except under ``torch.use_deterministic_algorithms``.
     """
     return _lib.sparse_delta_sddmm(grad, x, indices, scale, out_dtype)
 
 
 def sparse_delta_merge_(weight, indices, values, scale: float = 1.0) -> None:
-    """In place ``weight += scale * S`` (unmerge with ``-scale``). ``weight`` must be contiguous."""
+    """In place ``weight += scale * S`` (unmerge with ``-scale``). ``weight`` must be contiguous.
+
+    Behaves as an ATen in-place op: bumps ``weight``'s version counter (a backward that saved ``weight`` then
+    raises), and with grad mode on refuses a leaf that requires grad or any input that requires grad (the op has
+    no derivative; use :func:`sparse_delta_merge`); refuses an inference tensor outside inference mode. Call it
+    under ``torch.no_grad()``. On CPU the indices are validated before anything is written.
+    """
     _lib.sparse_delta_merge_(weight, indices, values, scale)
 
 
@@ -85,6 +104,11 @@ def sparse_delta_topk_grad(grad, x, k: int, exclude=None):
     sorted unique flat indices (e.g. the delta's current ones). Computed one block of rows at a time, so no
     ``[out, in]`` buffer is built. Returns ``(indices int64 [k] ascending, scores float32 [k])`` with
     ``scores = |grad^T x|`` at those positions: the growth step of SpIEL-AG / LT-SFT.
+
+    Ranking: larger score first; NaN scores rank above ``+inf``, which ranks above every finite score (as in
+    ``torch.topk``); NaN never disturbs the order among finite scores. On CPU ties (and NaNs among themselves) go
+    to the lower flat index, and float64 inputs are ranked in float64; on CUDA ties may resolve differently and
+    ``exclude``'s values are not checked (no host sync). Outputs are non-differentiable.
     """
     return _lib.sparse_delta_topk_grad(grad, x, k, exclude)
 
