@@ -263,17 +263,17 @@ def _(grad, x, indices, scale=1.0, out_dtype=None):
     return grad.new_empty((indices.shape[0],), dtype=_sddmm_dtype(grad, out_dtype))
 
 
-def _check_merge(op, weight, indices, values):
+def _check_merge(op, weight, indices, values, contiguous=False):
     _check_float(op, "weight", weight)
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got shape {_shape(weight)}")
+    if contiguous:
+        torch._check(weight.is_contiguous(), lambda: f"{op}: weight must be contiguous, got strides {list(weight.stride())}")
     _check_delta(op, indices, values, weight)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_merge_")
 def _(weight, indices, values, scale=1.0):
-    op = "sparse_delta_merge_"
-    _check_merge(op, weight, indices, values)
-    torch._check(weight.is_contiguous(), lambda: f"{op}: weight must be contiguous, got strides {list(weight.stride())}")
+    _check_merge("sparse_delta_merge_", weight, indices, values, contiguous=True)
     return None
 
 
@@ -402,7 +402,13 @@ def _merge_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
     gv = None
     if ctx.needs_input_grad[2]:
-        gv = (grad.reshape(-1).take(indices.long()) * ctx.scale).to(ctx.values_dtype)
+        # the forward validated the indices on CPU; on CUDA (unvalidated) an out-of-range entry gets 0, never a read
+        # outside grad (take would raise a device-side assert)
+        flat, idx = grad.reshape(-1), indices.long()
+        ok = (idx >= 0) & (idx < flat.numel())
+        picked = flat.take(idx.clamp(0, flat.numel() - 1)) if flat.numel() else flat.new_zeros(idx.shape)
+        gv = torch.where(ok, picked, 0) * ctx.scale
+        gv = gv.to(ctx.values_dtype)
     return (grad if ctx.needs_input_grad[0] else None), None, gv, None
 
 
