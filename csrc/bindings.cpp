@@ -1,9 +1,13 @@
 // Every peftcore schema, one comment each. Kernels register themselves per backend from their own files
 // (TORCH_LIBRARY_IMPL(peftcore, CPU|CUDA, m)); fake kernels and autograd live in python/peftcore/ops/.
 #include <torch/library.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 
 TORCH_LIBRARY(peftcore, m) {
   // ---- sparse_delta: W + scale*S with S given by sorted unique flat indices r*in+c and values [nnz] ----
@@ -88,6 +92,70 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("token_mlp_partial_save(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, int keep_channels, Tensor? channel_index=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward of token_mlp_partial_save: grad_x through the kept channels only (+ the grads of gate_kept / up_kept when given).
   m.def("token_mlp_partial_save_backward(Tensor grad_y, Tensor gate_kept, Tensor up_kept, Tensor channel_index, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? grad_gate_kept=None, Tensor? grad_up_kept=None) -> Tensor");
+}
+
+// In-place ops (every schema with a Tensor(a!) argument and no return) behave as ATen's in-place ops, through the
+// two generic boxed kernels below, registered per op:
+// - ADInplaceOrView: refuses an inference tensor outside inference mode (before writing, with ATen's message),
+//   then bumps the version counter of each mutated tensor, so a backward that saved it raises "modified by an
+//   inplace operation" as it does after nn.Linear's weight.add_().
+// - Autograd: with grad mode on, refuses a leaf that requires grad (ATen's message) and, since these ops have no
+//   derivative, any call where an input requires grad (rather than returning a result that silently ignores it).
+//   Under torch.no_grad() / inference mode they run as plain writes, as weight.add_() does.
+// (PyTorch's autogradNotImplemented*Fallback only act on *returned* aliases, so they do neither for `-> ()`.)
+namespace {
+
+template <typename F>
+void for_each_mutated_tensor(const c10::OperatorHandle& op, const torch::jit::Stack& stack, F&& f) {
+  const auto& args = op.schema().arguments();
+  const size_t base = stack.size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    if (alias != nullptr && alias->isWrite() && stack[base + i].isTensor()) f(stack[base + i].toTensor());
+  }
+}
+
+void inplace_or_view_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  std::vector<at::Tensor> mutated;
+  for_each_mutated_tensor(op, *stack, [&](const at::Tensor& t) {
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op.schema().name(),
+                ": Inplace update to inference tensor outside InferenceMode is not allowed. You can make a clone to "
+                "get a normal tensor before doing inplace update.");
+    mutated.push_back(t);
+  });
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : mutated) torch::autograd::increment_version(t);
+}
+
+void inplace_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    for_each_mutated_tensor(op, *stack, [&](const at::Tensor& t) {
+      TORCH_CHECK(!(t.is_leaf() && t.requires_grad()), op.schema().name(),
+                  ": a leaf Variable that requires grad is being used in an in-place operation.");
+    });
+    const auto& args = op.schema().arguments();
+    const size_t base = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const auto& v = (*stack)[base + i];
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().defined() && v.toTensor().requires_grad()), op.schema().name(),
+                  ": ", args[i].name(), " requires grad, but this in-place op has no derivative; call it under "
+                  "torch.no_grad() (or on detached tensors)");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftcore, ADInplaceOrView, m) {
+  m.impl("sparse_delta_merge_", torch::CppFunction::makeFromBoxedFunction<&inplace_or_view_kernel>());
+}
+TORCH_LIBRARY_IMPL(peftcore, Autograd, m) {
+  m.impl("sparse_delta_merge_", torch::CppFunction::makeFromBoxedFunction<&inplace_autograd_kernel>());
 }
 
 namespace {

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 namespace peftcore {
 
@@ -33,6 +34,18 @@ inline void check_same_dtype(const char* op, const char* name, const at::Tensor&
                              const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
               ref_name, " has ", ref.scalar_type());
+}
+
+// rows * cols of a matrix given by two sizes (e.g. out_features * in_features): both must be >= 0 and the product
+// must fit in int64, so every flat index r * cols + c below it is representable.
+inline int64_t checked_numel(const char* op, const char* rows_name, int64_t rows, const char* cols_name,
+                             int64_t cols) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": ", rows_name, " and ", cols_name, " must be >= 0, got ", rows, " and ",
+              cols);
+  int64_t n = 0;
+  TORCH_CHECK(!c10::mul_overflows(rows, cols, &n), op, ": ", rows_name, " * ", cols_name, " = ", rows, " * ", cols,
+              " overflows int64");
+  return n;
 }
 
 }  // namespace peftcore

@@ -190,7 +190,11 @@ void sddmm(const DeltaParams& p, const void* g, const void* x, float* out, int64
     const int64_t smem = staged ? bytes_for(tt) : R * 4;
     const int64_t row_chunks = cdiv(nout, R);
     const int64_t tiles = cdiv(tokens, tt);
-    int64_t splits = std::clamp<int64_t>(cdiv(2 * dev.sms, row_chunks), 1, std::min<int64_t>(tiles, 65535));
+    // Token splits (float atomics on out) give small-row-count problems more blocks; deterministic mode keeps one
+    // block per row chunk, whose per-nonzero sums then run in a fixed order.
+    int64_t splits = p.deterministic
+                         ? 1
+                         : std::clamp<int64_t>(cdiv(2 * dev.sms, row_chunks), 1, std::min<int64_t>(tiles, 65535));
     const int64_t tiles_per_split = cdiv(tiles, splits);
     splits = cdiv(tiles, tiles_per_split);
     if (row_chunks > 0x7fffffff) throw std::runtime_error("peftcore sparse_delta_sddmm CUDA: too many rows");

@@ -16,7 +16,7 @@ namespace peftcore::sparse_delta {
 
 // Argument checks shared by every backend; `ref` is the activation/weight the delta is applied to.
 void check_delta(const char* op, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& ref);
-void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref);
+void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref, const char* name = "indices");
 // Host-side structural check (sorted, unique, in range). Syncs on CUDA.
 void validate_indices(const char* op, const at::Tensor& indices, int64_t out_features, int64_t in_features);
 // row_ptr [out+1] int64 on indices' device (at::searchsorted: no host sync).
@@ -25,6 +25,8 @@ at::Tensor row_ptr(const at::Tensor& indices, int64_t out_features, int64_t in_f
 at::ScalarType values_grad_dtype(const at::Tensor& values);
 // 2-D contiguous view [T, features] of an activation [..., features].
 at::Tensor flatten_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features);
+// t.size(-1), with an op-named error for a 0-dim t.
+int64_t last_dim(const char* op, const char* name, const at::Tensor& t);
 // Shape of an activation with its last dim replaced.
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last);
 // Two activations that share their tokens (e.g. grad [..., out] and x [..., in]): same dtype and device, same

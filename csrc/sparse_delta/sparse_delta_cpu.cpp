@@ -17,7 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
@@ -33,10 +35,10 @@ namespace peftcore::sparse_delta {
 // ------------------------------------------------------------------------------------------------------------
 // Shared helpers (also used by the CUDA glue).
 
-void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref) {
-  check_index(op, "indices", indices);
-  check_dim(op, "indices", indices, 1);
-  check_same_device(op, "indices", indices, ref, "the input");
+void check_indices(const char* op, const at::Tensor& indices, const at::Tensor& ref, const char* name) {
+  check_index(op, name, indices);
+  check_dim(op, name, indices, 1);
+  check_same_device(op, name, indices, ref, "the input");
 }
 
 void check_delta(const char* op, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& ref) {
@@ -56,6 +58,11 @@ at::Tensor flatten_tokens(const char* op, const char* name, const at::Tensor& t,
   TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
   TORCH_CHECK(t.size(-1) == features, op, ": ", name, " must have last dim ", features, ", got shape ", t.sizes());
   return t.reshape({-1, features}).contiguous();
+}
+
+int64_t last_dim(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
+  return t.size(-1);
 }
 
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
@@ -101,8 +108,7 @@ at::Tensor row_ptr(const at::Tensor& indices, int64_t out_features, int64_t in_f
 void validate_indices(const char* op, const at::Tensor& indices, int64_t out_features, int64_t in_features) {
   check_index(op, "indices", indices);
   check_dim(op, "indices", indices, 1);
-  TORCH_CHECK(out_features >= 0 && in_features >= 0, op, ": out_features and in_features must be >= 0, got ",
-              out_features, " and ", in_features);
+  checked_numel(op, "out_features", out_features, "in_features", in_features);
   const int64_t n = indices.numel();
   if (n == 0) return;
   auto idx = indices.to(at::kLong);
@@ -137,6 +143,7 @@ struct Csr {
 // Builds the CSR view and validates the indices on the way (O(nnz + out), cheap next to any product).
 template <typename acc_t>
 Csr<acc_t> make_csr(const char* op, const at::Tensor& indices, const at::Tensor* values, int64_t out, int64_t in) {
+  checked_numel(op, "out_features", out, "in_features", in);
   TORCH_CHECK(in <= std::numeric_limits<int32_t>::max(), op, ": in_features ", in, " too large");
   Csr<acc_t> s;
   s.out = out;
@@ -474,8 +481,8 @@ at::Tensor sparse_delta_spmm_cpu(const at::Tensor& x, const at::Tensor& indices,
   constexpr const char* op = "sparse_delta_spmm";
   check_activation(op, "x", x);
   check_delta(op, indices, values, x);
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  const int64_t in = x.size(-1);
+  const int64_t in = last_dim(op, "x", x);
+  checked_numel(op, "out_features", out_features, "in_features", in);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
@@ -490,8 +497,8 @@ at::Tensor sparse_delta_spmm_t_cpu(const at::Tensor& grad, const at::Tensor& ind
   constexpr const char* op = "sparse_delta_spmm_t";
   check_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
-  const int64_t out = grad.size(-1);
+  const int64_t out = last_dim(op, "grad", grad);
+  checked_numel(op, "out_features", out, "in_features", in_features);
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
   PEFTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
@@ -507,6 +514,8 @@ at::Tensor sparse_delta_sddmm_cpu(const at::Tensor& grad, const at::Tensor& x, c
   check_activation(op, "grad", grad);
   check_activation(op, "x", x);
   check_indices(op, indices, grad);
+  TORCH_CHECK(!out_dtype.has_value() || is_float_dtype(*out_dtype), op,
+              ": out_dtype must be float32, float16, bfloat16 or float64, got ", *out_dtype);
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
   at::Tensor result;
@@ -553,8 +562,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
   if (mask[0]) gx = at::mm(g2d, weight);
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    auto s = make_csr<acc_t>(op, indices, &values, out, in);  // validates the delta even when only grad_bias is asked
     if (!mask[0] && !mask[1]) return;
-    auto s = make_csr<acc_t>(op, indices, &values, out, in);
     at::Tensor gv_acc;
     if (mask[1]) gv_acc = at::empty({s.nnz}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     backward_cpu<scalar_t>(g2d, x2d, s, scale, mask[0] ? &gx : nullptr, mask[1] ? &gv_acc : nullptr);
@@ -565,14 +574,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
   return {mask[0] ? gx.view(x.sizes()) : empty(x), mask[1] ? gv : empty(values), mask[2] ? gb : empty(weight)};
 }
 
-void sparse_delta_merge__cpu(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double scale) {
-  constexpr const char* op = "sparse_delta_merge_";
+void merge_into(const char* op, at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
+                double scale) {
   check_activation(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got strides ", weight.strides());
   check_delta(op, indices, values, weight);
   const int64_t out = weight.size(0), in = weight.size(1);
-  PEFTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
+  PEFTCORE_DISPATCH_FLOATING(weight.scalar_type(), "sparse_delta_merge", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto s = make_csr<acc_t>(op, indices, &values, out, in);
     scalar_t* w = weight.mutable_data_ptr<scalar_t>();
@@ -587,17 +596,57 @@ void sparse_delta_merge__cpu(at::Tensor& weight, const at::Tensor& indices, cons
   });
 }
 
+void sparse_delta_merge__cpu(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double scale) {
+  merge_into("sparse_delta_merge_", weight, indices, values, scale);
+}
+
 at::Tensor sparse_delta_merge_cpu(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
                                   double scale) {
+  constexpr const char* op = "sparse_delta_merge";
+  check_activation(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
   auto w = weight.clone(at::MemoryFormat::Contiguous);
-  sparse_delta_merge__cpu(w, indices, values, scale);
+  merge_into(op, w, indices, values, scale);
   return w;
 }
 
 // Top-k of |grad^T x| over positions not in `exclude`, one block of rows at a time: each block's scores come from
 // a GEMM on a row slice (at most kTopkTileElems entries), then a candidate pool of at most 2k entries is pruned
 // with nth_element. Memory: one score tile + the pool; never an [out, in] buffer (unless out*in is small).
+//
+// Ranking (a strict total order, so the result does not depend on tiling or threads): larger |score| first; every
+// NaN score ranks above +inf, which ranks above every finite score (torch.topk / torch.sort also treat NaN as the
+// largest value); equal scores, and NaNs among themselves, rank by ascending flat index. Scores are ranked in the
+// GEMM's precision: float64 for float64 inputs, fp32 otherwise.
 constexpr int64_t kTopkTileElems = int64_t(1) << 20;
+
+// The rank key of a score: the bit pattern of its magnitude (monotone in the value for non-negative IEEE floats,
+// +inf included), every NaN mapped to one key above +inf's.
+template <typename score_t>
+inline uint64_t topk_rank_key(score_t v) {
+  if (std::isnan(v)) return std::numeric_limits<uint64_t>::max();
+  const score_t a = std::fabs(v);
+  if constexpr (std::is_same_v<score_t, double>) {
+    uint64_t bits;
+    std::memcpy(&bits, &a, sizeof(bits));
+    return bits;
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &a, sizeof(bits));
+    return bits;
+  }
+}
+
+struct TopkCand {
+  uint64_t key;
+  int64_t flat;
+  float score;  // |score| as returned (NaN stays NaN)
+};
+
+// true when a ranks before b
+inline bool topk_before(const TopkCand& a, const TopkCand& b) {
+  return a.key > b.key || (a.key == b.key && a.flat < b.flat);
+}
 
 std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t k,
                                                               const std::optional<at::Tensor>& exclude) {
@@ -606,62 +655,65 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cpu(const at::Tensor& 
   check_activation(op, "x", x);
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
+  const int64_t numel = checked_numel(op, "out_features", out, "in_features", in);
   std::vector<int64_t> excl;
-  if (exclude.has_value() && exclude->defined() && exclude->numel() > 0) {
-    check_indices(op, *exclude, grad);
+  if (exclude.has_value() && exclude->defined()) {
+    check_indices(op, *exclude, grad, "exclude");
     auto e = exclude->to(at::kLong).contiguous();
     excl.assign(e.data_ptr<int64_t>(), e.data_ptr<int64_t>() + e.numel());
     for (size_t i = 0; i < excl.size(); ++i) {
-      TORCH_CHECK(excl[i] >= 0 && excl[i] < out * in, op, ": exclude[", i, "] = ", excl[i], " is outside [0, ",
-                  out * in, ")");
+      TORCH_CHECK(excl[i] >= 0 && excl[i] < numel, op, ": exclude[", i, "] = ", excl[i], " is outside [0, ", out,
+                  "*", in, " = ", numel, ")");
       TORCH_CHECK(i == 0 || excl[i] > excl[i - 1], op, ": exclude must be sorted ascending and unique, but exclude[",
                   i, "] = ", excl[i], " follows ", excl[i - 1]);
     }
   }
-  const int64_t avail = out * in - static_cast<int64_t>(excl.size());
+  const int64_t avail = numel - static_cast<int64_t>(excl.size());
   TORCH_CHECK(k >= 0 && k <= avail, op, ": k must be in [0, ", avail, "] (", out, "*", in, " positions, ",
               excl.size(), " excluded), got ", k);
   const bool dbl = grad.scalar_type() == at::kDouble;
   auto gT = (dbl ? g2d : g2d.to(at::kFloat)).t();
   auto xf = dbl ? x2d : x2d.to(at::kFloat);
-  using Cand = std::pair<float, int64_t>;  // (score, flat index)
-  std::vector<Cand> pool;
+  std::vector<TopkCand> pool;
   pool.reserve(2 * k + 1);
-  float thresh = -1.f;  // scores <= thresh cannot enter once the pool holds k entries
-  auto by_score = [](const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  uint64_t thresh = 0;  // once the pool holds k entries, a later (larger-index) candidate with key <= thresh loses
   auto prune = [&] {
     if (static_cast<int64_t>(pool.size()) <= k) return;
-    std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), by_score);
+    std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), topk_before);
     pool.resize(k);
-    thresh = pool[k - 1].first;
-    for (const auto& c : pool) thresh = std::min(thresh, c.first);
+    thresh = pool[k - 1].key;  // the k-th ranked entry: every kept one ranks before it or is it
   };
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(out, kTopkTileElems / std::max<int64_t>(in, 1)));
-  size_t ex = 0;
-  if (k > 0) {
+  auto scan = [&](auto score_tag) {
+    using score_t = decltype(score_tag);
+    size_t ex = 0;
     for (int64_t r0 = 0; r0 < out; r0 += rows) {
       const int64_t nr = std::min(rows, out - r0);
-      auto tile = at::mm(gT.slice(0, r0, r0 + nr), xf).to(at::kFloat).contiguous();  // [nr, in] scores
-      const float* sc = tile.const_data_ptr<float>();
+      auto tile = at::mm(gT.slice(0, r0, r0 + nr), xf).contiguous();  // [nr, in] scores (float64 or fp32)
+      const score_t* sc = tile.const_data_ptr<score_t>();
       const int64_t base = r0 * in, n = nr * in;
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t flat = base + i;
+        const int64_t flat = base + i;  // flat indices are visited in ascending order
         while (ex < excl.size() && excl[ex] < flat) ++ex;
         if (ex < excl.size() && excl[ex] == flat) continue;
-        const float v = std::fabs(sc[i]);
-        if (static_cast<int64_t>(pool.size()) >= k && v <= thresh) continue;
-        pool.emplace_back(v, flat);
+        const uint64_t key = topk_rank_key(sc[i]);
+        if (static_cast<int64_t>(pool.size()) >= k && key <= thresh) continue;
+        pool.push_back({key, flat, static_cast<float>(std::fabs(sc[i]))});
         if (static_cast<int64_t>(pool.size()) >= 2 * k) prune();
       }
     }
     prune();
+  };
+  if (k > 0) {
+    if (dbl) scan(double{});
+    else scan(float{});
   }
-  std::sort(pool.begin(), pool.end(), [](const Cand& a, const Cand& b) { return a.second < b.second; });
+  std::sort(pool.begin(), pool.end(), [](const TopkCand& a, const TopkCand& b) { return a.flat < b.flat; });
   auto idx = at::empty({k}, grad.options().dtype(at::kLong));
   auto scores = at::empty({k}, grad.options().dtype(at::kFloat));
   for (int64_t i = 0; i < k; ++i) {
-    idx.data_ptr<int64_t>()[i] = pool[i].second;
-    scores.data_ptr<float>()[i] = pool[i].first;
+    idx.data_ptr<int64_t>()[i] = pool[i].flat;
+    scores.data_ptr<float>()[i] = pool[i].score;
   }
   return {idx, scores};
 }

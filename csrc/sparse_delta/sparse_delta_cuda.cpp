@@ -2,6 +2,13 @@
 // products through ATen (cuBLAS), and the plain-CUDA launchers of sparse_delta.cu. No host sync anywhere, so
 // every op here can be captured in a CUDA graph. sparse_delta_validate is registered for all backends by the
 // CPU file.
+//
+// Validation: shapes, dtypes and devices are checked as on CPU; the *values* of indices / exclude are not (that
+// needs a host sync): the kernels skip every entry outside its row / buffer, so malformed indices give wrong
+// numbers, never an out-of-bounds access, and sparse_delta_validate is the check.
+// Determinism: under torch.use_deterministic_algorithms(True) no float atomics are used: grad_x walks S^T (the
+// forward kernel on S's CSC view, one fixed-order warp reduction per output) and the SDDMM runs one block per
+// row chunk over all tokens.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,6 +43,7 @@ struct Delta {
 Delta make_delta(const at::Tensor& indices, const at::Tensor* values, int64_t out, int64_t in, at::ScalarType dtype,
                  double scale) {
   Delta d;
+  checked_numel("sparse_delta", "out_features", out, "in_features", in);
   d.idx = indices.contiguous();
   d.rp = row_ptr(d.idx, out, in);
   if (values != nullptr) d.vals = values->to(at::kFloat).contiguous();
@@ -48,7 +56,31 @@ Delta make_delta(const at::Tensor& indices, const at::Tensor* values, int64_t ou
   d.p.out_features = out;
   d.p.in_features = in;
   d.p.scale = static_cast<float>(scale);
+  d.p.deterministic = at::globalContext().deterministicAlgorithms();
   return d;
+}
+
+// gx2d [T, in] += scale * g2d [T, out] @ S. Default: the spmm_t kernel (shared-memory float atomics: the summation
+// order may vary between runs). Deterministic mode: gx = g @ S is the forward kernel applied to S^T [in, out],
+// whose CSR is S's CSC, built here on the device (sort by column; no host sync). Entries outside [0, out*in) get
+// index -1, which sorts first and lies in no row of S^T, so they are skipped as the kernels skip them.
+void spmm_t_into(const Delta& d, const at::Tensor& indices, const at::Tensor& values, at::ScalarType dtype,
+                 double scale, const at::Tensor& g2d, at::Tensor& gx2d) {
+  const int64_t out = d.p.out_features, in = d.p.in_features, tokens = g2d.size(0);
+  if (!d.p.deterministic) {
+    cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), tokens, current_stream());
+    return;
+  }
+  if (tokens == 0 || out == 0 || in == 0 || d.p.nnz == 0) return;
+  auto idx = indices.to(at::kLong);
+  auto r = at::div(idx, in, "floor");
+  auto c = idx - r * in;
+  auto valid = idx.ge(0).logical_and_(idx.lt(out * in));
+  auto tidx = at::where(valid, c * out + r, at::Scalar(int64_t(-1)));
+  auto [sorted, perm] = at::sort(tidx, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+  auto tvals = values.index_select(0, perm);
+  auto dt = make_delta(sorted, &tvals, in, out, dtype, scale);
+  cu::spmm_accumulate(dt.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), tokens, current_stream());
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -57,9 +89,9 @@ at::Tensor sparse_delta_spmm_cuda(const at::Tensor& x, const at::Tensor& indices
   constexpr const char* op = "sparse_delta_spmm";
   check_cuda_activation(op, "x", x);
   check_delta(op, indices, values, x);
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  const int64_t in = last_dim(op, "x", x);
+  checked_numel(op, "out_features", out_features, "in_features", in);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t in = x.size(-1);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
   auto d = make_delta(indices, &values, out_features, in, x.scalar_type(), scale);
@@ -72,13 +104,13 @@ at::Tensor sparse_delta_spmm_t_cuda(const at::Tensor& grad, const at::Tensor& in
   constexpr const char* op = "sparse_delta_spmm_t";
   check_cuda_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t out = last_dim(op, "grad", grad);
+  checked_numel(op, "out_features", out, "in_features", in_features);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t out = grad.size(-1);
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
   auto d = make_delta(indices, &values, out, in_features, grad.scalar_type(), scale);
-  cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), g2d.size(0), current_stream());
+  spmm_t_into(d, indices, values, grad.scalar_type(), scale, g2d, gx2d);
   return gx2d.view(with_last_dim(grad, in_features));
 }
 
@@ -88,6 +120,8 @@ at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, 
   check_cuda_activation(op, "grad", grad);
   check_cuda_activation(op, "x", x);
   check_indices(op, indices, grad);
+  TORCH_CHECK(!out_dtype.has_value() || is_float_dtype(*out_dtype), op,
+              ": out_dtype must be float32, float16, bfloat16 or float64, got ", *out_dtype);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
@@ -131,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
     auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
     if (mask[0]) {
       gx = at::mm(g2d, weight).contiguous();  // dense part of grad_x; the sparse part is added in place
-      cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx.mutable_data_ptr(), tokens, current_stream());
+      spmm_t_into(d, indices, values, x.scalar_type(), scale, g2d, gx);
     }
     if (mask[1]) {
       auto gv32 = at::zeros({d.p.nnz}, x.options().dtype(at::kFloat));
@@ -144,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
   return {mask[0] ? gx.view(x.sizes()) : empty(x), mask[1] ? gv : empty(values), mask[2] ? gb : empty(weight)};
 }
 
-void sparse_delta_merge__cuda(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double scale) {
-  constexpr const char* op = "sparse_delta_merge_";
+void merge_into(const char* op, at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
+                double scale) {
   check_cuda_activation(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got strides ", weight.strides());
@@ -155,17 +189,25 @@ void sparse_delta_merge__cuda(at::Tensor& weight, const at::Tensor& indices, con
   cu::merge(d.p, weight.mutable_data_ptr(), current_stream());
 }
 
+void sparse_delta_merge__cuda(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double scale) {
+  merge_into("sparse_delta_merge_", weight, indices, values, scale);
+}
+
 at::Tensor sparse_delta_merge_cuda(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
                                    double scale) {
+  constexpr const char* op = "sparse_delta_merge";
+  check_cuda_activation(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
   auto w = weight.clone(at::MemoryFormat::Contiguous);
-  sparse_delta_merge__cuda(w, indices, values, scale);
+  merge_into(op, w, indices, values, scale);
   return w;
 }
 
 // Top-k of |grad^T x| outside `exclude`, tile by tile over rows of the [out, in] score matrix: each tile
 // (<= kTopkTileElems scores) is one fp32 GEMM on a row slice, masked (excluded -> -1), and merged into a
 // running candidate set of k with at::topk over cat(candidates, tile). Unlike the CPU version, `exclude` is not
-// checked for order and range here (that needs a host sync); ties may resolve to a different index than on CPU.
+// checked for order and range here (that needs a host sync; out-of-range entries are ignored). NaN scores rank
+// first (at::topk treats NaN as the largest value), as on CPU; ties may resolve to a different index than on CPU.
 constexpr int64_t kTopkTileElems = int64_t(1) << 22;
 
 std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t k,
@@ -177,12 +219,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk_grad_cuda(const at::Tensor&
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
   at::Tensor excl;
-  if (exclude.has_value() && exclude->defined() && exclude->numel() > 0) {
-    check_indices(op, *exclude, grad);
-    excl = exclude->to(at::kLong).contiguous();
+  const int64_t numel = checked_numel(op, "out_features", out, "in_features", in);
+  if (exclude.has_value() && exclude->defined()) {
+    check_indices(op, *exclude, grad, "exclude");
+    if (exclude->numel() > 0) excl = exclude->to(at::kLong).contiguous();
   }
   const int64_t n_excl = excl.defined() ? excl.numel() : 0;
-  const int64_t avail = out * in - n_excl;
+  const int64_t avail = numel - n_excl;
   TORCH_CHECK(k >= 0 && k <= avail, op, ": k must be in [0, ", avail, "] (", out, "*", in, " positions, ", n_excl,
               " excluded), got ", k);
   auto long_opts = grad.options().dtype(at::kLong);

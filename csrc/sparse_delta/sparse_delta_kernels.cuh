@@ -22,7 +22,8 @@
 //    TT|1 to avoid bank conflicts on the flush) lives in shared memory; g[t, r] for kRowChunk rows is staged
 //    in shared memory (coalesced along r). Every block walks all nonzeros, keeps those in its column chunk and
 //    adds val*g[t, r] with shared-memory atomics (fp32; the summation order inside a block can vary between
-//    runs, so results are deterministic only up to fp32 rounding). Finally gx[t, c0..c0+cw) += scale*acc,
+//    runs, so results are deterministic only up to fp32 rounding; under torch.use_deterministic_algorithms the
+//    glue runs spmm_kernel on S^T instead). Finally gx[t, c0..c0+cw) += scale*acc,
 //    coalesced. Column chunks exist both to fit shared memory (large in) and to give few-token inputs more
 //    blocks. No global scratch.
 //  sddmm_kernel    out[k] += scale * sum_t g[t, r_k] * x[t, c_k]                         (values' gradient)
@@ -30,7 +31,8 @@
 //    (xs[c][TT]), g staged as gs[t][r - r0] fp32 for the block's rows; one lane owns one nonzero and takes the
 //    TT-long dot product gs[:][r] . xs[c][:], so g[t, r] is loaded once per (tile, row) and reused across the row's
 //    nonzeros. Partial sums go straight to out (fp32): a plain read-modify-write when one block owns all tokens
-//    of the row chunk (deterministic), atomicAdd when tokens are split across blocks for parallelism.
+//    of the row chunk (deterministic; always so in deterministic mode), atomicAdd when tokens are split across
+//    blocks for parallelism.
 //  merge_kernel    w[r, c_k] += scale * val[k]; one thread per nonzero (r from idx / in; entries outside
 //    [0, out*in) are skipped).
 //  abs_kernel / exclude_kernel   out = |tile|, then out[e - flat0] = -1 for every excluded flat position e

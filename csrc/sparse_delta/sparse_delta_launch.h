@@ -21,14 +21,16 @@ struct DeltaParams {
   int64_t out_features;
   int64_t in_features;
   float scale;
+  bool deterministic;       // no float atomics (torch.use_deterministic_algorithms): sddmm runs one token split
 };
 
 // y[t, r] += scale * sum_{k in row r} values[k] * x[t, c_k]; x [tokens, in], y [tokens, out] (fp32 accumulation).
 void spmm_accumulate(const DeltaParams& p, const void* x, void* y, int64_t tokens, cudaStream_t stream);
-// gx[t, c] += scale * sum_{k : c_k == c} values[k] * g[t, r_k]; g [tokens, out], gx [tokens, in].
+// gx[t, c] += scale * sum_{k : c_k == c} values[k] * g[t, r_k]; g [tokens, out], gx [tokens, in]. Uses shared-memory
+// float atomics (summation order may vary); the glue's deterministic path runs spmm_accumulate on S^T instead.
 void spmm_t_accumulate(const DeltaParams& p, const void* g, void* gx, int64_t tokens, cudaStream_t stream);
 // out[k] = scale * sum_t g[t, r_k] * x[t, c_k] (fp32 accumulation, fp32 out; entries never visited stay as given,
-// so the caller zero-fills out).
+// so the caller zero-fills out). Tokens split over blocks with float atomics unless p.deterministic.
 void sddmm(const DeltaParams& p, const void* g, const void* x, float* out, int64_t tokens, cudaStream_t stream);
 // w[r, c_k] += scale * values[k] for every k (w [out, in], dtype p.dtype).
 void merge(const DeltaParams& p, void* w, cudaStream_t stream);

@@ -9,10 +9,19 @@ The effective weight is ``W + scale * S``. Every op walks ``S`` through a CSR vi
 so no op ever builds an ``[out, in]`` temporary except ``sparse_delta_merge`` (whose output is one) and the dense
 weight gradient of ``sparse_delta_linear`` when — and only when — ``W.requires_grad`` is set.
 
-Validation: on CPU every op checks the indices (sorted, unique, in range) as it builds the CSR view. On CUDA the
-hot path never syncs with the host (the ops are CUDA-graph capturable), so the structural checks live in
-:func:`sparse_delta_validate`; call it once when a delta is created or loaded. Malformed indices on CUDA give
-wrong numbers but never an out-of-bounds access.
+Validation: every op (backward op included) checks dtypes, ranks, shapes, devices and sizes, on every backend and
+in its fake kernel, with messages that start with the op name. On CPU every op also checks the index values
+(sorted, unique, in range) as it builds the CSR view, before writing anything. On CUDA the hot path never syncs with
+the host (the ops are CUDA-graph capturable), so the value checks live in :func:`sparse_delta_validate`; call it
+once when a delta is created or loaded. Malformed indices on CUDA give wrong numbers but never an out-of-bounds
+access (the kernels skip entries outside their row / buffer).
+
+Autograd: ``sparse_delta_linear``'s backward op refuses double backward (an error naming the op); spmm, spmm_t,
+sddmm and merge have double backward. ``sparse_delta_merge_`` behaves as an ATen in-place op (version counter,
+leaf / inference-tensor checks). ``sparse_delta_topk_grad``'s outputs are non-differentiable.
+
+Determinism: CPU results are bitwise repeatable. On CUDA, spmm_t and sddmm use float atomics unless
+``torch.use_deterministic_algorithms(True)``, under which they take atomic-free paths.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device, with_last, register_autograd
+from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device, with_last
 
 _lib = torch.ops.peftcore
 
@@ -56,7 +65,10 @@ def sparse_delta_spmm(x, indices, values, out_features: int, scale: float = 1.0)
 
 
 def sparse_delta_spmm_t(grad, indices, values, in_features: int, scale: float = 1.0):
-    """``scale * grad @ S`` for ``grad [..., out]`` and ``S [out, in_features]``: the sparse half of grad_x."""
+    """``scale * grad @ S`` for ``grad [..., out]`` and ``S [out, in_features]``: the sparse half of grad_x.
+
+    On CUDA it accumulates with float atomics, except under ``torch.use_deterministic_algorithms(True)``.
+    """
     return _lib.sparse_delta_spmm_t(grad, indices, values, in_features, scale)
 
 
@@ -64,12 +76,19 @@ def sparse_delta_sddmm(grad, x, indices, scale: float = 1.0, out_dtype: Optional
     """SDDMM ``out[k] = scale * sum_t grad[t, r_k] * x[t, c_k]`` accumulated in fp32 (fp64 for float64 inputs).
 
     This is the gradient of ``values``. Returned in ``out_dtype`` (default float32, float64 for float64 inputs).
+    On CUDA tokens are split over blocks with float atomics, except under ``torch.use_deterministic_algorithms``.
     """
     return _lib.sparse_delta_sddmm(grad, x, indices, scale, out_dtype)
 
 
 def sparse_delta_merge_(weight, indices, values, scale: float = 1.0) -> None:
-    """In place ``weight += scale * S`` (unmerge with ``-scale``). ``weight`` must be contiguous."""
+    """In place ``weight += scale * S`` (unmerge with ``-scale``). ``weight`` must be contiguous.
+
+    Behaves as an ATen in-place op: bumps ``weight``'s version counter (a backward that saved ``weight`` then
+    raises), and with grad mode on refuses a leaf that requires grad or any input that requires grad (the op has
+    no derivative; use :func:`sparse_delta_merge`); refuses an inference tensor outside inference mode. Call it
+    under ``torch.no_grad()``. On CPU the indices are validated before anything is written.
+    """
     _lib.sparse_delta_merge_(weight, indices, values, scale)
 
 
@@ -85,6 +104,11 @@ def sparse_delta_topk_grad(grad, x, k: int, exclude=None):
     sorted unique flat indices (e.g. the delta's current ones). Computed one block of rows at a time, so no
     ``[out, in]`` buffer is built. Returns ``(indices int64 [k] ascending, scores float32 [k])`` with
     ``scores = |grad^T x|`` at those positions: the growth step of SpIEL-AG / LT-SFT.
+
+    Ranking: larger score first; NaN scores rank above ``+inf``, which ranks above every finite score (as in
+    ``torch.topk``); NaN never disturbs the order among finite scores. On CPU ties (and NaNs among themselves) go
+    to the lower flat index, and float64 inputs are ranked in float64; on CUDA ties may resolve differently and
+    ``exclude``'s values are not checked (no host sync). Outputs are non-differentiable.
     """
     return _lib.sparse_delta_topk_grad(grad, x, k, exclude)
 
@@ -98,18 +122,105 @@ def sparse_delta_validate(indices, out_features: int, in_features: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
+# Fake kernels (shapes and dtypes only) for torch.compile / meta tensors. They check what the real kernels check
+# before touching any value (dtypes, ranks, shapes, devices), with the same messages.
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_C10_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+              torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool"}
+
+
+def _dt(dtype) -> str:
+    """A dtype as the C++ kernels print it (c10's ScalarType name)."""
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _tokens(t):
+    n = 1
+    for s in t.shape[:-1]:
+        n = n * s
+    return n
+
+
+def _check_float(op, name, t):
+    torch._check(t.dtype in _FLOATS,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(t.dtype)}")
+
+
+def _check_activation(op, name, t, features=None):
+    _check_float(op, name, t)
+    torch._check(t.dim() >= 1, lambda: f"{op}: {name} must have at least 1 dim, got a scalar")
+    if features is not None:
+        torch._check(t.shape[-1] == features, lambda: f"{op}: {name} must have last dim {features}, got shape {_shape(t)}")
+
+
+def _check_indices(op, indices, ref, name="indices"):
+    torch._check(indices.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: {name} must be int32 or int64, got {_dt(indices.dtype)}")
+    torch._check(indices.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {_shape(indices)}")
+    same_device(op, ref, **{name: indices})
+
+
+def _check_delta(op, indices, values, ref):
+    _check_indices(op, indices, ref)
+    _check_float(op, "values", values)
+    torch._check(values.dim() == 1, lambda: f"{op}: values must be 1-D, got shape {_shape(values)}")
+    torch._check(values.shape[0] == indices.shape[0],
+                 lambda: f"{op}: values has {values.shape[0]} entries but indices has {indices.shape[0]}")
+    torch._check(values.dtype in (torch.float32, ref.dtype),
+                 lambda: f"{op}: values must be float32 or the input's dtype ({_dt(ref.dtype)}), got {_dt(values.dtype)}")
+    same_device(op, ref, values=values)
+
+
+def _check_weight(op, weight, bias, x):
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got shape {_shape(weight)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight has dtype {_dt(weight.dtype)} but x has {_dt(x.dtype)}")
+    same_device(op, x, weight=weight)
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias has dtype {_dt(bias.dtype)} but x has {_dt(x.dtype)}")
+        same_device(op, x, bias=bias)
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
+
+
+def _check_sizes(op, out_features, in_features):
+    torch._check(out_features >= 0 and in_features >= 0, lambda: f"{op}: out_features and in_features must be >= 0, "
+                                                                 f"got {out_features} and {in_features}")
+
+
+def _check_token_pair(op, a_name, a, b_name, b):
+    torch._check(b.dtype == a.dtype, lambda: f"{op}: {b_name} has dtype {_dt(b.dtype)} but {a_name} has {_dt(a.dtype)}")
+    same_device(op, a, **{b_name: b})
+    torch._check(a.dim() >= 1 and b.dim() >= 1, lambda: f"{op}: {a_name} and {b_name} must have at least 1 dim")
+    torch._check(_tokens(a) == _tokens(b), lambda: f"{op}: {a_name} has {_tokens(a)} tokens but {b_name} has "
+                                                   f"{_tokens(b)} (shapes {_shape(a)} and {_shape(b)})")
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear")
 def _(x, weight, bias, indices, values, scale=1.0):
-    same_device("sparse_delta_linear", x, weight=weight, bias=bias, indices=indices, values=values)
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_delta_linear: x's last dim must equal in_features")
+    op = "sparse_delta_linear"
+    _check_float(op, "x", x)
+    _check_weight(op, weight, bias, x)
+    _check_delta(op, indices, values, x)
+    _check_activation(op, "x", x, weight.shape[1])
     return x.new_empty(with_last(x, weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear_backward")
 def _(grad_out, x, weight, indices, values, scale, output_mask):
+    op = "sparse_delta_linear_backward"
+    _check_float(op, "grad_out", grad_out)
+    _check_weight(op, weight, None, x)
+    _check_delta(op, indices, values, x)
+    torch._check(grad_out.dim() >= 1 and grad_out.shape[-1] == weight.shape[0],
+                 lambda: f"{op}: grad_out must have last dim {weight.shape[0]}, got shape {_shape(grad_out)}")
+    _check_token_pair(op, "grad_out", grad_out, "x", x)
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"{op}: x must have last dim {weight.shape[1]}, got shape {_shape(x)}")
     gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     gv = values.new_empty(values.shape) if output_mask[1] else values.new_empty((0,))
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))
@@ -118,13 +229,19 @@ def _(grad_out, x, weight, indices, values, scale, output_mask):
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm")
 def _(x, indices, values, out_features, scale=1.0):
-    same_device("sparse_delta_spmm", x, indices=indices, values=values)
+    op = "sparse_delta_spmm"
+    _check_activation(op, "x", x)
+    _check_delta(op, indices, values, x)
+    _check_sizes(op, out_features, x.shape[-1])
     return x.new_empty(with_last(x, out_features))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm_t")
 def _(grad, indices, values, in_features, scale=1.0):
-    same_device("sparse_delta_spmm_t", grad, indices=indices, values=values)
+    op = "sparse_delta_spmm_t"
+    _check_activation(op, "grad", grad)
+    _check_delta(op, indices, values, grad)
+    _check_sizes(op, grad.shape[-1], in_features)
     return grad.new_empty(with_last(grad, in_features))
 
 
@@ -136,27 +253,59 @@ def _sddmm_dtype(grad, out_dtype):
 
 @torch.library.register_fake("peftcore::sparse_delta_sddmm")
 def _(grad, x, indices, scale=1.0, out_dtype=None):
-    same_device("sparse_delta_sddmm", grad, x=x, indices=indices)
+    op = "sparse_delta_sddmm"
+    _check_float(op, "grad", grad)
+    _check_float(op, "x", x)
+    _check_indices(op, indices, grad)
+    torch._check(out_dtype is None or out_dtype in _FLOATS,
+                 lambda: f"{op}: out_dtype must be float32, float16, bfloat16 or float64, got {_dt(out_dtype)}")
+    _check_token_pair(op, "grad", grad, "x", x)
     return grad.new_empty((indices.shape[0],), dtype=_sddmm_dtype(grad, out_dtype))
+
+
+def _check_merge(op, weight, indices, values, contiguous=False):
+    _check_float(op, "weight", weight)
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got shape {_shape(weight)}")
+    if contiguous:
+        torch._check(weight.is_contiguous(), lambda: f"{op}: weight must be contiguous, got strides {list(weight.stride())}")
+    _check_delta(op, indices, values, weight)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_merge_")
 def _(weight, indices, values, scale=1.0):
+    _check_merge("sparse_delta_merge_", weight, indices, values, contiguous=True)
     return None
 
 
 @torch.library.register_fake("peftcore::sparse_delta_merge")
 def _(weight, indices, values, scale=1.0):
+    _check_merge("sparse_delta_merge", weight, indices, values)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_topk_grad")
 def _(grad, x, k, exclude=None):
+    op = "sparse_delta_topk_grad"
+    _check_float(op, "grad", grad)
+    _check_float(op, "x", x)
+    _check_token_pair(op, "grad", grad, "x", x)
+    n_excl = 0
+    if exclude is not None:
+        _check_indices(op, exclude, grad, "exclude")
+        n_excl = exclude.shape[0]
+    avail = grad.shape[-1] * x.shape[-1] - n_excl
+    torch._check(k >= 0 and k <= avail, lambda: f"{op}: k must be in [0, {avail}] ({grad.shape[-1]}*{x.shape[-1]} "
+                                               f"positions, {n_excl} excluded), got {k}")
     return grad.new_empty((k,), dtype=torch.int64), grad.new_empty((k,), dtype=torch.float32)
 
 
 @torch.library.register_fake("peftcore::sparse_delta_validate")
 def _(indices, out_features, in_features):
+    op = "sparse_delta_validate"
+    torch._check(indices.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: indices must be int32 or int64, got {_dt(indices.dtype)}")
+    torch._check(indices.dim() == 1, lambda: f"{op}: indices must be 1-D, got shape {_shape(indices)}")
+    _check_sizes(op, out_features, in_features)
     return None
 
 
@@ -253,8 +402,21 @@ def _merge_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
     gv = None
     if ctx.needs_input_grad[2]:
-        gv = (grad.reshape(-1).take(indices.long()) * ctx.scale).to(ctx.values_dtype)
+        # the forward validated the indices on CPU; on CUDA (unvalidated) an out-of-range entry gets 0, never a read
+        # outside grad (take would raise a device-side assert)
+        flat, idx = grad.reshape(-1), indices.long()
+        ok = (idx >= 0) & (idx < flat.numel())
+        picked = flat.take(idx.clamp(0, flat.numel() - 1)) if flat.numel() else flat.new_zeros(idx.shape)
+        gv = torch.where(ok, picked, 0) * ctx.scale
+        gv = gv.to(ctx.values_dtype)
     return (grad if ctx.needs_input_grad[0] else None), None, gv, None
 
 
 register_autograd("peftcore::sparse_delta_merge", _merge_backward, setup_context=_merge_setup)
+
+
+# The fused backward of sparse_delta_linear has no derivative of its own: create_graph=True through
+# sparse_delta_linear gives first derivatives, and differentiating those again raises naming the op. (spmm, spmm_t,
+# sddmm and merge have double backward: their backwards are each other / plain torch.)
+refuse_double_backward("sparse_delta_linear_backward", "sparse_delta_linear")
+non_differentiable("sparse_delta_topk_grad", "its outputs are positions and scores for choosing a delta's support")
