@@ -80,7 +80,8 @@ def dense_boft_matrix(rotations, perm):
 
 
 def ref_boft_apply(x, rotations, perm):
-    return x @ dense_boft_matrix(rotations.to(x.dtype), perm)
+    # (+ 0 * sum: with no factors the map is the identity and the rotations' gradient is empty, not absent)
+    return x @ dense_boft_matrix(rotations.to(x.dtype), perm) + 0 * rotations.sum().to(x.dtype)
 
 
 def ref_boft_apply_backward(grad_out, x, rotations, perm, mask):
@@ -103,12 +104,26 @@ def params_samples(device, dtype, requires_grad):
     for nb, b, scale in [(3, 4, 0.3), (2, 8, 0.2), (5, 2, 0.5)]:
         p = (torch.randn(nb, b, b, generator=_gen(nb * b)) * scale).to(device=device, dtype=dtype)
         yield Sample((p,), name=f"nb{nb}b{b}")
+    if dtype == torch.float32:  # the kernels' branch points (float64 gradcheck runs only the small shapes above)
+        for nb, b, scale in LARGE_PARAMS:
+            p = (torch.randn(nb, b, b, generator=_gen(nb + b)) * scale / b ** 0.5).to(device=device, dtype=dtype)
+            yield Sample((p,), name=f"nb{nb}b{b}")
+
+
+# Per-block kernels: blocks go to threads in ranges of max(1, 4096 // b^3) (b = 4: 64 blocks, so 200 blocks split
+# across threads); the b x b products use the 4 x 16 register tile (b = 20: full tiles and 4-wide tails) and BLAS
+# from b = 128 on (K * N >= 128 * 128).
+LARGE_PARAMS = [(200, 4, 0.5), (3, 20, 0.5), (2, 128, 0.5)]
 
 
 def neumann_samples(device, dtype, requires_grad):
-    for terms in (5, 3, 6, 2, 1):
+    for terms in (5, 3, 6, 2, 1, 0):
         p = (torch.randn(3, 4, 4, generator=_gen(terms)) * 0.1).to(device=device, dtype=dtype)
         yield Sample((p, terms), name=f"terms{terms}")
+    if dtype == torch.float32:  # thread split, register-tile tails, BLAS products; a long series
+        for (nb, b, _), terms in zip(LARGE_PARAMS, (5, 12, 5)):
+            p = (torch.randn(nb, b, b, generator=_gen(nb * b)) * 0.3 / b ** 0.5).to(device=device, dtype=dtype)
+            yield Sample((p, terms), name=f"nb{nb}b{b}terms{terms}")
 
 
 def cayley_backward_samples(device, dtype, requires_grad):
@@ -144,13 +159,33 @@ def boft_samples(device, dtype, requires_grad, rot_dtype=None):
         x = torch.randn(4, 16, generator=_gen(3)).to(device=device, dtype=dtype)
         rot = ops.orthogonal_cayley(torch.randn(8, 4, 4, generator=_gen(4))).view(2, 4, 4, 4).to(device)
         yield Sample((x, rot, orth.boft_permutations(16, 4, 4, 2).to(device)), name="fp32rot")
+    if dtype == torch.float32:
+        for d, b, m, T in BOFT_LARGE:
+            nb = d // b
+            g = _gen(d * b + m)
+            perm = torch.stack([torch.randperm(d, generator=g) for _ in range(m)]).to(device)
+            rot = (torch.randn(m, nb, b, b, generator=g) / b ** 0.5).to(device=device, dtype=dtype)
+            x = torch.randn(T, d, generator=g).to(device=device, dtype=dtype)
+            yield Sample((x, rot, perm), name=f"d{d}b{b}m{m}T{T}")
+    # No factors: the empty product, the identity map.
+    x = torch.randn(3, 8, generator=_gen(5)).to(device=device, dtype=dtype)
+    yield Sample((x, torch.zeros(0, 2, 4, 4, dtype=dtype, device=device),
+                  torch.zeros(0, 8, dtype=torch.long, device=device)), name="m0")
+
+
+# The fused CPU chain's branch points: token tiles of tile_tokens((m + 2) * d) rows (64 here) with several tiles per
+# thread (T = 300: 5 tiles on 2 threads) and a ragged last tile; blocks with full 4 x 16 register tiles (b = 16);
+# BLAS block products and BLAS rotation-gradient GEMMs (b = 256: K * N = 64 * 256 >= 128 * 128). Random
+# permutations (any permutation is valid; the butterfly ones would leave some index mix-ups unseen).
+BOFT_LARGE = [(64, 4, 3, 300), (64, 16, 2, 150), (256, 256, 1, 200)]
 
 
 def boft_backward_samples(device, dtype, requires_grad):
     for s in boft_samples(device, dtype, False):
         x, rot, perm = s.args
         g = torch.randn(x.shape, generator=_gen(9)).to(device=device, dtype=dtype)
-        for mask in ([True, True], [True, False], [False, True]):
+        masks = ([True, True], [True, False], [False, True]) if x.shape[0] < 100 else ([True, True],)
+        for mask in masks:
             yield Sample((g, x, rot, perm, mask), name=f"{s.name}-{mask}")
 
 
