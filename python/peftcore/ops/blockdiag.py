@@ -83,7 +83,9 @@ def monarch_matmul_backward(grad_out, x, w1, w2, output_mask=(True, True, True),
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double"}
+_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+          torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}  # c10's names
 
 
 def _dt(t):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import refuse_double_backward, register_autograd, same_device
+from ._common import refuse_double_backward, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -91,7 +91,8 @@ def boft_permutations(in_features: int, block_num: int, block_size: int, n_butte
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
-          torch.int64: "Long", torch.int32: "Int"}
+          torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}  # c10's names
 
 
 def _dt(t):
@@ -101,6 +102,10 @@ def _dt(t):
 def _check_float(op, name, t):
     torch._check(t.dtype in _FLOATS,
                  lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(t)}")
+
+
+def _check_device(op, name, t, ref, ref_name):
+    torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def _check_square(op, p, name="params"):
@@ -113,8 +118,7 @@ def _check_pair(op, grad, other, other_name):
     """The backward ops' (grad, R / params) pair: both square blocks of one shape, dtype and device."""
     _check_square(op, grad, "grad")
     _check_square(op, other, other_name)
-    torch._check(other.device == grad.device, lambda: f"{op}: {other_name} is on {other.device} but grad is on "
-                                                      f"{grad.device}")
+    _check_device(op, other_name, other, grad, "grad")
     torch._check(other.dtype == grad.dtype, lambda: f"{op}: {other_name} has dtype {_dt(other)} but grad has "
                                                     f"{_dt(grad)}")
     torch._check(other.shape == grad.shape, lambda: f"{op}: {other_name} must have grad's shape {list(grad.shape)}, "
@@ -131,7 +135,7 @@ def _check_boft(op, x, rotations, perm, grad_out=None):
     _check_float(op, "x", x)
     torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dim, got a scalar")
     _check_float(op, "rotations", rotations)
-    same_device(op, x, rotations=rotations)
+    _check_device(op, "rotations", rotations, x, "x")
     torch._check(rotations.dim() == 4 and rotations.shape[2] == rotations.shape[3],
                  lambda: f"{op}: rotations must be [m, num_blocks, b, b] (square blocks), got shape "
                          f"{list(rotations.shape)}")
@@ -142,12 +146,12 @@ def _check_boft(op, x, rotations, perm, grad_out=None):
     torch._check(nb * b == d, lambda: f"{op}: rotations' num_blocks * b ({nb} * {b} = {nb * b}) must equal the "
                                       f"input's last dim {d}")
     torch._check(perm.dtype == torch.int64, lambda: f"{op}: perm must be int64, got {_dt(perm)}")
-    same_device(op, x, perm=perm)
+    _check_device(op, "perm", perm, x, "x")
     torch._check(perm.dim() == 2 and perm.shape[0] == m and perm.shape[1] == d,
                  lambda: f"{op}: perm must be [m, d] = [{m}, {d}], got shape {list(perm.shape)}")
     if grad_out is not None:
         _check_float(op, "grad_out", grad_out)
-        same_device(op, x, grad_out=grad_out)
+        _check_device(op, "grad_out", grad_out, x, "x")
         torch._check(grad_out.dtype == x.dtype,
                      lambda: f"{op}: grad_out has dtype {_dt(grad_out)} but x has {_dt(x)}")
         torch._check(grad_out.shape == x.shape,
