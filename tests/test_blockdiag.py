@@ -5,10 +5,11 @@ import torch
 
 import peftcore  # noqa: F401
 from peftcore.ops import blockdiag as bd
-from peftcore.testing import OpCase, Sample, op_test_suite
+from peftcore.testing import OpCase, Sample, check_double_backward_refused, check_errors_isolated, devices, op_test_suite
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DEVICES = devices()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,15 +77,38 @@ def _randn(shape, dtype, device, seed, scale=1.0):
 def _bd_configs(dtype):
     if dtype == torch.float64:
         return [((3, 2), 3, 5, 4), ((7,), 2, 3, 6), ((5,), 1, 4, 4)]
-    return [((2, 37), 3, 5, 7), ((70,), 4, 20, 17), ((5,), 1, 9, 9), ((67,), 2, 33, 40)]
+    small = [((2, 37), 3, 5, 7), ((70,), 4, 20, 17), ((5,), 1, 9, 9), ((67,), 2, 33, 40)]
+    return small + BD_LARGE if dtype == torch.float32 else small
+
+
+# float32 shapes crossing the CPU kernels' switches (float64 gradcheck runs the scalar kernels only). Token tiles are
+# tile_tokens(widest features) rows: 64 up to 1024 features, fewer beyond; tiles go to 2 threads in contiguous ranges,
+# so >= 3 tiles put two tiles on one thread (its weight-gradient accumulator is reused).
+BD_LARGE = [
+    ((200,), 4, 20, 17),   # 4 tiles on 2 threads; 4 x 16 register tiles with 4-wide column tails
+    ((70,), 2, 130, 128),  # blocks >= 128 x 128: BLAS per tile forward (and the 6-row tail tile on the micro-kernel),
+                           # the batched-GEMM backward (bmm_blockdiag_backward)
+    ((150,), 1, 16, 512),  # tiled backward whose weight-gradient GEMM (K = tile tokens) takes BLAS, accumulating
+    ((60,), 16, 20, 130),  # 2080 input features: 28-token tiles
+]
 
 
 def _monarch_configs(dtype):
     """(batch, k, q, p, l, s, r) with l*r == k*q."""
     if dtype == torch.float64:
         return [((3, 2), 2, 3, 4, 3, 5, 2), ((5,), 3, 2, 3, 2, 2, 3)]
-    return [((2, 37), 4, 6, 5, 3, 7, 8), ((70,), 8, 16, 16, 8, 16, 16), ((9,), 3, 10, 7, 5, 4, 6),
-            ((66,), 2, 20, 19, 10, 17, 4)]
+    small = [((2, 37), 4, 6, 5, 3, 7, 8), ((70,), 8, 16, 16, 8, 16, 16), ((9,), 3, 10, 7, 5, 4, 6),
+             ((66,), 2, 20, 19, 10, 17, 4)]
+    return small + MONARCH_LARGE if dtype == torch.float32 else small
+
+
+MONARCH_LARGE = [
+    ((200,), 4, 20, 16, 8, 24, 10),      # fused forward / tiled backward over 4 tiles on 2 threads, q % l != 0
+    ((70,), 2, 128, 128, 16, 16, 16),    # fused, stage 1 on BLAS per tile; tiled backward with BLAS GEMMs
+    ((40,), 2, 128, 128, 2, 128, 128),   # both blocks >= 128 x 128: batched-GEMM backward and with_h, fused BLAS forward
+    ((33,), 2, 150, 128, 4, 220, 75),    # batched-GEMM paths with l not dividing q (the general permuting copies)
+    ((21,), 9, 128, 128, 9, 128, 128),   # 1152 features: 56-token tiles, so the forward is the batched-GEMM form
+]
 
 
 def blockdiag_samples(device, dtype, requires_grad):
@@ -98,7 +122,8 @@ def blockdiag_backward_samples(device, dtype, requires_grad):
     for s in blockdiag_samples(device, dtype, False):
         x, w = s.args
         g = _randn((*x.shape[:-1], w.shape[0] * w.shape[1]), dtype, device, 99)
-        for mask in ([True, True], [True, False]) if sum(x.shape[:-1]) % 2 else ([True, True], [False, True]):
+        masks = ([True, True], [True, False]) if sum(x.shape[:-1]) % 2 else ([True, True], [False, True])
+        for mask in masks if x.shape[-1] * w.shape[1] < 4096 else masks[:1]:
             yield Sample((g, x, w, mask), name=f"{s.name}/{mask}")
 
 
@@ -114,7 +139,8 @@ def monarch_backward_samples(device, dtype, requires_grad):
     for sm in monarch_samples(device, dtype, False):
         x, w1, w2 = sm.args
         g = _randn((*x.shape[:-1], w2.shape[0] * w2.shape[1]), dtype, device, 99)
-        for mask in ([True, True, True], [False, True, False] if x.shape[0] % 2 else [True, False, True]):
+        masks = ([True, True, True], [False, True, False] if x.shape[0] % 2 else [True, False, True])
+        for mask in masks if x.shape[-1] < 128 else masks[:1]:
             yield Sample((g, x, w1, w2, mask), name=f"{sm.name}/{mask}")
         # With the saved intermediate (from monarch_matmul_with_h), exact for float64 x.
         h = ref_monarch_with_h(x.double(), w1.double(), w2.double())[1].to(dtype)
@@ -277,7 +303,7 @@ def test_device_mismatch_in_fake():
     """A weight on another device is refused while tracing too (meta stands in for a second device)."""
     from peftcore.ops.blockdiag import _check_monarch
 
-    with pytest.raises(RuntimeError, match="monarch_matmul: w1 is on meta but the input is on cpu"):
+    with pytest.raises(RuntimeError, match="monarch_matmul: w1 is on meta but x is on cpu"):
         _check_monarch("monarch_matmul", _x, _w1.to("meta"), _w2)
 
 
@@ -299,3 +325,161 @@ def test_monarch_batched_gemm_path_dtypes(dtype):
     for hh in (h, None):
         for a, b in zip(bd.monarch_matmul_backward(g, x, w1, w2, h=hh), rg):
             torch.testing.assert_close(a.double(), b, **tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile arguments to every op, backward ops called directly included, in a child process (a crash fails the case).
+
+_BAD_PRELUDE = """
+x = torch.randn(4, 12)
+w1 = torch.randn(3, 4, 4)   # k=3, q=4, p=4: in = 12, k*q = 12
+w2 = torch.randn(2, 5, 6)   # l=2, s=5, r=6: l*r = 12, out = 10
+g = torch.randn(4, 10)
+gb = torch.randn(4, 12)     # blockdiag_matmul(x, w1) has 12 outputs
+h = torch.randn(4, 12)
+T3 = [True, True, True]
+def empty_ok():
+    y = ops.blockdiag_matmul(torch.randn(0, 12), w1)
+    gx, gw = ops.blockdiag_matmul_backward(torch.randn(0, 12), torch.randn(0, 12), w1, [True, True])
+    assert y.shape == (0, 12) and gx.shape == (0, 12) and torch.equal(gw, torch.zeros_like(w1))
+    y, hh = ops.monarch_matmul_with_h(torch.randn(2, 0, 12), w1, w2)
+    assert y.shape == (2, 0, 10) and hh.shape == (2, 0, 12)
+    assert ops.monarch_matmul(torch.randn(0, 12), w1, w2).shape == (0, 10)
+    for hh in (None, torch.randn(0, 12)):
+        gx, g1, g2 = ops.monarch_matmul_backward(torch.randn(0, 10), torch.randn(0, 12), w1, w2, T3, hh)
+        assert gx.shape == (0, 12) and torch.equal(g1, torch.zeros_like(w1)) and torch.equal(g2, torch.zeros_like(w2))
+    big1, big2 = torch.randn(2, 128, 128), torch.randn(2, 128, 128)
+    gx, g1, g2 = ops.monarch_matmul_backward(torch.randn(0, 256), torch.randn(0, 256), big1, big2, T3)
+    assert gx.shape == (0, 256) and not g1.any() and not g2.any()
+    gx, gw = ops.blockdiag_matmul_backward(torch.randn(0, 256), torch.randn(0, 256), big1, [True, True])
+    assert gx.shape == (0, 256) and not gw.any()
+    raise RuntimeError("empty ok")
+"""
+
+_BAD_CASES = [
+    # blockdiag_matmul
+    ("bd-x-int", "ops.blockdiag_matmul(x.int(), w1)", r"blockdiag_matmul: x must be float32.*got Int"),
+    ("bd-x-scalar", "ops.blockdiag_matmul(torch.tensor(1.0), w1)", r"blockdiag_matmul: x must have at least 1 dim"),
+    ("bd-blocks-2d", "ops.blockdiag_matmul(x, torch.randn(3, 4))", r"blockdiag_matmul: blocks must be 3-D, got shape \[3, 4\]"),
+    ("bd-blocks-4d", "ops.blockdiag_matmul(x, torch.randn(1, 3, 4, 4))", r"blockdiag_matmul: blocks must be 3-D"),
+    ("bd-blocks-dtype", "ops.blockdiag_matmul(x, w1.double())", r"blockdiag_matmul: blocks has dtype Double but x has Float"),
+    ("bd-blocks-meta", "ops.blockdiag_matmul(x, w1.to('meta'))", r"blockdiag_matmul: blocks is on meta but x is on cpu"),
+    ("bd-blocks-zero-nb", "ops.blockdiag_matmul(torch.randn(4, 0), torch.randn(0, 4, 4))", r"blockdiag_matmul: blocks must have non-empty dims, got shape \[0, 4, 4\]"),
+    ("bd-blocks-zero-bo", "ops.blockdiag_matmul(x, torch.randn(3, 0, 4))", r"blockdiag_matmul: blocks must have non-empty dims"),
+    ("bd-blocks-count", "ops.blockdiag_matmul(x, torch.randn(5, 2, 2))", r"blockdiag_matmul: x must have last dim 10 .*got shape \[4, 12\]"),
+    ("bd-blocks-not-dividing", "ops.blockdiag_matmul(torch.randn(4, 13), w1)", r"blockdiag_matmul: x must have last dim 12"),
+    # blockdiag_matmul_backward, called directly
+    ("bdb-grad-width", "ops.blockdiag_matmul_backward(torch.randn(4, 11), x, w1, [True, True])", r"blockdiag_matmul_backward: grad_out must have last dim 12"),
+    ("bdb-grad-tokens", "ops.blockdiag_matmul_backward(torch.randn(5, 12), x, w1, [True, True])", r"blockdiag_matmul_backward: grad_out and x must have the same leading"),
+    ("bdb-grad-rank", "ops.blockdiag_matmul_backward(torch.randn(2, 2, 12), x, w1, [True, True])", r"blockdiag_matmul_backward: grad_out and x must have the same leading"),
+    ("bdb-grad-dtype", "ops.blockdiag_matmul_backward(gb.double(), x, w1, [True, True])", r"blockdiag_matmul_backward: blocks has dtype Float but grad_out has Double"),
+    ("bdb-grad-int", "ops.blockdiag_matmul_backward(gb.int(), x, w1, [True, True])", r"blockdiag_matmul_backward: grad_out must be float32.*Int"),
+    ("bdb-grad-meta", "ops.blockdiag_matmul_backward(gb.to('meta'), x, w1, [True, True])", r"blockdiag_matmul_backward: .*(is on meta|on meta).*"),
+    ("bdb-x-width", "ops.blockdiag_matmul_backward(gb, torch.randn(4, 9), w1, [True, True])", r"blockdiag_matmul_backward: x must have last dim 12"),
+    ("bdb-x-int", "ops.blockdiag_matmul_backward(gb, x.long(), w1, [True, False])", r"blockdiag_matmul_backward: x must be float32.*Long"),
+    ("bdb-blocks-2d", "ops.blockdiag_matmul_backward(gb, x, torch.randn(12, 12), [True, True])", r"blockdiag_matmul_backward: blocks must be 3-D"),
+    ("bdb-blocks-meta", "ops.blockdiag_matmul_backward(gb, x, w1.to('meta'), [False, True])", r"blockdiag_matmul_backward: blocks is on meta but x is on cpu"),
+    ("bdb-large-grad-tokens", "ops.blockdiag_matmul_backward(torch.randn(3, 256), torch.randn(4, 256), torch.randn(2, 128, 128), [True, True])",
+     r"blockdiag_matmul_backward: grad_out and x must have the same leading"),
+    ("bdb-mask-length", "ops.blockdiag_matmul_backward(gb, x, w1, [True])", r"List with 1 elements.*size 2"),
+    # monarch_matmul / _with_h
+    ("mm-x-int", "ops.monarch_matmul(x.int(), w1, w2)", r"monarch_matmul: x must be float32.*Int"),
+    ("mm-w1-2d", "ops.monarch_matmul(x, torch.randn(12, 12), w2)", r"monarch_matmul: w1 must be 3-D"),
+    ("mm-w2-dtype", "ops.monarch_matmul(x, w1, w2.half())", r"monarch_matmul: w2 has dtype Half but x has Float"),
+    ("mm-w2-meta", "ops.monarch_matmul(x, w1, w2.to('meta'))", r"monarch_matmul: w2 is on meta but x is on cpu"),
+    ("mm-lr-kq", "ops.monarch_matmul(x, w1, torch.randn(2, 5, 5))", r"monarch_matmul: w2 \[l, s, r\] must have l\*r == k\*q.*\[2, 5, 5\]"),
+    ("mm-x-width", "ops.monarch_matmul(torch.randn(4, 13), w1, w2)", r"monarch_matmul: x must have last dim 12.*got shape \[4, 13\]"),
+    ("mm-w2-empty", "ops.monarch_matmul(x, w1, torch.randn(2, 0, 6))", r"monarch_matmul: w2 must have non-empty dims"),
+    ("mmh-lr-kq", "ops.monarch_matmul_with_h(x, w1, torch.randn(3, 5, 6))", r"monarch_matmul_with_h: w2 \[l, s, r\] must have l\*r == k\*q"),
+    ("mmh-w1-meta", "ops.monarch_matmul_with_h(x, w1.to('meta'), w2)", r"monarch_matmul_with_h: w1 is on meta but x is on cpu"),
+    # monarch_matmul_backward, called directly (h of every wrong kind)
+    ("mmb-grad-width", "ops.monarch_matmul_backward(torch.randn(4, 11), x, w1, w2, T3)", r"monarch_matmul_backward: grad_out must have last dim 10"),
+    ("mmb-grad-tokens", "ops.monarch_matmul_backward(torch.randn(5, 10), x, w1, w2, T3)", r"monarch_matmul_backward: grad_out and x must have the same leading"),
+    ("mmb-grad-dtype", "ops.monarch_matmul_backward(g.double(), x, w1, w2, T3)", r"monarch_matmul_backward: w1 has dtype Float but grad_out has Double"),
+    ("mmb-x-width", "ops.monarch_matmul_backward(g, torch.randn(4, 8), w1, w2, T3)", r"monarch_matmul_backward: x must have last dim 12"),
+    ("mmb-w2-bad", "ops.monarch_matmul_backward(g, x, w1, torch.randn(2, 5, 5), T3)", r"monarch_matmul_backward: w2 \[l, s, r\] must have l\*r == k\*q"),
+    ("mmb-h-width", "ops.monarch_matmul_backward(g, x, w1, w2, T3, torch.randn(4, 11))", r"monarch_matmul_backward: h must have x's leading dims and last dim l\*r = k\*q = 12.*got shape \[4, 11\]"),
+    ("mmb-h-tokens", "ops.monarch_matmul_backward(g, x, w1, w2, T3, torch.randn(3, 12))", r"monarch_matmul_backward: h must have x's leading dims.*got shape \[3, 12\]"),
+    ("mmb-h-rank", "ops.monarch_matmul_backward(g, x, w1, w2, T3, torch.randn(48))", r"monarch_matmul_backward: h must have x's leading dims.*got shape \[48\]"),
+    ("mmb-h-split-tokens", "ops.monarch_matmul_backward(g, x, w1, w2, T3, torch.randn(2, 2, 12))", r"monarch_matmul_backward: h must have x's leading dims"),
+    ("mmb-h-dtype", "ops.monarch_matmul_backward(g, x, w1, w2, T3, h.double())", r"monarch_matmul_backward: h has dtype Double but x has Float"),
+    ("mmb-h-meta", "ops.monarch_matmul_backward(g, x, w1, w2, T3, h.to('meta'))", r"monarch_matmul_backward: h is on meta but x is on cpu"),
+    ("mmb-h-unused-still-checked", "ops.monarch_matmul_backward(g, x, w1, w2, [True, True, False], torch.randn(4, 3))", r"monarch_matmul_backward: h must have"),
+    ("mmb-large-h-width", "ops.monarch_matmul_backward(torch.randn(4, 256), torch.randn(4, 256), torch.randn(2, 128, 128), torch.randn(2, 128, 128), T3, torch.randn(4, 255))",
+     r"monarch_matmul_backward: h must have x's leading dims and last dim l\*r = k\*q = 256"),
+    ("mmb-mask-length", "ops.monarch_matmul_backward(g, x, w1, w2, [True, True])", r"List with 2 elements.*size 3"),
+    # zero tokens through every path (checked in the child, then a marker error)
+    ("empty-tokens", "empty_ok()", r"^empty ok$"),
+]
+
+
+def test_bad_inputs_isolated():
+    check_errors_isolated(_BAD_CASES, prelude=_BAD_PRELUDE)
+
+
+def _fake_cases():
+    g = torch.randn(4, 10)
+    return [
+        (lambda: ops.blockdiag_matmul(_x, torch.randn(3, 0, 4)), r"blockdiag_matmul: blocks must have non-empty dims"),
+        (lambda: ops.blockdiag_matmul(_x.int(), _w1), r"blockdiag_matmul: x must be float32.*Int"),
+        (lambda: ops.blockdiag_matmul_backward(torch.randn(4, 11), _x, _w1, [True, True]), r"blockdiag_matmul_backward: grad_out must have last dim 12"),
+        (lambda: ops.blockdiag_matmul_backward(torch.randn(5, 12), _x, _w1, [True, True]), r"blockdiag_matmul_backward: grad_out and x must have the same leading"),
+        (lambda: ops.monarch_matmul(_x, _w1, torch.randn(2, 5, 5)), r"monarch_matmul: w2 \[l, s, r\] must have l\*r == k\*q"),
+        (lambda: ops.monarch_matmul_with_h(torch.randn(4, 13), _w1, _w2), r"monarch_matmul_with_h: x must have last dim 12"),
+        (lambda: ops.monarch_matmul_backward(torch.randn(4, 11), _x, _w1, _w2, [True] * 3), r"monarch_matmul_backward: grad_out must have last dim 10"),
+        (lambda: ops.monarch_matmul_backward(torch.randn(5, 10), _x, _w1, _w2, [True] * 3), r"monarch_matmul_backward: grad_out and x must have the same leading"),
+        (lambda: ops.monarch_matmul_backward(g, _x, _w1, _w2, [True] * 3, torch.randn(3, 12)), r"monarch_matmul_backward: h must have x's leading dims"),
+        (lambda: ops.monarch_matmul_backward(g, _x, _w1, _w2, [True] * 3, torch.randn(4, 12).double()), r"monarch_matmul_backward: h has dtype Double but x has Float"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_fake_cases())))
+def test_fake_kernels_check_like_the_kernels(i):
+    """Under FakeTensorMode the fake kernels refuse what the kernels refuse, with the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn, match = _fake_cases()[i]
+    with pytest.raises(RuntimeError, match=match):
+        fn()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(RuntimeError, match=match):
+            fn()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_refused(device):
+    """blockdiag_matmul_backward and monarch_matmul_backward have no derivative: a second backward raises an error
+    naming the op (every path: the op's own autograd, the saved-h one, and the large-block batched-GEMM kernels)."""
+    for batch, nb, bo, bi in [((3,), 2, 3, 4), ((5,), 2, 128, 128)]:
+        x, w = _randn((*batch, nb * bi), torch.float32, device, 1), _randn((nb, bo, bi), torch.float32, device, 2)
+        for ga in ((0, 1), (0,), (1,)):
+            check_double_backward_refused(ops.blockdiag_matmul, (x, w), ga, "blockdiag_matmul")
+    x, w1, w2 = _randn((4, 12), torch.float32, device, 1), _randn((3, 4, 4), torch.float32, device, 2), \
+        _randn((2, 5, 6), torch.float32, device, 3)
+    for fn in (ops.monarch_matmul, lambda *a: ops.monarch_matmul_with_h(*a)[0],
+               lambda *a: bd.monarch_matmul(*a, save_intermediate=True)):
+        for ga in ((0, 1, 2), (0,), (2,)):
+            check_double_backward_refused(fn, (x, w1, w2), ga, "monarch_matmul")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu_at_large_shapes():
+    """CUDA against the CPU kernels at the branch-crossing float32 shapes, outputs and every gradient."""
+    for i, (batch, nb, bo, bi) in enumerate(BD_LARGE):
+        x, w = _randn((*batch, nb * bi), torch.float32, "cpu", i), _randn((nb, bo, bi), torch.float32, "cpu", 9, bi ** -0.5)
+        g = _randn((*batch, nb * bo), torch.float32, "cpu", 3)
+        want = [ops.blockdiag_matmul(x, w), *ops.blockdiag_matmul_backward(g, x, w, [True, True])]
+        got = [ops.blockdiag_matmul(x.cuda(), w.cuda()), *ops.blockdiag_matmul_backward(g.cuda(), x.cuda(), w.cuda(), [True, True])]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-3, rtol=1e-3)
+    for i, (batch, k, q, p, l, s, r) in enumerate(MONARCH_LARGE):
+        x = _randn((*batch, k * p), torch.float32, "cpu", i)
+        w1, w2 = _randn((k, q, p), torch.float32, "cpu", 5, p ** -0.5), _randn((l, s, r), torch.float32, "cpu", 6, r ** -0.5)
+        g = _randn((*batch, l * s), torch.float32, "cpu", 7)
+        want = [ops.monarch_matmul(x, w1, w2), *ops.monarch_matmul_with_h(x, w1, w2),
+                *ops.monarch_matmul_backward(g, x, w1, w2, [True] * 3)]
+        xc, w1c, w2c, gc = x.cuda(), w1.cuda(), w2.cuda(), g.cuda()
+        got = [ops.monarch_matmul(xc, w1c, w2c), *ops.monarch_matmul_with_h(xc, w1c, w2c),
+               *ops.monarch_matmul_backward(gc, xc, w1c, w2c, [True] * 3)]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-3, rtol=1e-3)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import peftcore  # noqa: F401
 from peftcore.ops import miss as ms
-from peftcore.testing import OpCase, Sample, op_test_suite
+from peftcore.testing import OpCase, Sample, check_errors_isolated, op_test_suite
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -54,8 +54,21 @@ _CONFIGS = [
 _CONFIGS_F64 = [c for c in _CONFIGS if c[1] <= 301]  # gradcheck cost grows with n
 
 
+# float32 only (float64 gradcheck runs the small shapes): rows split across threads in ranges of
+# max(1, 32768 // n) rows (n = 301: 108, so 300 rows take three ranges on two threads), many spans per row, and
+# r >= 64 (span = r) with rows split too; unfold: head copies then whole-span copies, rows split the same way.
+_CONFIGS_LARGE = [
+    ((300,), 301, 7, False),
+    ((2,), 5000, 33, False),
+    ((400,), 200, 100, False),
+    ((130,), 520, 256, True),
+]
+
+
 def _configs(dtype):
-    return _CONFIGS_F64 if dtype == torch.float64 else _CONFIGS
+    if dtype == torch.float64:
+        return _CONFIGS_F64
+    return _CONFIGS + _CONFIGS_LARGE if dtype == torch.float32 else _CONFIGS
 
 
 def _make(lead, last, dtype, device, seed, transposed):
@@ -233,3 +246,29 @@ def test_bad_input_errors(fn, match):
 def test_fake_kernels_check_like_the_kernels(fn, match):
     with pytest.raises(RuntimeError, match=match):
         fn()
+
+
+_BAD_CASES = [
+    ("fold-int", "ops.miss_fold(torch.ones(2, 5, dtype=torch.long), 2)", r"miss_fold: x must be float32.*Long"),
+    ("fold-bool", "ops.miss_fold(torch.ones(2, 5, dtype=torch.bool), 2)", r"miss_fold: x must be float32.*Bool"),
+    ("fold-scalar", "ops.miss_fold(torch.tensor(1.0), 1)", r"miss_fold: x must have at least 1 dim"),
+    ("fold-r-zero", "ops.miss_fold(torch.randn(2, 5), 0)", r"miss_fold: r must be >= 1, got 0"),
+    ("fold-r-negative", "ops.miss_fold(torch.randn(2, 5), -(2 ** 62))", r"miss_fold: r must be >= 1, got -4611686018427387904"),
+    ("fold-r-huge", "ops.miss_fold(torch.randn(2, 5), 2 ** 62)", r"miss_fold: r must be <= x's last dim .*got r = 4611686018427387904"),
+    ("fold-empty-features", "ops.miss_fold(torch.randn(3, 0), 1)", r"miss_fold: r must be <= x's last dim .*\[3, 0\]"),
+    ("unfold-int", "ops.miss_unfold(torch.ones(2, 3, dtype=torch.int32), 6)", r"miss_unfold: grad must be float32.*Int"),
+    ("unfold-scalar", "ops.miss_unfold(torch.tensor(1.0), 3)", r"miss_unfold: grad must have at least 1 dim"),
+    ("unfold-n-zero", "ops.miss_unfold(torch.randn(2, 3), 0)", r"miss_unfold: n must be >= 1, got 0"),
+    ("unfold-n-negative", "ops.miss_unfold(torch.randn(2, 3), -7)", r"miss_unfold: n must be >= 1, got -7"),
+    ("unfold-r-zero", "ops.miss_unfold(torch.randn(2, 0), 4)", r"miss_unfold: grad's last dim r must be >= 1"),
+    ("unfold-r-above-n", "ops.miss_unfold(torch.randn(2, 6), 4)", r"miss_unfold: grad's last dim r must be <= n .*got r = 6 and n = 4"),
+    ("unfold-n-overflow", "ops.miss_unfold(torch.randn(2, 3), 2 ** 62)", r"overflow"),
+    ("unfold-n-too-big", "ops.miss_unfold(torch.randn(2, 3), 2 ** 40)", r"allocate"),
+    ("unfold-meta-mixed", "ops.miss_unfold(torch.randn(2, 3, device='meta'), 2)", r"miss_unfold: grad's last dim r must be <= n"),
+]
+
+
+def test_bad_inputs_isolated():
+    """Hostile arguments in a child process: each raises an error naming the op and the value (or, for an output
+    too large to allocate, ATen's allocation error), never a crash."""
+    check_errors_isolated(_BAD_CASES)

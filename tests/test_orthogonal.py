@@ -9,7 +9,8 @@ from torch import nn
 
 import peftcore  # noqa: F401
 from peftcore.ops import orthogonal as orth
-from peftcore.testing import OpCase, Sample, devices, op_test_suite
+from peftcore.testing import (OpCase, Sample, check_double_backward_refused, check_errors_isolated, devices,
+                              op_test_suite)
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -80,7 +81,8 @@ def dense_boft_matrix(rotations, perm):
 
 
 def ref_boft_apply(x, rotations, perm):
-    return x @ dense_boft_matrix(rotations.to(x.dtype), perm)
+    # (+ 0 * sum: with no factors the map is the identity and the rotations' gradient is empty, not absent)
+    return x @ dense_boft_matrix(rotations.to(x.dtype), perm) + 0 * rotations.sum().to(x.dtype)
 
 
 def ref_boft_apply_backward(grad_out, x, rotations, perm, mask):
@@ -103,12 +105,26 @@ def params_samples(device, dtype, requires_grad):
     for nb, b, scale in [(3, 4, 0.3), (2, 8, 0.2), (5, 2, 0.5)]:
         p = (torch.randn(nb, b, b, generator=_gen(nb * b)) * scale).to(device=device, dtype=dtype)
         yield Sample((p,), name=f"nb{nb}b{b}")
+    if dtype == torch.float32:  # the kernels' branch points (float64 gradcheck runs only the small shapes above)
+        for nb, b, scale in LARGE_PARAMS:
+            p = (torch.randn(nb, b, b, generator=_gen(nb + b)) * scale / b ** 0.5).to(device=device, dtype=dtype)
+            yield Sample((p,), name=f"nb{nb}b{b}")
+
+
+# Per-block kernels: blocks go to threads in ranges of max(1, 4096 // b^3) (b = 4: 64 blocks, so 200 blocks split
+# across threads); the b x b products use the 4 x 16 register tile (b = 20: full tiles and 4-wide tails) and BLAS
+# from b = 128 on (K * N >= 128 * 128).
+LARGE_PARAMS = [(200, 4, 0.5), (3, 20, 0.5), (2, 128, 0.5)]
 
 
 def neumann_samples(device, dtype, requires_grad):
-    for terms in (5, 3, 6, 2, 1):
+    for terms in (5, 3, 6, 2, 1, 0):
         p = (torch.randn(3, 4, 4, generator=_gen(terms)) * 0.1).to(device=device, dtype=dtype)
         yield Sample((p, terms), name=f"terms{terms}")
+    if dtype == torch.float32:  # thread split, register-tile tails, BLAS products; a long series
+        for (nb, b, _), terms in zip(LARGE_PARAMS, (5, 12, 5)):
+            p = (torch.randn(nb, b, b, generator=_gen(nb * b)) * 0.3 / b ** 0.5).to(device=device, dtype=dtype)
+            yield Sample((p, terms), name=f"nb{nb}b{b}terms{terms}")
 
 
 def cayley_backward_samples(device, dtype, requires_grad):
@@ -144,13 +160,33 @@ def boft_samples(device, dtype, requires_grad, rot_dtype=None):
         x = torch.randn(4, 16, generator=_gen(3)).to(device=device, dtype=dtype)
         rot = ops.orthogonal_cayley(torch.randn(8, 4, 4, generator=_gen(4))).view(2, 4, 4, 4).to(device)
         yield Sample((x, rot, orth.boft_permutations(16, 4, 4, 2).to(device)), name="fp32rot")
+    if dtype == torch.float32:
+        for d, b, m, T in BOFT_LARGE:
+            nb = d // b
+            g = _gen(d * b + m)
+            perm = torch.stack([torch.randperm(d, generator=g) for _ in range(m)]).to(device)
+            rot = (torch.randn(m, nb, b, b, generator=g) / b ** 0.5).to(device=device, dtype=dtype)
+            x = torch.randn(T, d, generator=g).to(device=device, dtype=dtype)
+            yield Sample((x, rot, perm), name=f"d{d}b{b}m{m}T{T}")
+    # No factors: the empty product, the identity map.
+    x = torch.randn(3, 8, generator=_gen(5)).to(device=device, dtype=dtype)
+    yield Sample((x, torch.zeros(0, 2, 4, 4, dtype=dtype, device=device),
+                  torch.zeros(0, 8, dtype=torch.long, device=device)), name="m0")
+
+
+# The fused CPU chain's branch points: token tiles of tile_tokens((m + 2) * d) rows (64 here) with several tiles per
+# thread (T = 300: 5 tiles on 2 threads) and a ragged last tile; blocks with full 4 x 16 register tiles (b = 16);
+# BLAS block products and BLAS rotation-gradient GEMMs (b = 256: K * N = 64 * 256 >= 128 * 128). Random
+# permutations (any permutation is valid; the butterfly ones would leave some index mix-ups unseen).
+BOFT_LARGE = [(64, 4, 3, 300), (64, 16, 2, 150), (256, 256, 1, 200)]
 
 
 def boft_backward_samples(device, dtype, requires_grad):
     for s in boft_samples(device, dtype, False):
         x, rot, perm = s.args
         g = torch.randn(x.shape, generator=_gen(9)).to(device=device, dtype=dtype)
-        for mask in ([True, True], [True, False], [False, True]):
+        masks = ([True, True], [True, False], [False, True]) if x.shape[0] < 100 else ([True, True],)
+        for mask in masks:
             yield Sample((g, x, rot, perm, mask), name=f"{s.name}-{mask}")
 
 
@@ -230,28 +266,215 @@ def test_only_x_saved():
 # Bad inputs: messages name the op and the value.
 
 
-def test_bad_inputs():
-    x = torch.randn(3, 16)
-    rot = torch.randn(2, 4, 4, 4)
-    perm = orth.boft_permutations(16, 4, 4, 2)
-    with pytest.raises(RuntimeError, match=r"orthogonal_cayley: params must be \[num_blocks, b, b\].*\[3, 4, 5\]"):
-        ops.orthogonal_cayley(torch.randn(3, 4, 5))
-    with pytest.raises(RuntimeError, match="orthogonal_cayley: params must be float32.*Long"):
-        ops.orthogonal_cayley(torch.ones(2, 3, 3, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"orthogonal_cayley_neumann: terms must be in \[0, 64\], got -1"):
-        ops.orthogonal_cayley_neumann(torch.randn(2, 3, 3), -1)
-    with pytest.raises(RuntimeError, match=r"orthogonal_boft_apply: rotations' num_blocks \* b \(4 \* 5 = 20\)"):
-        ops.orthogonal_boft_apply(x, torch.randn(2, 4, 5, 5), perm)
-    with pytest.raises(RuntimeError, match="orthogonal_boft_apply: perm must be int64, got Int"):
-        ops.orthogonal_boft_apply(x, rot, perm.int())
-    with pytest.raises(RuntimeError, match=r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[1, 16\]"):
-        ops.orthogonal_boft_apply(x, rot, perm[:1])
-    bad = perm.clone()
-    bad[0, 0] = bad[0, 1]
-    with pytest.raises(RuntimeError, match=r"orthogonal_boft_apply: every row of perm must be a permutation"):
+_BAD_PRELUDE = """
+from peftcore.ops import orthogonal as orth
+x = torch.randn(5, 16)
+perm = orth.boft_permutations(16, 4, 4, 2)
+rot = torch.randn(2, 4, 4, 4)
+p3 = torch.randn(3, 4, 4)
+def bad_perm(i, j, v):
+    q = perm.clone()
+    q[i, j] = v
+    return q
+dup = perm.clone()
+dup[0, 0] = dup[0, 1]
+def fwd(xx=x, rr=rot, pp=perm):
+    return ops.orthogonal_boft_apply(xx, rr, pp)
+def bwd(gg=x, xx=x, rr=rot, pp=perm, mask=(True, True)):
+    return ops.orthogonal_boft_apply_backward(gg, xx, rr, pp, list(mask))
+def zero_factors():  # the identity map, forward and backward; then a marker error
+    z, zp = torch.randn(0, 4, 4, 4), torch.zeros(0, 16, dtype=torch.long)
+    y = fwd(rr=z, pp=zp)
+    gx, gr = bwd(gg=2 * x, rr=z, pp=zp)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr() and torch.equal(gx, 2 * x) and gr.shape == z.shape
+    gx2, _ = bwd(gg=2 * x, rr=z, pp=zp, mask=(True, False))
+    _, gr2 = bwd(gg=2 * x, rr=z, pp=zp, mask=(False, True))
+    assert torch.equal(gx2, 2 * x) and gr2.shape == z.shape
+    raise RuntimeError("identity ok")
+def empty_dims():
+    assert fwd(xx=torch.randn(0, 16)).shape == (0, 16)
+    gx, gr = bwd(gg=torch.randn(0, 16), xx=torch.randn(0, 16))
+    assert gx.shape == (0, 16) and torch.equal(gr, torch.zeros_like(rot))
+    e, er, ep = torch.randn(3, 0), torch.randn(2, 0, 4, 4), torch.zeros(2, 0, dtype=torch.long)
+    assert fwd(xx=e, rr=er, pp=ep).shape == (3, 0)
+    assert [tuple(t.shape) for t in bwd(gg=e, xx=e, rr=er, pp=ep)] == [(3, 0), (2, 0, 4, 4)]
+    assert ops.orthogonal_cayley(torch.randn(0, 3, 3)).shape == (0, 3, 3)
+    assert ops.orthogonal_cayley_neumann_backward(torch.randn(2, 0, 0), torch.randn(2, 0, 0), 5).shape == (2, 0, 0)
+    raise RuntimeError("empty ok")
+"""
+
+_PERM_MSG = r"every row of perm must be a permutation of \[0, 16\), got "
+_BAD_CASES = []
+for _name, _call in [("fwd", "fwd(pp={p})"), ("bwd", "bwd(pp={p})"), ("bwd-x-only", "bwd(pp={p}, mask=(True, False))"),
+                     ("bwd-rot-only", "bwd(pp={p}, mask=(False, True))")]:
+    _op = "orthogonal_boft_apply" + ("" if _name == "fwd" else "_backward")
+    for _v, _shown in [(10 ** 9, "1000000000"), (-300, "-300"), (-7, "-7"), (16, "16")]:
+        _BAD_CASES.append((f"{_name}-perm={_v}", _call.format(p=f"bad_perm(1, 3, {_v})"),
+                           rf"{_op}: {_PERM_MSG}perm\[1, 3\] = {_shown}"))
+    _BAD_CASES.append((f"{_name}-perm-duplicate", _call.format(p="dup"),
+                       rf"{_op}: {_PERM_MSG}1 twice in row 0 \(perm\[0, 0\] and perm\[0, 1\]\)"))
+_BAD_CASES += [
+    # shapes / dtypes / devices of every argument, forward and backward
+    ("fwd-x-int", "fwd(xx=x.long())", r"orthogonal_boft_apply: x must be float32.*got Long"),
+    ("fwd-x-scalar", "fwd(xx=torch.tensor(1.0))", r"orthogonal_boft_apply: x must have at least 1 dim"),
+    ("fwd-rot-3d", "fwd(rr=p3)", r"orthogonal_boft_apply: rotations must be \[m, num_blocks, b, b\].*\[3, 4, 4\]"),
+    ("fwd-rot-not-square", "fwd(rr=torch.randn(2, 4, 4, 3))", r"orthogonal_boft_apply: rotations must be \[m, num_b"),
+    ("fwd-rot-width", "fwd(rr=torch.randn(2, 4, 5, 5))", r"orthogonal_boft_apply: rotations' num_blocks \* b \(4 \* 5 = 20\)"),
+    ("fwd-rot-int", "fwd(rr=rot.int())", r"orthogonal_boft_apply: rotations must be float32.*got Int"),
+    ("fwd-rot-double-x-half", "fwd(xx=x.half(), rr=rot.double())",
+     r"orthogonal_boft_apply: rotations must be float32 or the input's dtype \(Half\), got Double"),
+    ("fwd-rot-meta", "fwd(rr=rot.to('meta'))", r"orthogonal_boft_apply: rotations is on meta but x is on cpu"),
+    ("fwd-perm-int32", "fwd(pp=perm.int())", r"orthogonal_boft_apply: perm must be int64, got Int"),
+    ("fwd-perm-float", "fwd(pp=perm.float())", r"orthogonal_boft_apply: perm must be int64, got Float"),
+    ("fwd-perm-rows", "fwd(pp=perm[:1])", r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[1, 16\]"),
+    ("fwd-perm-cols", "fwd(pp=perm[:, :15])", r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[2, 15\]"),
+    ("fwd-perm-1d", "fwd(pp=perm[0])", r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[16\]"),
+    ("fwd-perm-empty-rows", "fwd(pp=perm[:0])", r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[0, 16\]"),
+    ("fwd-perm-meta", "fwd(pp=perm.to('meta'))", r"orthogonal_boft_apply: perm is on meta but x is on cpu"),
+    ("fwd-zero-factors-but-perm", "fwd(rr=rot[:0])", r"orthogonal_boft_apply: perm must be \[m, d\] = \[0, 16\], got shape \[2, 16\]"),
+    ("bwd-grad-shape", "bwd(gg=torch.randn(4, 16))", r"orthogonal_boft_apply_backward: grad_out must have x's shape \[5, 16\], got \[4, 16\]"),
+    ("bwd-grad-dtype", "bwd(gg=x.double())", r"orthogonal_boft_apply_backward: grad_out has dtype Double but x has Float"),
+    ("bwd-grad-int", "bwd(gg=x.int())", r"orthogonal_boft_apply_backward: grad_out must be float32.*got Int"),
+    ("bwd-grad-meta", "bwd(gg=x.to('meta'))", r"orthogonal_boft_apply_backward: grad_out is on meta but x is on cpu"),
+    ("bwd-x-int", "bwd(xx=x.int())", r"orthogonal_boft_apply_backward: x must be float32.*got Int"),
+    ("bwd-x-width", "bwd(xx=torch.randn(5, 12), gg=torch.randn(5, 12))", r"orthogonal_boft_apply_backward: rotations' num_blocks \* b \(4 \* 4 = 16\) must equal the input's last dim 12"),
+    ("bwd-rot-3d", "bwd(rr=p3)", r"orthogonal_boft_apply_backward: rotations must be \[m, num_blocks, b, b\]"),
+    ("bwd-rot-meta", "bwd(rr=rot.to('meta'))", r"orthogonal_boft_apply_backward: rotations is on meta but x is on cpu"),
+    ("bwd-perm-int32", "bwd(pp=perm.int())", r"orthogonal_boft_apply_backward: perm must be int64, got Int"),
+    ("bwd-perm-shape", "bwd(pp=perm[:, :8])", r"orthogonal_boft_apply_backward: perm must be \[m, d\] = \[2, 16\]"),
+    ("bwd-perm-meta", "bwd(pp=perm.to('meta'))", r"orthogonal_boft_apply_backward: perm is on meta but x is on cpu"),
+    ("bwd-mask-length", "bwd(mask=(True,))", r"List with 1 elements.*size 2"),
+    # zero factors: the identity map, forward and backward (checked in the child, then a marker error)
+    ("zero-factors-identity", "zero_factors()", r"^identity ok$"),
+    ("zero-tokens-and-features", "empty_dims()", r"^empty ok$"),
+    # Cayley / Neumann and their backward ops
+    ("cayley-2d", "ops.orthogonal_cayley(torch.randn(4, 4))", r"orthogonal_cayley: params must be \[num_blocks, b, b\].*\[4, 4\]"),
+    ("cayley-not-square", "ops.orthogonal_cayley(torch.randn(3, 4, 5))", r"orthogonal_cayley: params must be \[num_blocks, b, b\].*\[3, 4, 5\]"),
+    ("cayley-int", "ops.orthogonal_cayley(torch.ones(2, 3, 3, dtype=torch.long))", r"orthogonal_cayley: params must be float32.*Long"),
+    ("cayley-bwd-grad-2d", "ops.orthogonal_cayley_backward(torch.randn(4, 4), p3)", r"orthogonal_cayley_backward: grad must be \[num_blocks, b, b\]"),
+    ("cayley-bwd-R-shape", "ops.orthogonal_cayley_backward(p3, torch.randn(2, 4, 4))", r"orthogonal_cayley_backward: R must have grad's shape \[3, 4, 4\], got \[2, 4, 4\]"),
+    ("cayley-bwd-R-bigger", "ops.orthogonal_cayley_backward(p3, torch.randn(3, 5, 5))", r"orthogonal_cayley_backward: R must have grad's shape"),
+    ("cayley-bwd-R-not-square", "ops.orthogonal_cayley_backward(p3, torch.randn(3, 4, 2))", r"orthogonal_cayley_backward: R must be \[num_blocks, b, b\]"),
+    ("cayley-bwd-R-dtype", "ops.orthogonal_cayley_backward(p3, p3.double())", r"orthogonal_cayley_backward: R has dtype Double but grad has Float"),
+    ("cayley-bwd-R-int", "ops.orthogonal_cayley_backward(p3, p3.int())", r"orthogonal_cayley_backward: R must be float32.*Int"),
+    ("cayley-bwd-R-meta", "ops.orthogonal_cayley_backward(p3, p3.to('meta'))", r"orthogonal_cayley_backward: R is on meta but grad is on cpu"),
+    ("neumann-terms-negative", "ops.orthogonal_cayley_neumann(p3, -1)", r"orthogonal_cayley_neumann: terms must be in \[0, 64\], got -1"),
+    ("neumann-terms-65", "ops.orthogonal_cayley_neumann(p3, 65)", r"orthogonal_cayley_neumann: terms must be in \[0, 64\], got 65"),
+    ("neumann-terms-huge", "ops.orthogonal_cayley_neumann(p3, 2 ** 40)", r"orthogonal_cayley_neumann: terms must be in \[0, 64\], got 1099511627776"),
+    ("neumann-int", "ops.orthogonal_cayley_neumann(p3.int(), 5)", r"orthogonal_cayley_neumann: params must be float32.*Int"),
+    ("neumann-bwd-terms-negative", "ops.orthogonal_cayley_neumann_backward(p3, p3, -300)", r"orthogonal_cayley_neumann_backward: terms must be in \[0, 64\], got -300"),
+    ("neumann-bwd-terms-huge", "ops.orthogonal_cayley_neumann_backward(p3, p3, 10 ** 9)", r"orthogonal_cayley_neumann_backward: terms must be in \[0, 64\], got 1000000000"),
+    ("neumann-bwd-params-shape", "ops.orthogonal_cayley_neumann_backward(p3, torch.randn(3, 2, 2), 5)", r"orthogonal_cayley_neumann_backward: params must have grad's shape \[3, 4, 4\], got \[3, 2, 2\]"),
+    ("neumann-bwd-params-dtype", "ops.orthogonal_cayley_neumann_backward(p3, p3.half(), 5)", r"orthogonal_cayley_neumann_backward: params has dtype Half but grad has Float"),
+    ("neumann-bwd-params-meta", "ops.orthogonal_cayley_neumann_backward(p3, p3.to('meta'), 5)", r"orthogonal_cayley_neumann_backward: params is on meta but grad is on cpu"),
+    ("neumann-bwd-grad-1d", "ops.orthogonal_cayley_neumann_backward(torch.randn(4), p3, 5)", r"orthogonal_cayley_neumann_backward: grad must be \[num_blocks, b, b\]"),
+]
+
+
+def test_bad_inputs_isolated():
+    """Hostile arguments to every op, backward ops called directly included, in a child process: each raises an
+    error naming the op and the offending value (before this check, perm = 10**9 in the backward segfaulted)."""
+    check_errors_isolated(_BAD_CASES, prelude=_BAD_PRELUDE)
+
+
+def _fake_cases():
+    x, rot, perm = torch.randn(5, 16), torch.randn(2, 4, 4, 4), orth.boft_permutations(16, 4, 4, 2)
+    p3 = torch.randn(3, 4, 4)
+    return [
+        (lambda: ops.orthogonal_boft_apply(x, torch.randn(2, 4, 5, 5), perm), r"orthogonal_boft_apply: rotations' num_blocks \* b \(4 \* 5 = 20\)"),
+        (lambda: ops.orthogonal_boft_apply(x, rot, perm.int()), r"orthogonal_boft_apply: perm must be int64, got Int"),
+        (lambda: ops.orthogonal_boft_apply(x, rot, perm[:1]), r"orthogonal_boft_apply: perm must be \[m, d\] = \[2, 16\], got shape \[1, 16\]"),
+        (lambda: ops.orthogonal_boft_apply(x, rot[:0], perm), r"orthogonal_boft_apply: perm must be \[m, d\] = \[0, 16\]"),
+        (lambda: ops.orthogonal_boft_apply(x.half(), rot.double(), perm), r"orthogonal_boft_apply: rotations must be float32 or the input's dtype"),
+        (lambda: ops.orthogonal_boft_apply(x.long(), rot, perm), r"orthogonal_boft_apply: x must be float32.*got Long"),
+        (lambda: ops.orthogonal_boft_apply_backward(torch.randn(4, 16), x, rot, perm, [True, True]), r"orthogonal_boft_apply_backward: grad_out must have x's shape"),
+        (lambda: ops.orthogonal_boft_apply_backward(x.double(), x, rot, perm, [True, True]), r"orthogonal_boft_apply_backward: grad_out has dtype Double but x has Float"),
+        (lambda: ops.orthogonal_boft_apply_backward(x, x, rot, perm[:, :8], [True, True]), r"orthogonal_boft_apply_backward: perm must be \[m, d\]"),
+        (lambda: ops.orthogonal_cayley(torch.randn(3, 4, 5)), r"orthogonal_cayley: params must be \[num_blocks, b, b\]"),
+        (lambda: ops.orthogonal_cayley(p3.int()), r"orthogonal_cayley: params must be float32.*Int"),
+        (lambda: ops.orthogonal_cayley_backward(p3, torch.randn(2, 4, 4)), r"orthogonal_cayley_backward: R must have grad's shape"),
+        (lambda: ops.orthogonal_cayley_backward(p3, p3.double()), r"orthogonal_cayley_backward: R has dtype Double but grad has Float"),
+        (lambda: ops.orthogonal_cayley_neumann(p3, -1), r"orthogonal_cayley_neumann: terms must be in \[0, 64\], got -1"),
+        (lambda: ops.orthogonal_cayley_neumann_backward(p3, p3, 65), r"orthogonal_cayley_neumann_backward: terms must be in \[0, 64\], got 65"),
+        (lambda: ops.orthogonal_cayley_neumann_backward(p3, torch.randn(3, 2, 2), 5), r"orthogonal_cayley_neumann_backward: params must have grad's shape"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_fake_cases())))
+def test_fake_kernels_check_like_the_kernels(i):
+    """Under FakeTensorMode the fake kernels refuse what the kernels refuse, with the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn, match = _fake_cases()[i]
+    with pytest.raises(RuntimeError, match=match):
+        fn()  # the real kernel
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(RuntimeError, match=match):
+            fn()
+
+
+def test_fake_zero_factors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(5, 16)
+        y = ops.orthogonal_boft_apply(x, torch.randn(0, 4, 4, 4), torch.zeros(0, 16, dtype=torch.long))
+        gx, gr = ops.orthogonal_boft_apply_backward(x, x, torch.randn(0, 4, 4, 4), torch.zeros(0, 16, dtype=torch.long),
+                                                    [True, True])
+    assert y.shape == gx.shape == (5, 16) and gr.shape == (0, 4, 4, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_refused(device):
+    """The backward ops have no derivative: a second backward raises an error naming the op (not the silently wrong
+    numbers of PyTorch's warn-only fallback)."""
+    p = torch.randn(3, 4, 4, generator=_gen(1), dtype=torch.float32).to(device) * 0.3
+    check_double_backward_refused(ops.orthogonal_cayley, (p,), (0,), "orthogonal_cayley")
+    check_double_backward_refused(lambda q: ops.orthogonal_cayley_neumann(q, 5), (p,), (0,),
+                                  "orthogonal_cayley_neumann")
+    s = next(iter(boft_samples(device, torch.float32, False)))
+    check_double_backward_refused(ops.orthogonal_boft_apply, s.args, (0, 1), "orthogonal_boft_apply")
+    check_double_backward_refused(ops.orthogonal_boft_apply, s.args, (1,), "orthogonal_boft_apply")
+
+
+def test_non_contiguous_inputs():
+    """Strided views give the contiguous result (every op copies what it needs)."""
+    x = torch.randn(16, 6, generator=_gen(2)).t()  # [6, 16], column-major
+    rot = torch.randn(4, 4, 2, 4, generator=_gen(3)).permute(2, 0, 1, 3)  # [2, 4, 4, 4] strided
+    perm = orth.boft_permutations(16, 4, 4, 2).t().contiguous().t()
+    args = (x, rot, perm)
+    torch.testing.assert_close(ops.orthogonal_boft_apply(*args),
+                               ops.orthogonal_boft_apply(*[a.contiguous() for a in args]), rtol=0, atol=0)
+    g = torch.randn(16, 6, generator=_gen(4)).t()
+    for a, b in zip(ops.orthogonal_boft_apply_backward(g, *args, [True, True]),
+                    ops.orthogonal_boft_apply_backward(g.contiguous(), *[a.contiguous() for a in args], [True, True])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    p = torch.randn(4, 4, 3, generator=_gen(5)).permute(2, 0, 1) * 0.3
+    for fn in (ops.orthogonal_cayley, lambda q: ops.orthogonal_cayley_neumann(q, 5),
+               lambda q: ops.orthogonal_cayley_backward(q.transpose(1, 2), q),
+               lambda q: ops.orthogonal_cayley_neumann_backward(q.transpose(1, 2), q, 6)):
+        torch.testing.assert_close(fn(p), fn(p.contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_boft_matches_cpu_and_stays_in_bounds():
+    """CUDA against the CPU kernels at the tile-crossing shapes (outputs and both gradients), the identity for zero
+    factors, and perm values CUDA does not validate (a host sync): any values give some result, never a fault."""
+    for s in boft_samples("cpu", torch.float32, False):
+        x, rot, perm = s.args
+        g = torch.randn(x.shape, generator=_gen(6))
+        want = [ops.orthogonal_boft_apply(x, rot, perm), *ops.orthogonal_boft_apply_backward(g, x, rot, perm, [True, True])]
+        xc, rc, pc, gc = (t.cuda() for t in (x, rot, perm, g))
+        got = [ops.orthogonal_boft_apply(xc, rc, pc), *ops.orthogonal_boft_apply_backward(gc, xc, rc, pc, [True, True])]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{s.name}: {m}")
+    x, rot, perm = (t.cuda() for t in (torch.randn(5, 16), torch.randn(2, 4, 4, 4), orth.boft_permutations(16, 4, 4, 2)))
+    for v in (10 ** 9, -300, -7, 3):
+        bad = perm.clone()
+        bad[1, 3] = v
         ops.orthogonal_boft_apply(x, rot, bad)
-    with pytest.raises(RuntimeError, match="orthogonal_boft_apply: rotations must be float32 or the input's dtype"):
-        ops.orthogonal_boft_apply(x.half(), rot.double(), perm)
+        ops.orthogonal_boft_apply_backward(x, x, rot, bad, [True, True])
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------------------

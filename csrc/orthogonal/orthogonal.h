@@ -22,10 +22,15 @@ namespace peftcore::orthogonal {
 
 // Argument checks shared by every backend.
 void check_params(const char* op, const char* name, const at::Tensor& p);
-void check_boft_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& rotations,
-                     const at::Tensor& perm);
+// The one check of orthogonal_boft_apply and its backward (grad_out undefined for the forward): dtypes, devices
+// and shapes of every argument; with check_values also that every row of perm is a permutation of [0, d) (the
+// CPU ops; on CUDA reading perm would be a host sync, so there its values are not validated and the chain clamps
+// them into range instead: wrong numbers for an invalid perm, never an access outside a buffer).
+void check_boft_args(const char* op, const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm,
+                     const at::Tensor& grad_out, bool check_values);
 
-// The BOFT chain through ATen ops (gathers + bmm), device independent; no host sync.
+// The BOFT chain through ATen ops (gathers + bmm), device independent; no host sync. m = 0 factors is the identity
+// map (grad_x = grad_out). perm's entries are clamped into [0, d) first (see check_boft_args).
 at::Tensor boft_forward(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm);
 std::tuple<at::Tensor, at::Tensor> boft_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                  const at::Tensor& rotations, const at::Tensor& perm,

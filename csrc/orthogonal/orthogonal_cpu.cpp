@@ -39,12 +39,12 @@ void check_params(const char* op, const char* name, const at::Tensor& p) {
               " must be [num_blocks, b, b] (square blocks), got shape ", p.sizes());
 }
 
-void check_boft_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& rotations,
-                     const at::Tensor& perm) {
-  check_float(op, x_name, x);
-  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dim, got a scalar");
+void check_boft_args(const char* op, const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm,
+                     const at::Tensor& grad_out, bool check_values) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim, got a scalar");
   check_float(op, "rotations", rotations);
-  check_same_device(op, "rotations", rotations, x, x_name);
+  check_same_device(op, "rotations", rotations, x, "x");
   TORCH_CHECK(rotations.dim() == 4 && rotations.size(2) == rotations.size(3), op,
               ": rotations must be [m, num_blocks, b, b] (square blocks), got shape ", rotations.sizes());
   TORCH_CHECK(rotations.scalar_type() == at::kFloat || rotations.scalar_type() == x.scalar_type(), op,
@@ -54,9 +54,32 @@ void check_boft_args(const char* op, const char* x_name, const at::Tensor& x, co
   TORCH_CHECK(nb * b == d, op, ": rotations' num_blocks * b (", nb, " * ", b, " = ", nb * b,
               ") must equal the input's last dim ", d);
   TORCH_CHECK(perm.scalar_type() == at::kLong, op, ": perm must be int64, got ", perm.scalar_type());
-  check_same_device(op, "perm", perm, x, x_name);
+  check_same_device(op, "perm", perm, x, "x");
   TORCH_CHECK(perm.dim() == 2 && perm.size(0) == m && perm.size(1) == d, op, ": perm must be [m, d] = [", m, ", ",
               d, "], got shape ", perm.sizes());
+  if (grad_out.defined()) {
+    check_float(op, "grad_out", grad_out);
+    check_same_device(op, "grad_out", grad_out, x, "x");
+    check_same_dtype(op, "grad_out", grad_out, x, "x");
+    TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(), ", got ",
+                grad_out.sizes());
+  }
+  if (!check_values || perm.numel() == 0) return;
+  // Every row a permutation of [0, d): the fused kernels gather and scatter with these indices.
+  auto pc = perm.contiguous();
+  const int64_t* pp = pc.const_data_ptr<int64_t>();
+  std::vector<int64_t> seen(d);
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(seen.begin(), seen.end(), -1);
+    for (int64_t j = 0; j < d; ++j) {
+      const int64_t v = pp[i * d + j];
+      TORCH_CHECK(v >= 0 && v < d, op, ": every row of perm must be a permutation of [0, ", d, "), got perm[", i,
+                  ", ", j, "] = ", v);
+      TORCH_CHECK(seen[v] < 0, op, ": every row of perm must be a permutation of [0, ", d, "), got ", v,
+                  " twice in row ", i, " (perm[", i, ", ", seen[v], "] and perm[", i, ", ", j, "])");
+      seen[v] = j;
+    }
+  }
 }
 
 std::vector<double> neumann_coefficients(int64_t terms) {
@@ -90,16 +113,24 @@ at::Tensor blockmm(const at::Tensor& y, const at::Tensor& R, bool trans) {
 at::Tensor inverse_perm(const at::Tensor& perm) {
   const int64_t d = perm.size(1);
   auto ar = at::arange(d, perm.options()).expand_as(perm);
-  return at::empty_like(perm).scatter_(1, perm, ar);
+  return at::zeros_like(perm).scatter_(1, perm, ar);  // zeros: a non-permutation still leaves in-range entries
+}
+
+// perm's entries clamped into [0, d): on CUDA perm's values are not validated (that would sync), so an invalid row
+// gives a wrong result but never an index outside the buffers. A no-op for a valid perm.
+at::Tensor safe_perm(const at::Tensor& perm) {
+  return perm.size(1) > 0 ? perm.clamp(0, perm.size(1) - 1) : perm;
 }
 
 }  // namespace
 
-at::Tensor boft_forward(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm) {
+at::Tensor boft_forward(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm_in) {
   const int64_t m = rotations.size(0), d = x.size(-1);
   auto cur = flat2d(x);
-  if (cur.size(0) == 0 || d == 0) return x.clone(at::MemoryFormat::Contiguous);
+  // No tokens, no features, or no factors (m = 0: the empty product, the identity map).
+  if (cur.size(0) == 0 || d == 0 || m == 0) return x.clone(at::MemoryFormat::Contiguous);
   auto R = rotations.to(x.scalar_type());
+  const auto perm = safe_perm(perm_in);
   auto inv = inverse_perm(perm);
   for (int64_t i = m - 1; i >= 0; --i) {  // x @ M_{m-1} ... M_0: the last factor acts first (PEFT's order)
     auto y = cur.index_select(1, inv[i]);
@@ -109,13 +140,15 @@ at::Tensor boft_forward(const at::Tensor& x, const at::Tensor& rotations, const 
 }
 
 std::tuple<at::Tensor, at::Tensor> boft_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                 const at::Tensor& rotations, const at::Tensor& perm,
+                                                 const at::Tensor& rotations, const at::Tensor& perm_in,
                                                  std::array<bool, 2> mask) {
   const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2);
   auto x2d = flat2d(x);
   auto g = flat2d(grad_out);
+  if (m == 0) g = g.clone();  // the identity map: grad_x = grad_out (a new tensor, never an alias of the input)
   const int64_t T = x2d.size(0);
   auto R = rotations.to(x.scalar_type());
+  const auto perm = safe_perm(perm_in);
   auto inv = inverse_perm(perm);
   const auto acc = at::toOpMathType(x.scalar_type());
   // Recompute the inputs of the block products (only x is saved).
@@ -250,6 +283,7 @@ at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& R) {
   check_cpu(op, "grad", grad);
   check_params(op, "grad", grad);
   check_params(op, "R", R);
+  check_same_device(op, "R", R, grad, "grad");
   check_same_dtype(op, "R", R, grad, "grad");
   TORCH_CHECK(R.sizes() == grad.sizes(), op, ": R must have grad's shape ", grad.sizes(), ", got ", R.sizes());
   auto g = grad.contiguous(), r = R.contiguous();
@@ -315,6 +349,7 @@ at::Tensor neumann_backward_cpu(const at::Tensor& grad, const at::Tensor& params
   check_cpu(op, "grad", grad);
   check_params(op, "grad", grad);
   check_params(op, "params", params);
+  check_same_device(op, "params", params, grad, "grad");
   check_same_dtype(op, "params", params, grad, "grad");
   TORCH_CHECK(params.sizes() == grad.sizes(), op, ": params must have grad's shape ", grad.sizes(), ", got ",
               params.sizes());
@@ -404,6 +439,7 @@ at::Tensor boft_fused_forward(const at::Tensor& x, const at::Tensor& rotations, 
   const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2), d = x.size(-1);
   auto x2d = flat2d(x);
   const int64_t T = x2d.size(0);
+  if (m == 0) return x.clone(at::MemoryFormat::Contiguous);  // no factors: the identity map
   auto y = at::empty({T, d}, x.options());
   if (T == 0 || d == 0) return y.view(x.sizes());
   // PEFT casts the rotations to the input's dtype before the products; then everything accumulates in acc_t.
@@ -441,6 +477,10 @@ std::tuple<at::Tensor, at::Tensor> boft_fused_backward(const at::Tensor& grad_ou
                                                        std::array<bool, 2> mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = rotations.size(0), nb = rotations.size(1), b = rotations.size(2), d = x.size(-1);
+  auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  if (m == 0)  // no factors: the identity map; grad_x = grad_out, rotations [0, nb, b, b] get an empty gradient
+    return {mask[0] ? grad_out.clone(at::MemoryFormat::Contiguous) : empty(x),
+            mask[1] ? at::zeros(rotations.sizes(), rotations.options()) : empty(rotations)};
   auto x2d = flat2d(x), g2d = flat2d(grad_out);
   const int64_t T = x2d.size(0);
   at::Tensor gx = mask[0] ? at::empty({T, d}, x.options()) : at::Tensor();
@@ -499,7 +539,6 @@ std::tuple<at::Tensor, at::Tensor> boft_fused_backward(const at::Tensor& grad_ou
       }
     });
   }
-  auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   at::Tensor gr = mask[1] ? grot.reduce(rotations.sizes(), rotations.scalar_type()) : at::Tensor();
   return {mask[0] ? gx.view(x.sizes()) : empty(x), mask[1] ? gr : empty(rotations)};
 }
@@ -507,13 +546,7 @@ std::tuple<at::Tensor, at::Tensor> boft_fused_backward(const at::Tensor& grad_ou
 at::Tensor boft_apply_cpu(const at::Tensor& x, const at::Tensor& rotations, const at::Tensor& perm) {
   constexpr const char* op = "orthogonal_boft_apply";
   check_cpu(op, "x", x);
-  check_boft_args(op, "x", x, rotations, perm);
-  // A permutation per row (CPU only: reading perm on CUDA would sync).
-  if (perm.numel() > 0) {
-    auto sorted = std::get<0>(perm.sort(1));
-    const bool ok = sorted.eq(at::arange(perm.size(1), perm.options())).all().item<bool>();
-    TORCH_CHECK(ok, op, ": every row of perm must be a permutation of [0, ", perm.size(1), ")");
-  }
+  check_boft_args(op, x, rotations, perm, at::Tensor(), /*check_values=*/true);
   at::Tensor y;
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] { y = boft_fused_forward<scalar_t>(x, rotations, perm); });
   return y;
@@ -523,11 +556,8 @@ std::tuple<at::Tensor, at::Tensor> boft_apply_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& rotations, const at::Tensor& perm,
                                                            std::array<bool, 2> mask) {
   constexpr const char* op = "orthogonal_boft_apply_backward";
-  check_cpu(op, "grad_out", grad_out);
-  check_boft_args(op, "x", x, rotations, perm);
-  check_same_dtype(op, "grad_out", grad_out, x, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(), ", got ",
-              grad_out.sizes());
+  check_cpu(op, "x", x);
+  check_boft_args(op, x, rotations, perm, grad_out, /*check_values=*/true);
   std::tuple<at::Tensor, at::Tensor> out;
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op,
                              [&] { out = boft_fused_backward<scalar_t>(grad_out, x, rotations, perm, mask); });

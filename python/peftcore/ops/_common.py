@@ -40,7 +40,8 @@ def register_autograd(opname: str, backward, setup_context) -> None:
 
     def vmap(info, in_dims, *args):
         # non-tensor arguments (ints, lists such as an output_mask) are never batched; their in_dims may be a list
-        outs = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a for a, d in zip(args, in_dims)])
+        outs = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and isinstance(d, int) else a
+                     for a, d in zip(args, in_dims)])
                 for i in range(info.batch_size)]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs)), tuple(0 for _ in outs[0])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import same_device, with_last, register_autograd
+from ._common import refuse_double_backward, register_autograd, with_last
 
 _lib = torch.ops.peftcore
 
@@ -82,21 +82,68 @@ def monarch_matmul_backward(grad_out, x, w1, w2, output_mask=(True, True, True),
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
-def _check_blockdiag(op, x, blocks):
-    same_device(op, x, blocks=blocks)
-    torch._check(blocks.dim() == 3, lambda: f"{op}: blocks must be 3-D, got shape {tuple(blocks.shape)}")
-    torch._check(blocks.dtype == x.dtype, lambda: f"{op}: blocks has dtype {blocks.dtype} but x has {x.dtype}")
-    torch._check(x.shape[-1] == blocks.shape[0] * blocks.shape[2],
-                 lambda: f"{op}: x must have last dim nb*bi = {blocks.shape[0] * blocks.shape[2]}, got {tuple(x.shape)}")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+          torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}  # c10's names
 
 
-def _check_monarch(op, x, w1, w2):
-    same_device(op, x, w1=w1, w2=w2)
-    torch._check(w1.dim() == 3 and w2.dim() == 3, lambda: f"{op}: w1 and w2 must be 3-D")
-    torch._check(w1.dtype == x.dtype and w2.dtype == x.dtype, lambda: f"{op}: w1, w2 and x must share a dtype")
-    torch._check(w2.shape[0] * w2.shape[2] == w1.shape[0] * w1.shape[1], lambda: f"{op}: w2 must have l*r == k*q")
-    torch._check(x.shape[-1] == w1.shape[0] * w1.shape[2],
-                 lambda: f"{op}: x must have last dim k*p = {w1.shape[0] * w1.shape[2]}, got {tuple(x.shape)}")
+def _dt(t):
+    return _NAMES.get(t.dtype, str(t.dtype))
+
+
+def _check_act(op, name, x):
+    torch._check(x.dtype in _FLOATS,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(x)}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: {name} must have at least 1 dim, got a scalar")
+
+
+def _check_weight(op, name, w, x, x_name):
+    torch._check(w.dim() == 3, lambda: f"{op}: {name} must be 3-D, got shape {list(w.shape)}")
+    torch._check(w.dtype == x.dtype, lambda: f"{op}: {name} has dtype {_dt(w)} but {x_name} has {_dt(x)}")
+    torch._check(w.device == x.device, lambda: f"{op}: {name} is on {w.device} but {x_name} is on {x.device}")
+    torch._check(w.shape[0] > 0 and w.shape[1] > 0 and w.shape[2] > 0,
+                 lambda: f"{op}: {name} must have non-empty dims, got shape {list(w.shape)}")
+
+
+def _check_blockdiag(op, x, blocks, x_name="x", out_side=False):
+    """The kernels' check_blockdiag_args."""
+    _check_act(op, x_name, x)
+    _check_weight(op, "blocks", blocks, x, x_name)
+    nb, bo, bi = blocks.shape
+    want = nb * (bo if out_side else bi)
+    torch._check(x.shape[-1] == want, lambda: f"{op}: {x_name} must have last dim {want}, got shape {list(x.shape)}")
+
+
+def _check_monarch(op, x, w1, w2, x_name="x", out_side=False):
+    """The kernels' check_monarch_args."""
+    _check_act(op, x_name, x)
+    _check_weight(op, "w1", w1, x, x_name)
+    _check_weight(op, "w2", w2, x, x_name)
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    torch._check(l * r == k * q, lambda: f"{op}: w2 [l, s, r] must have l*r == k*q; got w1 {list(w1.shape)} and w2 "
+                                         f"{list(w2.shape)}")
+    want = l * s if out_side else k * p
+    torch._check(x.shape[-1] == want, lambda: f"{op}: {x_name} must have last dim {want}, got shape {list(x.shape)}")
+
+
+def _check_grad_pair(op, grad_out, x):
+    """The kernels' check_grad_pair: same dtype, device and leading (token) dims."""
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out has dtype {_dt(grad_out)} but x has {_dt(x)}")
+    torch._check(grad_out.device == x.device, lambda: f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
+    torch._check(grad_out.dim() == x.dim() and grad_out.shape[:-1] == x.shape[:-1],
+                 lambda: f"{op}: grad_out and x must have the same leading (token) dims, got {list(grad_out.shape)} "
+                         f"and {list(x.shape)}")
+
+
+def _check_saved_h(op, h, x, w1):
+    mid = w1.shape[0] * w1.shape[1]
+    torch._check(h.dtype == x.dtype, lambda: f"{op}: h has dtype {_dt(h)} but x has {_dt(x)}")
+    torch._check(h.device == x.device, lambda: f"{op}: h is on {h.device} but x is on {x.device}")
+    torch._check(h.dim() == x.dim() and h.shape[-1] == mid and h.shape[:-1] == x.shape[:-1],
+                 lambda: f"{op}: h must have x's leading dims and last dim l*r = k*q = {mid} (x {list(x.shape)}), "
+                         f"got shape {list(h.shape)}")
 
 
 @torch.library.register_fake("peftcore::blockdiag_matmul")
@@ -107,7 +154,10 @@ def _(x, blocks):
 
 @torch.library.register_fake("peftcore::blockdiag_matmul_backward")
 def _(grad_out, x, blocks, output_mask):
-    _check_blockdiag("blockdiag_matmul_backward", x, blocks)
+    op = "blockdiag_matmul_backward"
+    _check_blockdiag(op, x, blocks)
+    _check_blockdiag(op, grad_out, blocks, "grad_out", out_side=True)
+    _check_grad_pair(op, grad_out, x)
     gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     gb = blocks.new_empty(blocks.shape) if output_mask[1] else blocks.new_empty((0,))
     return gx, gb
@@ -127,10 +177,12 @@ def _(x, w1, w2):
 
 @torch.library.register_fake("peftcore::monarch_matmul_backward")
 def _(grad_out, x, w1, w2, output_mask, h=None):
-    _check_monarch("monarch_matmul_backward", x, w1, w2)
+    op = "monarch_matmul_backward"
+    _check_monarch(op, x, w1, w2)
+    _check_monarch(op, grad_out, w1, w2, "grad_out", out_side=True)
+    _check_grad_pair(op, grad_out, x)
     if h is not None:
-        torch._check(h.shape[-1] == w1.shape[0] * w1.shape[1],
-                     lambda: f"monarch_matmul_backward: h must have last dim l*r, got {tuple(h.shape)}")
+        _check_saved_h(op, h, x, w1)
     gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     g1 = w1.new_empty(w1.shape) if output_mask[1] else w1.new_empty((0,))
     g2 = w2.new_empty(w2.shape) if output_mask[2] else w2.new_empty((0,))
@@ -189,3 +241,8 @@ def _monarch_h_backward(ctx, grad, grad_h):
 
 
 register_autograd("peftcore::monarch_matmul_with_h", _monarch_h_backward, setup_context=_monarch_h_setup)
+
+# The backward ops have no derivative of their own: differentiating them (create_graph=True, then a second backward)
+# raises an error naming the op instead of PyTorch's warn-only fallback.
+refuse_double_backward("blockdiag_matmul_backward", "blockdiag_matmul")
+refuse_double_backward("monarch_matmul_backward", "monarch_matmul")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import same_device, register_autograd
+from ._common import refuse_double_backward, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -89,9 +89,73 @@ def boft_permutations(in_features: int, block_num: int, block_size: int, n_butte
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+          torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}  # c10's names
+
+
+def _dt(t):
+    return _NAMES.get(t.dtype, str(t.dtype))
+
+
+def _check_float(op, name, t):
+    torch._check(t.dtype in _FLOATS,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(t)}")
+
+
+def _check_device(op, name, t, ref, ref_name):
+    torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 def _check_square(op, p, name="params"):
+    _check_float(op, name, p)
     torch._check(p.dim() == 3 and p.shape[1] == p.shape[2],
-                 lambda: f"{op}: {name} must be [num_blocks, b, b] (square blocks), got shape {tuple(p.shape)}")
+                 lambda: f"{op}: {name} must be [num_blocks, b, b] (square blocks), got shape {list(p.shape)}")
+
+
+def _check_pair(op, grad, other, other_name):
+    """The backward ops' (grad, R / params) pair: both square blocks of one shape, dtype and device."""
+    _check_square(op, grad, "grad")
+    _check_square(op, other, other_name)
+    _check_device(op, other_name, other, grad, "grad")
+    torch._check(other.dtype == grad.dtype, lambda: f"{op}: {other_name} has dtype {_dt(other)} but grad has "
+                                                    f"{_dt(grad)}")
+    torch._check(other.shape == grad.shape, lambda: f"{op}: {other_name} must have grad's shape {list(grad.shape)}, "
+                                                    f"got {list(other.shape)}")
+
+
+def _check_terms(op, terms):
+    torch._check(0 <= terms <= 64, lambda: f"{op}: terms must be in [0, 64], got {terms}")
+
+
+def _check_boft(op, x, rotations, perm, grad_out=None):
+    """The shapes / dtypes / devices part of the kernels' check_boft_args (perm's values are checked by the CPU
+    kernels only)."""
+    _check_float(op, "x", x)
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dim, got a scalar")
+    _check_float(op, "rotations", rotations)
+    _check_device(op, "rotations", rotations, x, "x")
+    torch._check(rotations.dim() == 4 and rotations.shape[2] == rotations.shape[3],
+                 lambda: f"{op}: rotations must be [m, num_blocks, b, b] (square blocks), got shape "
+                         f"{list(rotations.shape)}")
+    torch._check(rotations.dtype in (torch.float32, x.dtype),
+                 lambda: f"{op}: rotations must be float32 or the input's dtype ({_dt(x)}), got {_dt(rotations)}")
+    m, nb, b = rotations.shape[:3]
+    d = x.shape[-1]
+    torch._check(nb * b == d, lambda: f"{op}: rotations' num_blocks * b ({nb} * {b} = {nb * b}) must equal the "
+                                      f"input's last dim {d}")
+    torch._check(perm.dtype == torch.int64, lambda: f"{op}: perm must be int64, got {_dt(perm)}")
+    _check_device(op, "perm", perm, x, "x")
+    torch._check(perm.dim() == 2 and perm.shape[0] == m and perm.shape[1] == d,
+                 lambda: f"{op}: perm must be [m, d] = [{m}, {d}], got shape {list(perm.shape)}")
+    if grad_out is not None:
+        _check_float(op, "grad_out", grad_out)
+        _check_device(op, "grad_out", grad_out, x, "x")
+        torch._check(grad_out.dtype == x.dtype,
+                     lambda: f"{op}: grad_out has dtype {_dt(grad_out)} but x has {_dt(x)}")
+        torch._check(grad_out.shape == x.shape,
+                     lambda: f"{op}: grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}")
 
 
 @torch.library.register_fake("peftcore::orthogonal_cayley")
@@ -102,35 +166,33 @@ def _(params):
 
 @torch.library.register_fake("peftcore::orthogonal_cayley_backward")
 def _(grad, R):
-    _check_square("orthogonal_cayley_backward", grad, "grad")
-    same_device("orthogonal_cayley_backward", grad, R=R)
+    _check_pair("orthogonal_cayley_backward", grad, R, "R")
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::orthogonal_cayley_neumann")
 def _(params, terms=5):
     _check_square("orthogonal_cayley_neumann", params)
+    _check_terms("orthogonal_cayley_neumann", terms)
     return torch.empty_like(params, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::orthogonal_cayley_neumann_backward")
 def _(grad, params, terms):
-    _check_square("orthogonal_cayley_neumann_backward", grad, "grad")
-    same_device("orthogonal_cayley_neumann_backward", grad, params=params)
+    _check_pair("orthogonal_cayley_neumann_backward", grad, params, "params")
+    _check_terms("orthogonal_cayley_neumann_backward", terms)
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::orthogonal_boft_apply")
 def _(x, rotations, perm):
-    same_device("orthogonal_boft_apply", x, rotations=rotations, perm=perm)
-    torch._check(rotations.dim() == 4, lambda: "orthogonal_boft_apply: rotations must be [m, num_blocks, b, b]")
-    torch._check(rotations.shape[1] * rotations.shape[2] == x.shape[-1],
-                 lambda: "orthogonal_boft_apply: rotations' num_blocks * b must equal the input's last dim")
+    _check_boft("orthogonal_boft_apply", x, rotations, perm)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::orthogonal_boft_apply_backward")
 def _(grad_out, x, rotations, perm, output_mask):
+    _check_boft("orthogonal_boft_apply_backward", x, rotations, perm, grad_out)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
     gr = (torch.empty_like(rotations, memory_format=torch.contiguous_format) if output_mask[1]
           else rotations.new_empty((0,)))
@@ -180,3 +242,9 @@ def _boft_backward(ctx, grad):
 
 
 register_autograd("peftcore::orthogonal_boft_apply", _boft_backward, setup_context=_boft_setup)
+
+# The backward ops have no derivative of their own: differentiating them (create_graph=True, then a second backward)
+# raises an error naming the op instead of PyTorch's warn-only fallback.
+refuse_double_backward("orthogonal_cayley_backward", "orthogonal_cayley")
+refuse_double_backward("orthogonal_cayley_neumann_backward", "orthogonal_cayley_neumann")
+refuse_double_backward("orthogonal_boft_apply_backward", "orthogonal_boft_apply")
