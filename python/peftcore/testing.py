@@ -167,9 +167,51 @@ def dtypes_for(case: OpCase, device: str) -> list:
 
 
 def check_opcheck(case: OpCase, device: str) -> None:
+    """``torch.library.opcheck`` on every sample; on CPU also the torch.func transforms."""
     for dtype in dtypes_for(case, device):
         for s in case.samples(device, dtype, bool(case.grad_args)):
             torch.library.opcheck(_overload(case.op), s.args, s.kwargs)
+    if device == "cpu":
+        check_func_transforms(case)
+
+
+def check_func_transforms(case: OpCase, device: str = "cpu") -> None:
+    """``torch.func.vmap`` over two samples equals two calls; ``torch.func.vjp`` equals ``torch.autograd.grad``."""
+    dtype = dtypes_for(case, device)[0]
+    s = next(iter(case.samples(device, dtype, False)))
+    if case.mutates is None:
+        s2 = _perturb(s)
+        in_dims = tuple(0 if isinstance(a, torch.Tensor) and a.is_floating_point() else None for a in s.args)
+        batched = tuple(torch.stack([a, b]) if d == 0 else a for a, b, d in zip(s.args, s2.args, in_dims))
+        got = _flat(torch.func.vmap(lambda *a: case.op(*a, **s.kwargs), in_dims=in_dims)(*batched))
+        want = [torch.stack(pair) for pair in zip(_flat(case.op(*s.args, **s.kwargs)),
+                                                    _flat(case.op(*s2.args, **s2.kwargs)))]
+        assert len(got) == len(want), f"{case.name}: vmap returned {len(got)} outputs, expected {len(want)}"
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, equal_nan=True, msg=lambda m: f"{case.name} under vmap: {m}")
+    if not case.grad_args:
+        return
+    args = list(_detach(s.args))
+
+    def fn(*diff):
+        a = list(args)
+        for i, d in zip(case.grad_args, diff):
+            a[i] = d
+        return tuple(o for o in _flat(case.op(*a, **s.kwargs)) if o.is_floating_point())
+
+    primals = tuple(args[i] for i in case.grad_args)
+    outs, vjp_fn = torch.func.vjp(fn, *primals)
+    gen = torch.Generator(device="cpu").manual_seed(4321)
+    seeds = tuple(torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outs)
+    got = vjp_fn(seeds)
+    ref_args = [p.clone().requires_grad_(True) for p in primals]
+    ref_outs = fn(*ref_args)
+    pairs = [(o, g) for o, g in zip(ref_outs, seeds) if o.requires_grad]
+    want = torch.autograd.grad([o for o, _ in pairs], ref_args, [g for _, g in pairs], allow_unused=True)
+    for i, g, w in zip(case.grad_args, got, want):
+        if w is None:
+            continue
+        torch.testing.assert_close(g, w, equal_nan=True, msg=lambda m: f"{case.name} torch.func.vjp, arg {i}: {m}")
 
 
 def check_reference(case: OpCase, device: str) -> None:

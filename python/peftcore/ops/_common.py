@@ -1,4 +1,4 @@
-"""Helpers the families' fake kernels share."""
+"""Helpers the families share: fake-kernel checks and the one way every op gets its autograd formula."""
 import torch
 
 
@@ -12,6 +12,58 @@ def same_device(op, ref, **tensors):
     for name, t in tensors.items():
         if t is not None:
             torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but the input is on {ref.device}")
+
+
+# Kernels peftcore registers from Python (kept alive for the life of the process).
+_impl_lib = torch.library.Library("peftcore", "IMPL")
+_FRONT = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode)
+
+
+def register_autograd(opname: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd`` plus support for the ``torch.func`` transforms.
+
+    Plain autograd and torch.compile use the ``register_autograd`` formula as usual. Under ``torch.func`` (grad,
+    vjp, jacrev, vmap, and their compositions) PyTorch needs an ``autograd.Function`` with a ``setup_context`` and
+    a vmap rule, which ``register_autograd`` does not provide: a kernel at functorch's front key routes the op
+    through one built from the same ``setup_context`` / ``backward``, with a vmap rule that runs the op once per
+    batch entry (correct for every op; not a batched kernel). Forward-mode AD (jvp, jacfwd) is not supported and
+    raises an error naming the op.
+    """
+    ns, name = opname.split("::")
+    op = getattr(getattr(torch.ops, ns), name).default
+    torch.library.register_autograd(opname, backward, setup_context=setup_context)
+
+    def forward(*args):
+        # Reached only once every transform has been peeled off: run the op's own kernel.
+        with torch._C._ExcludeDispatchKeyGuard(_FRONT), torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def vmap(info, in_dims, *args):
+        outs = [op(*[a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims)])
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), tuple(0 for _ in outs[0])
+        return torch.stack(outs), 0
+
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"{opname}: forward-mode AD (torch.func.jvp / jacfwd) is not supported; use reverse "
+                           f"mode (torch.func.vjp / grad / jacrev)")
+
+    fn = type(f"peftcore_{name}", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), vmap=staticmethod(vmap), jvp=staticmethod(jvp),
+        setup_context=staticmethod(lambda ctx, inputs, output: setup_context(ctx=ctx, inputs=inputs, output=output)),
+        backward=staticmethod(lambda ctx, *grads: backward(ctx, *grads))))
+
+    schema_args = op._schema.arguments
+
+    def front_kernel(*args, **kwargs):
+        # autograd.Function.apply takes positional arguments only: complete them from the schema's defaults.
+        full = list(args)
+        for a in schema_args[len(args):]:
+            full.append(kwargs[a.name] if a.name in kwargs else a.default_value)
+        return fn.apply(*full)
+
+    _impl_lib.impl(name, front_kernel, "FuncTorchDynamicLayerFrontMode")
 
 
 def refuse_double_backward(backward_op: str, forward_op: str) -> None:
@@ -31,7 +83,7 @@ def refuse_double_backward(backward_op: str, forward_op: str) -> None:
             f"has no derivative); differentiate through {forward_op} only once, or use a plain-torch reference "
             f"for higher-order gradients")
 
-    torch.library.register_autograd(f"peftcore::{backward_op}", backward, setup_context=setup_context)
+    register_autograd(f"peftcore::{backward_op}", backward, setup_context=setup_context)
 
 
 def non_differentiable(op: str, why: str) -> None:
@@ -45,4 +97,4 @@ def non_differentiable(op: str, why: str) -> None:
     def backward(ctx, *grads):
         raise RuntimeError(f"peftcore::{op} is not differentiable ({why})")
 
-    torch.library.register_autograd(f"peftcore::{op}", backward, setup_context=setup_context)
+    register_autograd(f"peftcore::{op}", backward, setup_context=setup_context)

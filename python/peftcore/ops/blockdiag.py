@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import same_device, with_last
+from ._common import same_device, with_last, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -154,7 +154,7 @@ def _blockdiag_backward(ctx, grad):
     return (gx if need_x else None, gb if need_b else None)
 
 
-torch.library.register_autograd("peftcore::blockdiag_matmul", _blockdiag_backward, setup_context=_blockdiag_setup)
+register_autograd("peftcore::blockdiag_matmul", _blockdiag_backward, setup_context=_blockdiag_setup)
 
 
 def _monarch_setup(ctx, inputs, output):
@@ -169,7 +169,7 @@ def _monarch_backward(ctx, grad):
     return (gx if need[0] else None, g1 if need[1] else None, g2 if need[2] else None)
 
 
-torch.library.register_autograd("peftcore::monarch_matmul", _monarch_backward, setup_context=_monarch_setup)
+register_autograd("peftcore::monarch_matmul", _monarch_backward, setup_context=_monarch_setup)
 
 
 def _monarch_h_setup(ctx, inputs, output):
@@ -188,5 +188,4 @@ def _monarch_h_backward(ctx, grad, grad_h):
     return (gx if need[0] else None, g1 if need[1] else None, g2 if need[2] else None)
 
 
-torch.library.register_autograd("peftcore::monarch_matmul_with_h", _monarch_h_backward,
-                                setup_context=_monarch_h_setup)
+register_autograd("peftcore::monarch_matmul_with_h", _monarch_h_backward, setup_context=_monarch_h_setup)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import with_last
+from ._common import with_last, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -97,7 +97,7 @@ def _fold_backward(ctx, grad):
     return _lib.miss_unfold(grad, ctx.n), None
 
 
-torch.library.register_autograd("peftcore::miss_fold", _fold_backward, setup_context=_fold_setup)
+register_autograd("peftcore::miss_fold", _fold_backward, setup_context=_fold_setup)
 
 
 def _unfold_setup(ctx, inputs, output):
@@ -109,4 +109,4 @@ def _unfold_backward(ctx, grad):
     return _lib.miss_fold(grad, ctx.r), None
 
 
-torch.library.register_autograd("peftcore::miss_unfold", _unfold_backward, setup_context=_unfold_setup)
+register_autograd("peftcore::miss_unfold", _unfold_backward, setup_context=_unfold_setup)

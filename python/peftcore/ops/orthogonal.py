@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import same_device
+from ._common import same_device, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -150,7 +150,7 @@ def _cayley_backward(ctx, grad):
     return _lib.orthogonal_cayley_backward(grad.contiguous(), R)
 
 
-torch.library.register_autograd("peftcore::orthogonal_cayley", _cayley_backward, setup_context=_cayley_setup)
+register_autograd("peftcore::orthogonal_cayley", _cayley_backward, setup_context=_cayley_setup)
 
 
 def _neumann_setup(ctx, inputs, output):
@@ -164,8 +164,7 @@ def _neumann_backward(ctx, grad):
     return _lib.orthogonal_cayley_neumann_backward(grad.contiguous(), params, ctx.terms), None
 
 
-torch.library.register_autograd("peftcore::orthogonal_cayley_neumann", _neumann_backward,
-                                setup_context=_neumann_setup)
+register_autograd("peftcore::orthogonal_cayley_neumann", _neumann_backward, setup_context=_neumann_setup)
 
 
 def _boft_setup(ctx, inputs, output):
@@ -180,4 +179,4 @@ def _boft_backward(ctx, grad):
     return (gx if need_x else None, gr if need_r else None, None)
 
 
-torch.library.register_autograd("peftcore::orthogonal_boft_apply", _boft_backward, setup_context=_boft_setup)
+register_autograd("peftcore::orthogonal_boft_apply", _boft_backward, setup_context=_boft_setup)

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ._common import refuse_double_backward, same_device, with_last
+from ._common import refuse_double_backward, register_autograd, same_device, with_last
 
 _lib = torch.ops.peftcore
 
@@ -240,7 +240,7 @@ def _linear_backward(ctx, grad):
     return (gx if need_x else None, gw, gb if need_b else None, gd if need_d else None, None, None, None)
 
 
-torch.library.register_autograd("peftcore::partial_linear", _linear_backward, setup_context=_linear_setup)
+register_autograd("peftcore::partial_linear", _linear_backward, setup_context=_linear_setup)
 refuse_double_backward("partial_linear_backward", "partial_linear")
 
 
@@ -255,7 +255,7 @@ def _gather_backward(ctx, grad):
     return _lib.partial_scatter_add(grad, index, ctx.size), None
 
 
-torch.library.register_autograd("peftcore::partial_gather", _gather_backward, setup_context=_gather_setup)
+register_autograd("peftcore::partial_gather", _gather_backward, setup_context=_gather_setup)
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -268,4 +268,4 @@ def _scatter_backward(ctx, grad):
     return _lib.partial_gather(grad, index), None, None
 
 
-torch.library.register_autograd("peftcore::partial_scatter_add", _scatter_backward, setup_context=_scatter_setup)
+register_autograd("peftcore::partial_scatter_add", _scatter_backward, setup_context=_scatter_setup)

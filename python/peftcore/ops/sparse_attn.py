@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device
+from ._common import same_device, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -198,4 +198,4 @@ def _attn_backward(ctx, grad_out, grad_lse):
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None)
 
 
-torch.library.register_autograd("peftcore::block_sparse_attn", _attn_backward, setup_context=_attn_setup)
+register_autograd("peftcore::block_sparse_attn", _attn_backward, setup_context=_attn_setup)

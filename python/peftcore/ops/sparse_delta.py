@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device, with_last
+from ._common import same_device, with_last, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -180,7 +180,7 @@ def _linear_backward(ctx, grad):
     return (gx if need_x else None, gw, gb if need_b else None, None, gv if need_v else None, None)
 
 
-torch.library.register_autograd("peftcore::sparse_delta_linear", _linear_backward, setup_context=_linear_setup)
+register_autograd("peftcore::sparse_delta_linear", _linear_backward, setup_context=_linear_setup)
 
 
 def _spmm_setup(ctx, inputs, output):
@@ -199,7 +199,7 @@ def _spmm_backward(ctx, grad):
     return gx, None, gv, None, None
 
 
-torch.library.register_autograd("peftcore::sparse_delta_spmm", _spmm_backward, setup_context=_spmm_setup)
+register_autograd("peftcore::sparse_delta_spmm", _spmm_backward, setup_context=_spmm_setup)
 
 
 def _spmm_t_setup(ctx, inputs, output):
@@ -218,7 +218,7 @@ def _spmm_t_backward(ctx, gy):
     return gg, None, gv, None, None
 
 
-torch.library.register_autograd("peftcore::sparse_delta_spmm_t", _spmm_t_backward, setup_context=_spmm_t_setup)
+register_autograd("peftcore::sparse_delta_spmm_t", _spmm_t_backward, setup_context=_spmm_t_setup)
 
 
 def _sddmm_setup(ctx, inputs, output):
@@ -239,7 +239,7 @@ def _sddmm_backward(ctx, w):
     return gg, gx, None, None, None
 
 
-torch.library.register_autograd("peftcore::sparse_delta_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
+register_autograd("peftcore::sparse_delta_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
 
 
 def _merge_setup(ctx, inputs, output):
@@ -257,4 +257,4 @@ def _merge_backward(ctx, grad):
     return (grad if ctx.needs_input_grad[0] else None), None, gv, None
 
 
-torch.library.register_autograd("peftcore::sparse_delta_merge", _merge_backward, setup_context=_merge_setup)
+register_autograd("peftcore::sparse_delta_merge", _merge_backward, setup_context=_merge_setup)

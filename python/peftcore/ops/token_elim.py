@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from ._common import non_differentiable, refuse_double_backward, same_device
+from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device
 
 _lib = torch.ops.peftcore
 
@@ -261,7 +261,7 @@ def _gather_backward(ctx, grad):
     return _lib.token_scatter_add(zeros, grad, keep_index), None
 
 
-torch.library.register_autograd("peftcore::token_gather", _gather_backward, setup_context=_gather_setup)
+register_autograd("peftcore::token_gather", _gather_backward, setup_context=_gather_setup)
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -275,7 +275,7 @@ def _scatter_backward(ctx, grad):
     return (grad if need_r else None, _lib.token_gather(grad, keep_index) if need_s else None, None)
 
 
-torch.library.register_autograd("peftcore::token_scatter_add", _scatter_backward, setup_context=_scatter_setup)
+register_autograd("peftcore::token_scatter_add", _scatter_backward, setup_context=_scatter_setup)
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -298,6 +298,6 @@ def _mlp_backward(ctx, grad_y, grad_gate_kept, grad_up_kept, _grad_idx):
     return gx, None, None, None, None, None
 
 
-torch.library.register_autograd("peftcore::token_mlp_partial_save", _mlp_backward, setup_context=_mlp_setup)
+register_autograd("peftcore::token_mlp_partial_save", _mlp_backward, setup_context=_mlp_setup)
 refuse_double_backward("token_mlp_partial_save_backward", "token_mlp_partial_save")
 non_differentiable("token_block_scores", "a selection signal: attention mass per key block")
