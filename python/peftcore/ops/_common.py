@@ -39,7 +39,9 @@ def register_autograd(opname: str, backward, setup_context) -> None:
             return op(*args)
 
     def vmap(info, in_dims, *args):
-        outs = [op(*[a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims)])
+        # in_dims of a non-tensor argument (an int, a bool[] mask) is None or a list of Nones: pass it through.
+        outs = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and isinstance(d, int) else a
+                     for a, d in zip(args, in_dims)])
                 for i in range(info.batch_size)]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs)), tuple(0 for _ in outs[0])
