@@ -616,3 +616,26 @@ def test_cuda_graph_capture_training_step(dim):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_malformed_index_skipped(dtype):
+    """CUDA reads no index on the host: entries outside [0, size) are skipped (gathered as 0, never scattered),
+    exactly what the CPU ops compute with those entries' columns left out; partial_validate reports them."""
+    x = _randn((5, 40), dtype, "cuda", 1)
+    bad = torch.tensor([-7, 3, 40, 10**12, 17], device="cuda")
+    good = torch.tensor([3, 17])
+    g = pt.partial_gather(x, bad)
+    torch.cuda.synchronize()
+    want = torch.zeros(5, 5, dtype=dtype)
+    want[:, [1, 4]] = pt.partial_gather(x.cpu(), good)
+    assert torch.equal(g.cpu(), want)
+    s = pt.partial_scatter_add(g, bad, 40)
+    torch.testing.assert_close(s.cpu(), pt.partial_scatter_add(want[:, [1, 4]], good, 40))
+    w = _randn((24, 40), dtype, "cuda", 2)
+    d = _randn((24, 5), torch.float32, "cuda", 3)
+    y = pt.partial_linear(x, w, None, d, bad, 1)
+    torch.testing.assert_close(y.cpu(), pt.partial_linear(x.cpu(), w.cpu(), None, d[:, [1, 4]].cpu(), good, 1))
+    with pytest.raises(RuntimeError, match=r"partial_validate: index must lie in \[0, 40\)"):
+        pt.partial_validate(bad, 40)
