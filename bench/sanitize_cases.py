@@ -269,6 +269,28 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
         vs_cpu(f"partial_gather T={T}", ops.partial_gather, (x, idx), dtype)
         vs_cpu(f"partial_scatter_add T={T}", ops.partial_scatter_add, (saved if dim == 1 else x[:, :k].contiguous(),
                                                                         idx, inf), dtype)
+    # general path (a scattered index: the gather / scatter-add kernels), k > 256 (two blocks of columns), both dims
+    for T, out, inf, k, dim in [(9, 40, 320, 300, 1), (6, 300, 24, 270, 0)]:
+        x, w = rnd(T, inf, dtype=dtype, seed=1), rnd(out, inf, dtype=dtype, seed=2, scale=0.2)
+        idx = torch.randperm((out, inf)[dim], generator=torch.Generator().manual_seed(5))[:k].sort().values
+        delta = rnd(*((k, inf) if dim == 0 else (out, k)), dtype=dtype, seed=3, scale=0.1)
+        saved = x if dim == 0 else x[:, idx].contiguous()
+        vs_cpu(f"partial_linear(general) T={T} k={k} dim={dim}", ops.partial_linear, (x, w, None, delta, idx, dim), dtype)
+        vs_cpu(f"partial_linear_backward(general) T={T} k={k} dim={dim}", ops.partial_linear_backward,
+               (rnd(T, out, dtype=dtype, seed=4), saved, w, delta, idx, dim, [True, True, True]), dtype)
+    # malformed indices (the CUDA ops do not check values): entries out of range must be skipped, never touched
+    if dev == "cuda":
+        x = rnd(5, 40, dtype=dtype, seed=1).to(dev)
+        bad = torch.tensor([-7, 3, 40, 10**12], device=dev)
+        g = ops.partial_gather(x, bad)
+        ops.partial_scatter_add(g, bad, 40)
+        w, d1, d0 = rnd(24, 40, dtype=dtype).to(dev), rnd(24, 4, dtype=dtype).to(dev), rnd(4, 40, dtype=dtype).to(dev)
+        ops.partial_linear(x, w, None, d1, bad, 1)
+        ops.partial_linear_backward(rnd(5, 24, dtype=dtype).to(dev), g, w, d1, bad, 1, [True, True, True])
+        ops.partial_linear_backward(rnd(5, 24, dtype=dtype).to(dev), x, w, d0, bad, 0, [True, True, True])
+        torch.cuda.synchronize()
+        if g[:, [0, 2, 3]].abs().sum().item() != 0:
+            failures.append(f"partial_gather {str(dtype)[6:]}: out-of-range index entries must read 0")
     for T, (k, q, p), (l, s, r) in [(7, (4, 6, 5), (3, 7, 8)), (130, (8, 16, 16), (8, 16, 16)),
                                     (3, (2, 160, 128), (4, 150, 80)), (0, (2, 4, 4), (2, 4, 4)),
                                     (65, (4, 256, 256), (4, 256, 256))]:
@@ -306,7 +328,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
 # token_elim: kept-token gather / scatter-add (token tails, 4-D rows, K = 0), the partial-save MLP with a given
 # channel set (forward, backward with and without the kept pre-activations' own grads), the block scores.
 for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else ():
-    for B, L, F, K in [(2, 37, 24, 11), (1, 300, 260, 128), (2, 8, 5, 0)]:
+    for B, L, F, K in [(2, 37, 24, 11), (1, 300, 260, 128), (2, 8, 5, 0), (2, 40000, 1, 33000)]:
         x = rnd(B, L, F, dtype=dtype, seed=20)
         keep = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(b))[:K].sort().values
                             for b in range(B)])
@@ -326,6 +348,16 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
                (gy, gk, uk, ci, wg, wu, wd), dtype)
         vs_cpu(f"token_mlp_partial_save_backward(+grads) T={T} C={C}", ops.token_mlp_partial_save_backward,
                (gy, gk, uk, ci, wg, wu, wd, rnd(T, C, dtype=dtype, seed=30), rnd(T, C, dtype=dtype, seed=31)), dtype)
+    # malformed keep_index / channel_index (not checked on CUDA): skipped or clamped, never outside a buffer
+    if dev == "cuda":
+        x = rnd(2, 8, 4, dtype=dtype).to(dev)
+        bad_keep = torch.tensor([[-1, 3], [8, 10**12]], device=dev)
+        ops.token_scatter_add(x, ops.token_gather(x, bad_keep), bad_keep)
+        wg, wu, wd = rnd(6, 4, dtype=dtype).to(dev), rnd(6, 4, dtype=dtype).to(dev), rnd(4, 6, dtype=dtype).to(dev)
+        bad_ci = torch.tensor([-5, 2, 6], device=dev)
+        _, gk, uk, _ = ops.token_mlp_partial_save(x, wg, wu, wd, 3, bad_ci)
+        ops.token_mlp_partial_save_backward(x, gk, uk, bad_ci, wg, wu, wd, gk, uk)
+        torch.cuda.synchronize()
     q, k = rnd(2, 4, 200, 64, dtype=dtype, seed=32), rnd(2, 2, 200, 64, dtype=dtype, seed=33)
     vs_cpu("token_block_scores", ops.token_block_scores, (q, k, 64, True, None), dtype)
 

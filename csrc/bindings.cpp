@@ -38,8 +38,8 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("partial_gather(Tensor x, Tensor index) -> Tensor");
   // zeros [..., size] with src [..., k] added at columns index (the gather's adjoint).
   m.def("partial_scatter_add(Tensor src, Tensor index, int size) -> Tensor");
-  // Host-side validation (syncs on CUDA): index 1-D int64, sorted ascending, unique, in [0, size).
-  m.def("partial_validate(Tensor index, int size) -> ()");
+  // Host-side validation (syncs on CUDA): index 1-D int64, sorted ascending, unique, in [0, size); == [range_start, +k) when range_start >= 0.
+  m.def("partial_validate(Tensor index, int size, int range_start=-1) -> ()");
   // ---- blockdiag: block-diagonal and Monarch (two block-diagonal stages + a stride permutation) matmuls ----
   // y[..., j*bo:(j+1)*bo] = x[..., j*bi:(j+1)*bi] @ blocks[j]^T for blocks [nb, bo, bi], x [..., nb*bi].
   m.def("blockdiag_matmul(Tensor x, Tensor blocks) -> Tensor");

@@ -6,11 +6,16 @@ import torch.nn.functional as F
 
 import peftcore  # noqa: F401
 from peftcore.ops import partial as pt
-from peftcore.testing import OpCase, Sample, devices, op_test_suite
+from peftcore.testing import (OpCase, Sample, check_double_backward_refused, check_errors_isolated, devices,
+                              op_test_suite)
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 DEVICES = devices()
+# The CPU kernels split token rows over threads in tasks of at::internal::GRAIN_SIZE elements; the large samples
+# below reach that split only with more than one thread (set here so a one-core runner exercises it too).
+if torch.get_num_threads() < 2:
+    torch.set_num_threads(2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -19,7 +24,11 @@ DEVICES = devices()
 
 def make_index(size, k, kind, start=0, seed=0, device="cpu"):
     """(index, range_start): kind "range" = [start, start+k) passed as an index (CPU detects it), "range_start" =
-    the same range passed explicitly, "scatter" = k sorted random positions."""
+    the same range passed explicitly, "scatter" = k sorted random positions, "near_range" = [start, start+k-1)
+    and start+k (spans k+1: one step short of a range, must take the general path)."""
+    if kind == "near_range":
+        idx = torch.cat([torch.arange(start, start + k - 1), torch.tensor([start + k])])
+        return idx.to(device), -1
     if kind == "scatter":
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(size, generator=g)[:k].sort().values
@@ -85,13 +94,24 @@ def _randn(shape, dtype, device, seed, requires_grad=False, scale=1.0):
 
 
 def _configs(dtype):
-    """(batch, out, in, dim, k, index kind, range start). Sizes are not multiples of 8; ranges at both edges."""
+    """(batch, out, in, dim, k, index kind, range start). Sizes are not multiples of 8; ranges at both edges.
+
+    Branch points of partial_cpu.cpp the non-float64 samples cross (gradcheck's float64 samples are small):
+    range path vs general path (detected ranges, explicit range_start, a near-range index one step short) for
+    dim 0 and dim 1, forward and every backward mask; an empty index; ranges at offset 0 and at the end; the
+    gather / scatter-add row loops split over threads (T * k > GRAIN_SIZE = 32768: the 640-token samples); k > 256
+    (one CUDA block of the gather / scatter-add kernels covers 256 columns)."""
     if dtype == torch.float64:
         return [((2, 3), 6, 10, 1, 3, "scatter", 0), ((5,), 7, 9, 0, 2, "range", 4), ((4,), 6, 10, 1, 4, "range_start", 6),
-                ((3,), 7, 9, 0, 3, "scatter", 0), ((3,), 7, 9, 0, 3, "range_start", 0)]
+                ((3,), 7, 9, 0, 3, "scatter", 0), ((3,), 7, 9, 0, 3, "range_start", 0),
+                ((3,), 6, 9, 1, 4, "near_range", 2), ((2,), 8, 5, 0, 4, "near_range", 1)]
     return [((2, 19), 24, 40, 1, 5, "scatter", 0), ((37,), 33, 20, 0, 7, "range", 11), ((16,), 16, 67, 1, 13, "range", 0),
             ((3, 4), 18, 12, 0, 5, "range_start", 13), ((5,), 20, 13, 1, 3, "range_start", 10),
-            ((6,), 21, 30, 0, 9, "scatter", 0), ((3,), 8, 12, 1, 0, "scatter", 0), ((4,), 10, 6, 1, 6, "range", 0)]
+            ((6,), 21, 30, 0, 9, "scatter", 0), ((3,), 8, 12, 1, 0, "scatter", 0), ((4,), 10, 6, 1, 6, "range", 0),
+            ((5,), 22, 17, 1, 6, "near_range", 4), ((7,), 19, 14, 0, 5, "near_range", 9),
+            *([((640,), 80, 96, 0, 60, "scatter", 0), ((2, 320), 72, 150, 1, 64, "near_range", 40),
+               ((640,), 90, 70, 0, 60, "range", 25), ((4,), 12, 320, 1, 300, "near_range", 10)]
+              if dtype == torch.float32 else [])]
 
 
 def _delta_dtypes(dtype):
@@ -112,18 +132,20 @@ def linear_samples(device, dtype, requires_grad):
 
 
 def linear_backward_samples(device, dtype, requires_grad):
-    for s in linear_samples(device, dtype, False):
+    for i, s in enumerate(linear_samples(device, dtype, False)):
         x, w, b, d, idx, dim, rs = s.args
         saved = x[..., selected(idx, rs)].contiguous() if dim == 1 else x
         g = _randn((*x.shape[:-1], w.shape[0]), dtype, device, 99)
-        for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        # every sample asks for everything, and alternately for grad_delta alone / grad_x + grad_bias only
+        other = [False, True, False] if i % 2 else [True, False, True]
+        for mask in ([True, True, True], other):
             yield Sample((g, saved, w, d, idx, dim, mask, rs), name=f"{s.name}/{mask}")
 
 
 def gather_samples(device, dtype, requires_grad):
     for i, (batch, out, inn, dim, k, kind, start) in enumerate(_configs(dtype)):
-        idx, rs = make_index(inn, k, "scatter" if kind == "scatter" else "range", start if dim == 1 else 0, seed=i,
-                             device=device)
+        kind = {"range_start": "range"}.get(kind, kind)
+        idx, rs = make_index(inn, k, kind, start if dim == 1 else 0, seed=i, device=device)
         yield Sample((_randn((*batch, inn), dtype, device, 10 + i), idx), name=f"{batch}x{inn}/k={k}/{kind}")
 
 
@@ -215,7 +237,7 @@ def test_dim1_saves_only_selected_columns(range_start):
 
 @pytest.mark.parametrize("dim", [0, 1])
 def test_range_fast_path_equals_general_path(dim):
-    """The range path (auto-detected, and explicit range_start with an index that is never read) equals the
+    """The range path (auto-detected, and explicit range_start) equals the
     general gather/scatter path on the same problem with W's rows/columns permuted so the selection is scattered."""
     out, inn, T, a, k = 23, 37, 11, 9, 7
     size = (out, inn)[dim]
@@ -246,7 +268,7 @@ def test_range_fast_path_equals_general_path(dim):
         return y, gx, gd
 
     fast = run(x, d, w, torch.arange(a, a + k), None, dim, False)
-    explicit = run(x, d, w, torch.zeros(k, dtype=torch.long), a, dim, False)
+    explicit = run(x, d, w, torch.arange(a, a + k), a, dim, False)
     general = run(x, d, w, new, None, dim, True)
     for f, e, gn in zip(fast, explicit, general):
         torch.testing.assert_close(f, gn)
@@ -314,67 +336,252 @@ def test_no_dense_temporary_in_forward_backward():
 # Bad input: clear errors naming the op and the offending value.
 
 
-def _lin_args(**kw):
-    a = dict(x=torch.randn(3, 10), weight=torch.randn(8, 10), bias=None, delta=torch.zeros(8, 3),
-             index=torch.tensor([1, 4, 6]), dim=1, range_start=None)
-    a.update(kw)
-    return a
+# Every op, backward ops included, called directly with hostile arguments, in one child process (a crash or a hang
+# fails the named case). (name, code, message regex, shape_only): shape_only cases need no index values, so the
+# fake kernels must refuse them too, with the same message (dtype names differ: C++ "Float", Python
+# "torch.float32", so patterns match them with \S+).
+_PRELUDE = """
+x = torch.randn(3, 10); w = torch.randn(8, 10); d1 = torch.zeros(8, 3); d0 = torch.zeros(3, 10)
+idx = torch.tensor([1, 4, 6])
+
+def lin(x=x, weight=w, bias=None, delta=d1, index=idx, dim=1, range_start=-1):
+    return ops.partial_linear(x, weight, bias, delta, index, dim, range_start)
+
+def bwd(grad_out=None, saved=None, weight=w, delta=d1, index=idx, dim=1, mask=(True, True, True), range_start=-1):
+    grad_out = torch.randn(3, 8) if grad_out is None else grad_out
+    saved = torch.randn(3, 3 if dim == 1 else 10) if saved is None else saved
+    return ops.partial_linear_backward(grad_out, saved, weight, delta, index, dim, list(mask), range_start)
+"""
+
+_BAD = [
+    # partial_linear: index values (CPU checks them; CUDA skips entries out of range, see the module doc)
+    ("lin_dup", "lin(index=torch.tensor([0, 5, 5]))",
+     r"partial_linear: index must be sorted ascending and unique, but index\[2\] = 5 follows index\[1\] = 5", False),
+    ("lin_unsorted", "lin(index=torch.tensor([3, 1, 7]))",
+     r"partial_linear: index must be sorted ascending and unique, but index\[1\] = 1", False),
+    ("lin_oob", "lin(index=torch.tensor([0, 4, 10]))", r"partial_linear: index must lie in \[0, 10\), got index\[2\] = 10", False),
+    ("lin_negative", "lin(index=torch.tensor([-1, 2, 3]))", r"partial_linear: index must lie in \[0, 10\), got index\[0\] = -1", False),
+    ("lin_huge", "lin(index=torch.tensor([0, 1, 10**12]))", r"partial_linear: index must lie in \[0, 10\), got index\[2\] = 1000000000000", False),
+    ("lin_dim0_oob", "lin(delta=d0, dim=0, index=torch.tensor([2, 5, 8]))", r"partial_linear: index must lie in \[0, 8\), got index\[2\] = 8", False),
+    ("lin_empty_weight", "lin(x=torch.randn(3, 0), weight=torch.randn(8, 0), delta=torch.zeros(8, 1), index=torch.tensor([0]))",
+     r"partial_linear: index must lie in \[0, 0\)", False),
+    ("lin_range_mismatch", "lin(range_start=1)", r"partial_linear: range_start = 1 declares index == \[1, 4\), but index\[1\] = 4", False),
+    ("lin_range_shifted", "lin(index=torch.arange(2, 5), range_start=3)",
+     r"partial_linear: range_start = 3 declares index == \[3, 6\), but index\[0\] = 2", False),
+    ("lin_range_bad_index", "lin(index=torch.tensor([3, 3, 4]), range_start=3)", r"partial_linear: index must be sorted", False),
+    # partial_linear: shapes / dtypes / devices
+    ("lin_index_int32", "lin(index=idx.int())", r"partial_linear: index must be int64, got \S+", True),
+    ("lin_index_float", "lin(index=idx.float())", r"partial_linear: index must be int64", True),
+    ("lin_index_2d", "lin(index=idx[None])", r"partial_linear: index must be 1-D, got shape \[1, 3\]", True),
+    ("lin_delta_k", "lin(delta=torch.zeros(8, 4))", r"partial_linear: delta must have shape \[8, 3\] for dim=1, k=3", True),
+    ("lin_delta_dim0", "lin(delta=d1, dim=0)", r"partial_linear: delta must have shape \[3, 10\] for dim=0, k=3", True),
+    ("lin_delta_1d", "lin(delta=torch.zeros(24))", r"partial_linear: delta must have shape \[8, 3\]", True),
+    ("lin_delta_int", "lin(delta=d1.long())", r"partial_linear: delta must be float32", True),
+    ("lin_delta_f64", "lin(delta=d1.double())", r"partial_linear: delta must be float32 or the weight's dtype", True),
+    ("lin_delta_bf16_f32w", "lin(delta=d1.bfloat16())", r"partial_linear: delta must be float32 or the weight's dtype", True),
+    ("lin_dim2", "lin(dim=2)", r"partial_linear: dim must be 0 \(rows\) or 1 \(columns\), got 2", True),
+    ("lin_dim_neg", "lin(dim=-1)", r"partial_linear: dim must be 0 \(rows\) or 1 \(columns\), got -1", True),
+    ("lin_range_over", "lin(range_start=8)",
+     r"partial_linear: range \[range_start, range_start \+ k\) = \[8, 11\) exceeds weight.size\(1\) = 10", True),
+    ("lin_range_over_dim0", "lin(delta=d0, dim=0, range_start=6)", r"partial_linear: range .* = \[6, 9\) exceeds weight.size\(0\) = 8", True),
+    ("lin_range_neg", "lin(range_start=-2)", r"partial_linear: range_start must be -1 \(use index\) or >= 0, got -2", True),
+    ("lin_x_last", "lin(x=torch.randn(3, 11))", r"partial_linear: x must have last dim 10", True),
+    ("lin_x_scalar", "lin(x=torch.tensor(1.0))", r"partial_linear: x must have at least 1 dim", True),
+    ("lin_x_int", "lin(x=x.long())", r"partial_linear: x must be float32, float16, bfloat16 or float64", True),
+    ("lin_weight_dtype", "lin(weight=w.half())", r"partial_linear: weight has dtype \S+ but x has \S+", True),
+    ("lin_weight_1d", "lin(weight=torch.randn(10))", r"partial_linear: weight must be 2-D", True),
+    ("lin_weight_3d", "lin(weight=torch.randn(2, 8, 10))", r"partial_linear: weight must be 2-D", True),
+    ("lin_bias_shape", "lin(bias=torch.randn(7))", r"partial_linear: bias must have shape \[8\]", True),
+    ("lin_bias_dtype", "lin(bias=torch.randn(8).double())", r"partial_linear: bias has dtype \S+ but x has", True),
+    ("lin_index_device", "lin(index=idx.to('meta'))", r"partial_linear: index is on meta but the input is on cpu", True),
+    ("lin_delta_device", "lin(delta=d1.to('meta'))", r"partial_linear: delta is on meta but the input is on cpu", True),
+    # partial_linear_backward, called directly
+    ("bwd_dup", "bwd(index=torch.tensor([2, 2, 3]))", r"partial_linear_backward: index must be sorted ascending and unique", False),
+    ("bwd_unsorted", "bwd(index=torch.tensor([5, 2, 3]))", r"partial_linear_backward: index must be sorted ascending and unique", False),
+    ("bwd_oob", "bwd(index=torch.tensor([1, 2, 10]))", r"partial_linear_backward: index must lie in \[0, 10\), got index\[2\] = 10", False),
+    ("bwd_negative", "bwd(index=torch.tensor([-7, 2, 3]))", r"partial_linear_backward: index must lie in \[0, 10\), got index\[0\] = -7", False),
+    ("bwd_huge", "bwd(index=torch.tensor([1, 2, 10**9]))", r"partial_linear_backward: index must lie in \[0, 10\)", False),
+    ("bwd_dim0_oob", "bwd(delta=d0, dim=0, index=torch.tensor([0, 1, 300]))", r"partial_linear_backward: index must lie in \[0, 8\)", False),
+    ("bwd_dim0_negative", "bwd(delta=d0, dim=0, index=torch.tensor([-300, 1, 2]), mask=(True, False, False))",
+     r"partial_linear_backward: index must lie in \[0, 8\)", False),
+    ("bwd_range_mismatch", "bwd(index=torch.tensor([0, 1, 3]), range_start=0)",
+     r"partial_linear_backward: range_start = 0 declares index == \[0, 3\), but index\[2\] = 3", False),
+    ("bwd_range_over", "bwd(range_start=9)", r"partial_linear_backward: range .* exceeds weight.size\(1\) = 10", True),
+    ("bwd_range_neg", "bwd(range_start=-5)", r"partial_linear_backward: range_start must be -1", True),
+    ("bwd_saved_last", "bwd(saved=torch.randn(3, 10))", r"partial_linear_backward: saved must have last dim 3", True),
+    ("bwd_saved_last_dim0", "bwd(delta=d0, dim=0, saved=torch.randn(3, 3))", r"partial_linear_backward: saved must have last dim 10", True),
+    ("bwd_saved_tokens", "bwd(saved=torch.randn(2, 3))", r"partial_linear_backward: grad_out and saved must have the same leading \(token\) dims", True),
+    ("bwd_saved_batch", "bwd(grad_out=torch.randn(2, 3, 8), saved=torch.randn(3, 2, 3))",
+     r"partial_linear_backward: grad_out and saved must have the same leading \(token\) dims", True),
+    ("bwd_saved_dtype", "bwd(saved=torch.randn(3, 3).double())", r"partial_linear_backward: saved has dtype \S+ but grad_out has", True),
+    ("bwd_saved_device", "bwd(saved=torch.randn(3, 3, device='meta'))", r"partial_linear_backward: saved is on meta", True),
+    ("bwd_grad_last", "bwd(grad_out=torch.randn(3, 7))", r"partial_linear_backward: grad_out must have last dim 8", True),
+    ("bwd_grad_int", "bwd(grad_out=torch.ones(3, 8, dtype=torch.long))", r"partial_linear_backward: grad_out must be float32", True),
+    ("bwd_weight_dtype", "bwd(weight=w.bfloat16())", r"partial_linear_backward: weight has dtype \S+ but grad_out has", True),
+    ("bwd_delta_shape", "bwd(delta=torch.zeros(3, 8))", r"partial_linear_backward: delta must have shape \[8, 3\]", True),
+    ("bwd_delta_dim0", "bwd(dim=0, saved=torch.randn(3, 10))", r"partial_linear_backward: delta must have shape \[3, 10\] for dim=0", True),
+    ("bwd_dim", "bwd(dim=3)", r"partial_linear_backward: dim must be 0 \(rows\) or 1 \(columns\), got 3", True),
+    ("bwd_index_int32", "bwd(index=idx.int())", r"partial_linear_backward: index must be int64", True),
+    ("bwd_index_2d", "bwd(index=idx.view(1, 3))", r"partial_linear_backward: index must be 1-D", True),
+    # partial_gather / partial_scatter_add
+    ("gather_unsorted", "ops.partial_gather(x, torch.tensor([2, 1]))", r"partial_gather: index must be sorted ascending and unique", False),
+    ("gather_dup", "ops.partial_gather(x, torch.tensor([2, 2]))", r"partial_gather: index must be sorted ascending and unique", False),
+    ("gather_oob", "ops.partial_gather(x, torch.tensor([1, 10]))", r"partial_gather: index must lie in \[0, 10\), got index\[1\] = 10", False),
+    ("gather_negative", "ops.partial_gather(x, torch.tensor([-1, 3]))", r"partial_gather: index must lie in \[0, 10\), got index\[0\] = -1", False),
+    ("gather_huge", "ops.partial_gather(x, torch.tensor([0, 2**62]))", r"partial_gather: index must lie in \[0, 10\)", False),
+    ("gather_index_int32", "ops.partial_gather(x, idx.int())", r"partial_gather: index must be int64", True),
+    ("gather_index_2d", "ops.partial_gather(x, idx[None])", r"partial_gather: index must be 1-D", True),
+    ("gather_x_scalar", "ops.partial_gather(torch.tensor(1.0), torch.tensor([0]))", r"partial_gather: x must have at least 1 dim", True),
+    ("gather_x_int", "ops.partial_gather(x.long(), idx)", r"partial_gather: x must be float32", True),
+    ("gather_device", "ops.partial_gather(x, idx.to('meta'))", r"partial_gather: index is on meta but the input is on cpu", True),
+    ("scatter_size_small", "ops.partial_scatter_add(torch.randn(2, 2), torch.tensor([0, 7]), 5)",
+     r"partial_scatter_add: index must lie in \[0, 5\), got index\[1\] = 7", False),
+    ("scatter_size_equal", "ops.partial_scatter_add(torch.randn(2, 2), torch.tensor([0, 5]), 5)",
+     r"partial_scatter_add: index must lie in \[0, 5\), got index\[1\] = 5", False),
+    ("scatter_size_zero", "ops.partial_scatter_add(torch.randn(2, 1), torch.tensor([0]), 0)", r"partial_scatter_add: index must lie in \[0, 0\)", False),
+    ("scatter_negative", "ops.partial_scatter_add(torch.randn(2, 2), torch.tensor([-3, 1]), 5)", r"partial_scatter_add: index must lie in \[0, 5\)", False),
+    ("scatter_dup", "ops.partial_scatter_add(torch.randn(2, 2), torch.tensor([3, 3]), 5)",
+     r"partial_scatter_add: index must be sorted ascending and unique", False),
+    ("scatter_size_neg", "ops.partial_scatter_add(torch.randn(2, 2), torch.tensor([0, 1]), -1)", r"partial_scatter_add: size must be >= 0, got -1", True),
+    ("scatter_src_last", "ops.partial_scatter_add(torch.randn(2, 3), torch.tensor([0, 1]), 5)",
+     r"partial_scatter_add: src must have last dim 2, got shape \[2, 3\]", True),
+    ("scatter_src_scalar", "ops.partial_scatter_add(torch.tensor(1.0), torch.tensor([0]), 5)", r"partial_scatter_add: src must have at least 1 dim", True),
+    ("scatter_index_int32", "ops.partial_scatter_add(torch.randn(2, 2), torch.tensor([0, 1], dtype=torch.int32), 5)",
+     r"partial_scatter_add: index must be int64", True),
+    ("scatter_src_int", "ops.partial_scatter_add(torch.ones(2, 2, dtype=torch.long), torch.tensor([0, 1]), 5)",
+     r"partial_scatter_add: src must be float32", True),
+    # partial_validate
+    ("validate_dup", "ops.partial_validate(torch.tensor([0, 3, 3]), 10)",
+     r"partial_validate: index must be sorted ascending and unique, but index\[2\] = 3 follows index\[1\] = 3", False),
+    ("validate_oob", "ops.partial_validate(torch.tensor([0, 10]), 10)", r"partial_validate: index must lie in \[0, 10\), got values in \[0, 10\]", False),
+    ("validate_negative", "ops.partial_validate(torch.tensor([-1, 2]), 10)", r"partial_validate: index must lie in \[0, 10\)", False),
+    ("validate_range", "ops.partial_validate(torch.tensor([2, 3, 5]), 10, 2)",
+     r"partial_validate: range_start = 2 declares index == \[2, 5\), but index\[2\] = 5", False),
+    ("validate_range_over", "ops.partial_validate(torch.tensor([8, 9, 10]), 10, 8)", r"partial_validate: range .* = \[8, 11\) exceeds size 10", False),
+    ("validate_range_neg", "ops.partial_validate(torch.tensor([0]), 10, -3)", r"partial_validate: range_start must be -1", False),
+    ("validate_int32", "ops.partial_validate(torch.tensor([0], dtype=torch.int32), 10)", r"partial_validate: index must be int64", True),
+    ("validate_2d", "ops.partial_validate(torch.tensor([[0]]), 10)", r"partial_validate: index must be 1-D", True),
+    ("validate_size_neg", "ops.partial_validate(torch.tensor([0]), -1)", r"partial_validate: size must be >= 0, got -1", True),
+]
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(index=torch.tensor([0, 5, 5])), r"partial_linear: index must be sorted ascending and unique, but index\[2\] = 5 follows index\[1\] = 5"),
-    (dict(index=torch.tensor([3, 1, 7])), r"partial_linear: index must be sorted ascending and unique, but index\[1\] = 1"),
-    (dict(index=torch.tensor([0, 4, 10])), r"partial_linear: index must lie in \[0, 10\), got index\[2\] = 10"),
-    (dict(index=torch.tensor([-1, 2, 3])), r"partial_linear: index must lie in \[0, 10\), got index\[0\] = -1"),
-    (dict(index=torch.tensor([0, 1, 2], dtype=torch.int32)), r"partial_linear: index must be int64, got Int"),
-    (dict(index=torch.tensor([[0, 1, 2]])), r"partial_linear: index must be 1-D"),
-    (dict(delta=torch.zeros(8, 4)), r"partial_linear: delta must have shape \[8, 3\] for dim=1, k=3"),
-    (dict(delta=torch.zeros(8, 3), dim=0), r"partial_linear: delta must have shape \[3, 10\] for dim=0"),
-    (dict(delta=torch.zeros(8, 3, dtype=torch.int64)), r"partial_linear: delta must be float32"),
-    (dict(delta=torch.zeros(8, 3, dtype=torch.float64)), r"partial_linear: delta must be float32 or the weight's dtype"),
-    (dict(dim=2), r"partial_linear: dim must be 0 \(rows\) or 1 \(columns\), got 2"),
-    (dict(range_start=8), r"partial_linear: range \[range_start, range_start \+ k\) = \[8, 11\) exceeds weight.size\(1\) = 10"),
-    (dict(range_start=-2), r"partial_linear: range_start must be -1 \(use index\) or >= 0, got -2"),
-    (dict(x=torch.randn(3, 11)), r"partial_linear: x must have last dim 10"),
-    (dict(weight=torch.randn(8, 10).half()), r"partial_linear: weight has dtype Half but x has Float"),
-    (dict(bias=torch.randn(7)), r"partial_linear: bias must have shape \[8\]"),
-    (dict(x=torch.randint(0, 3, (3, 10))), r"partial_linear: x must be float32"),
-    (dict(index=torch.tensor([1, 4, 6], device="meta")), r"partial_linear: index is on meta but the input is on cpu"),
-])
-def test_bad_input_errors(kw, match):
-    with pytest.raises(RuntimeError, match=match):
-        pt.partial_linear(**_lin_args(**kw))
+def test_bad_input_errors_isolated():
+    check_errors_isolated([c[:3] for c in _BAD], prelude=_PRELUDE)
 
 
-def test_other_ops_name_themselves():
-    with pytest.raises(RuntimeError, match=r"partial_gather: index must be sorted"):
-        pt.partial_gather(torch.randn(2, 4), torch.tensor([2, 1]))
-    with pytest.raises(RuntimeError, match=r"partial_gather: index must lie in \[0, 4\), got index\[1\] = 4"):
-        pt.partial_gather(torch.randn(2, 4), torch.tensor([1, 4]))
-    with pytest.raises(RuntimeError, match=r"partial_scatter_add: src must have last dim 2, got shape \[2, 3\]"):
-        pt.partial_scatter_add(torch.randn(2, 3), torch.tensor([0, 1]), 5)
-    with pytest.raises(RuntimeError, match=r"partial_scatter_add: index must lie in \[0, 5\), got index\[1\] = 7"):
-        pt.partial_scatter_add(torch.randn(2, 2), torch.tensor([0, 7]), 5)
-    with pytest.raises(RuntimeError, match=r"partial_scatter_add: index must be sorted ascending and unique"):
-        pt.partial_scatter_add(torch.randn(2, 2), torch.tensor([3, 3]), 5)
-    with pytest.raises(RuntimeError, match=r"partial_linear_backward: grad_out has 2 tokens but saved has 3"):
-        ops.partial_linear_backward(torch.randn(2, 8), torch.randn(3, 3), torch.randn(8, 10), torch.zeros(8, 3),
-                                    torch.tensor([1, 2, 3]), 1, [True, True, True])
-    with pytest.raises(RuntimeError, match=r"partial_linear_backward: saved must have last dim 3"):
-        ops.partial_linear_backward(torch.randn(2, 8), torch.randn(2, 10), torch.randn(8, 10), torch.zeros(8, 3),
-                                    torch.tensor([1, 2, 3]), 1, [True, True, True])
+@pytest.mark.parametrize("name,code,pattern", [c[:3] for c in _BAD if c[3]], ids=[c[0] for c in _BAD if c[3]])
+def test_fake_kernels_refuse_the_same_shapes(name, code, pattern):
+    """The fake kernels (torch.compile, meta) check what the real ones check, with the same messages."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    env = dict(torch=torch, ops=ops)
+    with FakeTensorMode():  # every tensor the prelude and the case make is fake
+        exec(_PRELUDE, env)
+        assert isinstance(env["x"], torch._subclasses.fake_tensor.FakeTensor)
+        with pytest.raises(RuntimeError, match=pattern):
+            exec(code, env)
+
+
+def test_fake_kernels_accept_good_input():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x, w = mode.from_tensor(torch.randn(3, 10)), mode.from_tensor(torch.randn(8, 10))
+        d1, idx = mode.from_tensor(torch.zeros(8, 3)), mode.from_tensor(torch.tensor([1, 4, 6]))
+        assert ops.partial_linear(x, w, None, d1, idx, 1, -1).shape == (3, 8)
+        gx, gd, gb = ops.partial_linear_backward(mode.from_tensor(torch.randn(3, 8)), mode.from_tensor(torch.randn(3, 3)),
+                                                 w, d1, idx, 1, [True, True, False], -1)
+        assert gx.shape == (3, 10) and gd.shape == (8, 3) and gb.shape == (0,)
+        assert ops.partial_gather(x, idx).shape == (3, 3)
+        assert ops.partial_scatter_add(ops.partial_gather(x, idx), idx, 10).shape == (3, 10)
 
 
 def test_validate():
     pt.partial_validate(torch.tensor([0, 3, 9]), 10)
     pt.partial_validate(torch.tensor([], dtype=torch.long), 10)
-    with pytest.raises(RuntimeError, match=r"partial_validate: index must be sorted ascending and unique, but index\[2\] = 3 follows index\[1\] = 3"):
-        pt.partial_validate(torch.tensor([0, 3, 3]), 10)
-    with pytest.raises(RuntimeError, match=r"partial_validate: index must lie in \[0, 10\), got values in \[0, 10\]"):
-        pt.partial_validate(torch.tensor([0, 10]), 10)
-    with pytest.raises(RuntimeError, match=r"partial_validate: index must be int64, got Int"):
-        pt.partial_validate(torch.tensor([0], dtype=torch.int32), 10)
+    pt.partial_validate(torch.arange(4, 10), 10, range_start=4)
+    pt.partial_validate(torch.tensor([], dtype=torch.long), 10, range_start=10)
     torch.library.opcheck(ops.partial_validate.default, (torch.tensor([1, 2]), 10))
+    torch.library.opcheck(ops.partial_validate.default, (torch.tensor([1, 2]), 10, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Double backward: the gather / scatter-add pair is exact to any order; partial_linear's backward op refuses.
+
+
+@pytest.mark.parametrize("kind", ["range", "scatter", "near_range"])
+def test_gather_scatter_double_backward(kind):
+    idx, _ = make_index(11, 5, kind, 3, seed=1)
+    x = _randn((2, 3, 11), torch.float64, "cpu", 1, requires_grad=True)
+    src = _randn((2, 3, 5), torch.float64, "cpu", 2, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: pt.partial_gather(t, idx) ** 2, (x,))
+    assert torch.autograd.gradgradcheck(lambda t: pt.partial_scatter_add(t, idx, 11) ** 2, (src,))
+    # the composition (what partial_linear's autograd does for dim 1) too
+    assert torch.autograd.gradgradcheck(lambda t: pt.partial_scatter_add(pt.partial_gather(t, idx).sin(), idx, 11), (x,))
+
+
+@pytest.mark.parametrize("dim,kind", [(0, "scatter"), (0, "range_start"), (1, "scatter"), (1, "range")])
+def test_linear_double_backward_refused(dim, kind):
+    out, inn, k = 9, 12, 4
+    idx, rs = make_index((out, inn)[dim], k, kind, 2, seed=3)
+    x = _randn((5, inn), torch.float64, "cpu", 1)
+    w = _randn((out, inn), torch.float64, "cpu", 2)
+    b = _randn((out,), torch.float64, "cpu", 3)
+    d = _randn((k, inn) if dim == 0 else (out, k), torch.float64, "cpu", 4)
+    check_double_backward_refused(lambda x, b, d: ops.partial_linear(x, w, b, d, idx, dim, rs), (x, b, d), (0, 2),
+                                  "partial_linear")
+    # first derivatives with create_graph=True still work
+    xr, dr = x.clone().requires_grad_(), d.clone().requires_grad_()
+    gx, gd = torch.autograd.grad(ops.partial_linear(xr, w, b, dr, idx, dim, rs).sum(), (xr, dr), create_graph=True)
+    rgx, rgd = torch.autograd.grad(ref_linear(x.requires_grad_(), w, b, d.requires_grad_(), idx, dim, rs).sum(),
+                                   (x, d))
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gd, rgd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The range path keeps a delta that is small next to W (bf16 / fp16 weights near 8: half an ulp is 1/32 / 1/256).
+
+
+def _cancelling(rows, cols, dtype, device, seed):
+    """Integer rows whose entries cancel in pairs (v, -v): a row times any matrix with constant rows / columns is
+    exactly 0 in every dtype, so only the delta's product is left in the output."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(1, 3, (rows, cols // 2), generator=g).to(torch.float64)
+    v = v * (torch.randint(0, 2, v.shape, generator=g) * 2 - 1)
+    return torch.stack([v, -v], dim=-1).reshape(rows, cols).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("delta_dtype", ["float32", "weight"])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_range_path_keeps_small_delta_on_large_weights(device, dtype, delta_dtype, dim, explicit):
+    """y and grad_x on the range path carry x delta^T / g delta although delta (1e-4) is far below half an ulp of
+    W (8.0): compared with the float64 reference element by element, at 3% of the output's scale. Folding the delta
+    into the weight block (W_sel + delta in W's dtype) leaves 0 there."""
+    T, out, inn, a, k = 24, 48, 64, 20, 16
+    w = torch.full((out, inn), 8.0, dtype=dtype, device=device)
+    ddt = torch.float32 if delta_dtype == "float32" else dtype
+    d = _randn((k, inn) if dim == 0 else (out, k), ddt, device, 5, scale=1e-4)
+    x = _cancelling(T, inn, dtype, device, 1).requires_grad_()
+    g = _cancelling(T, out, dtype, device, 2)
+    idx = torch.arange(a, a + k, device=device)
+    y = pt.partial_linear(x, w, None, d, idx, dim, a if explicit else None)
+    (gx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref_linear(x64, w.double(), None, d.double(), idx, dim)
+    (gx64,) = torch.autograd.grad(y64, x64, g.double())
+    for name, got, ref in (("y", y, y64), ("grad_x", gx, gx64)):
+        ref = ref.detach()
+        scale = ref.pow(2).mean().sqrt().item()
+        assert scale > 1e-4, f"{name}: the test's reference carries no delta"
+        err = (got.double() - ref).abs()
+        bound = 0.03 * scale + 0.01 * ref.abs()
+        assert bool((err <= bound).all()), (f"{name} ({device}, {dtype}, dim {dim}): {int((err > bound).sum())} of "
+                                            f"{err.numel()} elements lost the delta; max error {err.max().item():.3e}, "
+                                            f"output scale {scale:.3e}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -409,3 +616,26 @@ def test_cuda_graph_capture_training_step(dim):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_malformed_index_skipped(dtype):
+    """CUDA reads no index on the host: entries outside [0, size) are skipped (gathered as 0, never scattered),
+    exactly what the CPU ops compute with those entries' columns left out; partial_validate reports them."""
+    x = _randn((5, 40), dtype, "cuda", 1)
+    bad = torch.tensor([-7, 3, 40, 10**12, 17], device="cuda")
+    good = torch.tensor([3, 17])
+    g = pt.partial_gather(x, bad)
+    torch.cuda.synchronize()
+    want = torch.zeros(5, 5, dtype=dtype)
+    want[:, [1, 4]] = pt.partial_gather(x.cpu(), good)
+    assert torch.equal(g.cpu(), want)
+    s = pt.partial_scatter_add(g, bad, 40)
+    torch.testing.assert_close(s.cpu(), pt.partial_scatter_add(want[:, [1, 4]], good, 40))
+    w = _randn((24, 40), dtype, "cuda", 2)
+    d = _randn((24, 5), torch.float32, "cuda", 3)
+    y = pt.partial_linear(x, w, None, d, bad, 1)
+    torch.testing.assert_close(y.cpu(), pt.partial_linear(x.cpu(), w.cpu(), None, d[:, [1, 4]].cpu(), good, 1))
+    with pytest.raises(RuntimeError, match=r"partial_validate: index must lie in \[0, 40\)"):
+        pt.partial_validate(bad, 40)

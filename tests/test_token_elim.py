@@ -8,10 +8,16 @@ import torch.nn.functional as F
 
 import peftcore  # noqa: F401
 from peftcore.ops import token_elim as te
-from peftcore.testing import OpCase, Sample, op_test_suite
+from peftcore.testing import (OpCase, Sample, check_double_backward_refused, check_errors_isolated, devices,
+                              op_test_suite)
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DEVICES = devices()
+# The CPU kernels split rows over threads in tasks of at::internal::GRAIN_SIZE elements; the large samples reach
+# that split only with more than one thread (set here so a one-core runner exercises it too).
+if torch.get_num_threads() < 2:
+    torch.set_num_threads(2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,10 +98,13 @@ def make_keep(B, L, K, seed, device="cpu"):
 
 
 def _token_configs(dtype):
-    """(x shape, K)."""
+    """(x shape, K). Branch points crossed (float32): kept rows (b, j) split over threads (B * K * F > GRAIN_SIZE =
+    32768: 1200 rows of 48), F > 256 (one CUDA block covers 256 features of a row), B * K > 65535 rows (the CUDA
+    grid's y dimension, continued in z), K = L, K = 0, trailing dims flattened."""
     if dtype == torch.float64:
         return [((2, 7, 3), 4), ((1, 5, 2, 3), 5), ((2, 6, 4), 0)]
-    return [((2, 37, 24), 11), ((3, 20, 4, 16), 7), ((1, 9, 33), 9), ((2, 8, 5), 0)]
+    big = [((2, 700, 48), 600), ((2, 9, 300), 5), ((2, 40000, 1), 33000)] if dtype == torch.float32 else []
+    return [((2, 37, 24), 11), ((3, 20, 4, 16), 7), ((1, 9, 33), 9), ((2, 8, 5), 0), *big]
 
 
 def gather_samples(device, dtype, requires_grad):
@@ -128,7 +137,9 @@ def _mlp_configs(dtype):
     against the float64 reference of the restricted gradient."""
     if dtype == torch.float64:
         return [((2, 3), 4, 6, 6), ((5,), 3, 5, 5)]
-    return [((2, 19), 24, 40, 13), ((37,), 16, 48, 48), ((3, 4), 12, 20, 1)]
+    # float32 also: the elementwise loops split over threads (T * I and T * C > GRAIN_SIZE = 32768), C > 256
+    big = [((300,), 32, 160, 120), ((40,), 16, 320, 300)] if dtype == torch.float32 else []
+    return [((2, 19), 24, 40, 13), ((37,), 16, 48, 48), ((3, 4), 12, 20, 1), *big]
 
 
 def mlp_samples(device, dtype, requires_grad):
@@ -146,8 +157,11 @@ def mlp_backward_samples(device, dtype, requires_grad):
         x, wg, wu, wd, C, idx = s.args
         _, gk, uk, _ = ops.token_mlp_partial_save(x, wg, wu, wd, C, idx)
         gy = _randn((*x.shape[:-1], wd.shape[0]), dtype, 95 + j, device=device)
-        ggk = _randn(gk.shape, dtype, 96 + j, device=device) if j % 2 == 0 else None
-        yield Sample((gy, gk, uk, idx, wg, wu, wd, ggk, None), name=f"{s.name}/ggk={ggk is not None}")
+        # grads of the kept pre-activations: (given, None), (None, given), (given, given), ...
+        ggk = _randn(gk.shape, dtype, 96 + j, device=device) if j % 3 != 1 else None
+        guk = _randn(uk.shape, dtype, 97 + j, device=device) if j % 3 != 0 else None
+        yield Sample((gy, gk, uk, idx, wg, wu, wd, ggk, guk),
+                     name=f"{s.name}/ggk={ggk is not None}/guk={guk is not None}")
 
 
 CASES = [
@@ -273,30 +287,221 @@ def test_compile_dynamic_free_training_path():
     torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
 
 
-def _err(fn, match):
-    with pytest.raises(RuntimeError, match=match):
-        fn()
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: every op (the backward op included) called directly with hostile arguments, in one child process (a
+# crash fails the named case). (name, code, message regex, shape_only): the fake kernels must refuse the
+# shape_only ones too, with the same message (dtype names differ between C++ and Python: matched with \S+).
+
+_PRELUDE = """
+x = torch.randn(2, 8, 4); keep = torch.tensor([[0, 1], [2, 3]])
+wg, wu, wd = torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6)
+ci = torch.tensor([1, 3, 4])
+gy, gk, uk = torch.randn(2, 8, 4), torch.randn(2, 8, 3), torch.randn(2, 8, 3)
+q, k = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8)
+
+def gather(x=x, keep_index=keep):
+    return ops.token_gather(x, keep_index)
+
+def scatter(residual=x, src=None, keep_index=keep):
+    src = torch.randn(2, 2, 4) if src is None else src
+    return ops.token_scatter_add(residual, src, keep_index)
+
+def mlp(x=x, w_gate=wg, w_up=wu, w_down=wd, keep_channels=3, channel_index=ci):
+    return ops.token_mlp_partial_save(x, w_gate, w_up, w_down, keep_channels, channel_index)
+
+def mlpb(grad_y=gy, gate_kept=gk, up_kept=uk, channel_index=ci, w_gate=wg, w_up=wu, w_down=wd, ggk=None, guk=None):
+    return ops.token_mlp_partial_save_backward(grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down, ggk, guk)
+
+def scores(q=q, k=k, block_size=4, causal=True, scale=None):
+    return ops.token_block_scores(q, k, block_size, causal, scale)
+
+def topk(scores=torch.randn(2, 4), keep_blocks=2, block_size=4, seq_len=16):
+    from peftcore.ops.token_elim import token_topk_blocks
+    return token_topk_blocks(scores, keep_blocks, block_size, seq_len)
+"""
+
+_BAD = [
+    # token_gather
+    ("gather_oob", "gather(keep_index=torch.tensor([[0, 8], [1, 2]]))", r"token_gather: keep_index must lie in \[0, 8\), got keep_index\[0, 1\] = 8", False),
+    ("gather_negative", "gather(keep_index=torch.tensor([[0, 1], [-1, 2]]))", r"token_gather: keep_index must lie in \[0, 8\), got keep_index\[1, 0\] = -1", False),
+    ("gather_huge", "gather(keep_index=torch.tensor([[0, 10**15], [1, 2]]))", r"token_gather: keep_index must lie in \[0, 8\)", False),
+    ("gather_unsorted", "gather(keep_index=torch.tensor([[3, 1], [1, 2]]))",
+     r"token_gather: keep_index rows must be sorted ascending and unique, but keep_index\[0, 1\] = 1 follows 3", False),
+    ("gather_dup", "gather(keep_index=torch.tensor([[1, 2], [5, 5]]))", r"token_gather: keep_index rows must be sorted ascending and unique", False),
+    ("gather_int32", "gather(keep_index=keep.int())", r"token_gather: keep_index must be int64, got \S+", True),
+    ("gather_keep_1d", "gather(keep_index=torch.tensor([0, 1]))", r"token_gather: keep_index must be 2-D, got shape \[2\]", True),
+    ("gather_batch", "gather(keep_index=torch.tensor([[0, 1]]))", r"token_gather: keep_index must have batch size 2", True),
+    ("gather_k_gt_l", "gather(keep_index=torch.arange(9).expand(2, 9))", r"token_gather: keep_index keeps 9 tokens of a sequence of 8", True),
+    ("gather_x_1d", "gather(x=torch.randn(8))", r"token_gather: x must be \[B, L, \.\.\.\] \(at least 2-D\)", True),
+    ("gather_x_int", "gather(x=x.long())", r"token_gather: x must be float32", True),
+    ("gather_device", "gather(keep_index=keep.to('meta'))", r"token_gather: keep_index is on meta but .* is on cpu", True),
+    # token_scatter_add
+    ("scatter_oob", "scatter(keep_index=torch.tensor([[0, 1], [2, 8]]))", r"token_scatter_add: keep_index must lie in \[0, 8\), got keep_index\[1, 1\] = 8", False),
+    ("scatter_negative", "scatter(keep_index=torch.tensor([[-300, 1], [2, 3]]))", r"token_scatter_add: keep_index must lie in \[0, 8\)", False),
+    ("scatter_dup", "scatter(keep_index=torch.tensor([[1, 1], [2, 3]]))", r"token_scatter_add: keep_index rows must be sorted ascending and unique", False),
+    ("scatter_src_k", "scatter(src=torch.randn(2, 3, 4))", r"token_scatter_add: src must have shape \[2, 2, 4\]", True),
+    ("scatter_src_feat", "scatter(src=torch.randn(2, 2, 5))", r"token_scatter_add: src must have shape \[2, 2, 4\]", True),
+    ("scatter_src_batch", "scatter(src=torch.randn(1, 2, 4))", r"token_scatter_add: src must have shape \[2, 2, 4\]", True),
+    ("scatter_src_dtype", "scatter(src=torch.randn(2, 2, 4).double())", r"token_scatter_add: src has dtype \S+ but residual has", True),
+    ("scatter_src_device", "scatter(src=torch.randn(2, 2, 4, device='meta'))", r"token_scatter_add: src is on meta", True),
+    ("scatter_residual_int", "scatter(residual=x.long())", r"token_scatter_add: residual must be float32", True),
+    ("scatter_batch", "scatter(keep_index=torch.tensor([[0, 1]]))", r"token_scatter_add: keep_index must have batch size 2", True),
+    ("scatter_int32", "scatter(keep_index=keep.int())", r"token_scatter_add: keep_index must be int64", True),
+    # token_block_scores
+    ("scores_q_3d", "scores(q=q[0])", r"token_block_scores: q must be 4-D", True),
+    ("scores_k_3d", "scores(k=k[0])", r"token_block_scores: k must be 4-D", True),
+    ("scores_dtype", "scores(k=k.double())", r"token_block_scores: k has dtype \S+ but q has", True),
+    ("scores_batch", "scores(k=torch.randn(2, 2, 16, 8))", r"token_block_scores: k must be \[1, Hkv, Lk, 8\]", True),
+    ("scores_head_dim", "scores(k=torch.randn(1, 2, 16, 4))", r"token_block_scores: k must be \[1, Hkv, Lk, 8\]", True),
+    ("scores_heads", "scores(k=torch.randn(1, 3, 16, 8))", r"token_block_scores: the query heads must be a multiple of the key heads .* Hq = 4 and Hkv = 3", True),
+    ("scores_block_0", "scores(block_size=0)", r"token_block_scores: block_size must be > 0, got 0", True),
+    ("scores_block_neg", "scores(block_size=-4)", r"token_block_scores: block_size must be > 0, got -4", True),
+    ("scores_scale_nan", "scores(scale=float('nan'))", r"token_block_scores: scale must be finite, got nan", True),
+    ("scores_q_int", "scores(q=q.long())", r"token_block_scores: q must be float32", True),
+    ("scores_device", "scores(k=k.to('meta'))", r"token_block_scores: k is on meta", True),
+    # token_topk_blocks (a Python helper)
+    ("topk_scores_1d", "topk(scores=torch.randn(4))", r"token_topk_blocks: scores must be a floating \[B, Kb\] tensor", False),
+    ("topk_block_0", "topk(block_size=0)", r"token_topk_blocks: block_size must be > 0, got 0", False),
+    ("topk_seq_0", "topk(seq_len=0)", r"token_topk_blocks: seq_len must be > 0, got 0", False),
+    ("topk_keep_0", "topk(keep_blocks=0)", r"token_topk_blocks: keep_blocks must be in \[1, 4\], got 0", False),
+    ("topk_keep_many", "topk(keep_blocks=5)", r"token_topk_blocks: keep_blocks must be in \[1, 4\], got 5", False),
+    ("topk_blocks_mismatch", "topk(seq_len=20)", r"token_topk_blocks: scores has 4 blocks, seq_len 20 / block_size 4 needs 5", False),
+    # token_mlp_partial_save
+    ("mlp_ci_oob", "mlp(channel_index=torch.tensor([1, 3, 6]))", r"token_mlp_partial_save: channel_index must lie in \[0, 6\), got channel_index\[0, 2\] = 6", False),
+    ("mlp_ci_negative", "mlp(channel_index=torch.tensor([-1, 3, 4]))", r"token_mlp_partial_save: channel_index must lie in \[0, 6\)", False),
+    ("mlp_ci_unsorted", "mlp(channel_index=torch.tensor([3, 1, 4]))", r"token_mlp_partial_save: channel_index rows must be sorted ascending and unique", False),
+    ("mlp_ci_dup", "mlp(channel_index=torch.tensor([1, 1, 4]))", r"token_mlp_partial_save: channel_index rows must be sorted ascending and unique", False),
+    ("mlp_keep_many", "mlp(keep_channels=7, channel_index=None)", r"token_mlp_partial_save: keep_channels must be in \[0, 6\], got 7", True),
+    ("mlp_keep_neg", "mlp(keep_channels=-1, channel_index=None)", r"token_mlp_partial_save: keep_channels must be in \[0, 6\], got -1", True),
+    ("mlp_ci_count", "mlp(keep_channels=2)", r"token_mlp_partial_save: channel_index has 3 entries but keep_channels = 2", True),
+    ("mlp_ci_int32", "mlp(channel_index=ci.int())", r"token_mlp_partial_save: channel_index must be int64", True),
+    ("mlp_ci_2d", "mlp(channel_index=ci[None])", r"token_mlp_partial_save: channel_index must be 1-D", True),
+    ("mlp_ci_device", "mlp(channel_index=ci.to('meta'))", r"token_mlp_partial_save: channel_index is on meta", True),
+    ("mlp_w_down", "mlp(w_down=torch.randn(4, 5))", r"token_mlp_partial_save: w_down must be \[4, 6\]", True),
+    ("mlp_w_gate", "mlp(w_gate=torch.randn(6, 5))", r"token_mlp_partial_save: w_gate must be \[I, 4\] for x's last dim 4", True),
+    ("mlp_w_up", "mlp(w_up=torch.randn(5, 4))", r"token_mlp_partial_save: w_up must have w_gate's shape \[6, 4\]", True),
+    ("mlp_w_1d", "mlp(w_up=torch.randn(24))", r"token_mlp_partial_save: w_up must be 2-D", True),
+    ("mlp_w_dtype", "mlp(w_down=wd.half())", r"token_mlp_partial_save: w_down has dtype \S+ but x has", True),
+    ("mlp_x_int", "mlp(x=x.long())", r"token_mlp_partial_save: x must be float32", True),
+    ("mlp_x_scalar", "mlp(x=torch.tensor(1.0))", r"token_mlp_partial_save: x must have at least 1 dim", True),
+    # token_mlp_partial_save_backward, called directly (the checks are shared with the CUDA op)
+    ("mlpb_ci_oob", "mlpb(channel_index=torch.tensor([1, 3, 6]))", r"token_mlp_partial_save_backward: channel_index must lie in \[0, 6\)", False),
+    ("mlpb_ci_huge", "mlpb(channel_index=torch.tensor([1, 3, 2**40]))", r"token_mlp_partial_save_backward: channel_index must lie in \[0, 6\)", False),
+    ("mlpb_ci_negative", "mlpb(channel_index=torch.tensor([-5, 3, 4]))", r"token_mlp_partial_save_backward: channel_index must lie in \[0, 6\)", False),
+    ("mlpb_ci_dup", "mlpb(channel_index=torch.tensor([3, 3, 4]))", r"token_mlp_partial_save_backward: channel_index rows must be sorted", False),
+    ("mlpb_ci_too_many", "mlpb(channel_index=torch.arange(7), gate_kept=torch.randn(2, 8, 7), up_kept=torch.randn(2, 8, 7))",
+     r"token_mlp_partial_save_backward: keep_channels must be in \[0, 6\], got 7", True),
+    ("mlpb_ci_int32", "mlpb(channel_index=ci.int())", r"token_mlp_partial_save_backward: channel_index must be int64", True),
+    ("mlpb_ci_2d", "mlpb(channel_index=ci[None])", r"token_mlp_partial_save_backward: channel_index must be 1-D", True),
+    ("mlpb_gk_dtype", "mlpb(gate_kept=gk.double())", r"token_mlp_partial_save_backward: gate_kept has dtype \S+ but grad_y has", True),
+    ("mlpb_uk_dtype", "mlpb(up_kept=uk.half())", r"token_mlp_partial_save_backward: up_kept has dtype \S+ but grad_y has", True),
+    ("mlpb_ggk_dtype", "mlpb(ggk=gk.bfloat16())", r"token_mlp_partial_save_backward: grad_gate_kept has dtype \S+ but grad_y has", True),
+    ("mlpb_guk_dtype", "mlpb(guk=uk.double())", r"token_mlp_partial_save_backward: grad_up_kept has dtype \S+ but grad_y has", True),
+    ("mlpb_gk_shape", "mlpb(gate_kept=torch.randn(2, 8, 4))", r"token_mlp_partial_save_backward: gate_kept must have shape \[2, 8, 3\]", True),
+    ("mlpb_uk_tokens", "mlpb(up_kept=torch.randn(16, 3))", r"token_mlp_partial_save_backward: up_kept must have shape \[2, 8, 3\]", True),
+    ("mlpb_ggk_shape", "mlpb(ggk=torch.randn(2, 8, 2))", r"token_mlp_partial_save_backward: grad_gate_kept must have shape \[2, 8, 3\]", True),
+    ("mlpb_guk_shape", "mlpb(guk=torch.randn(2, 7, 3))", r"token_mlp_partial_save_backward: grad_up_kept must have shape \[2, 8, 3\]", True),
+    ("mlpb_gk_device", "mlpb(gate_kept=gk.to('meta'))", r"token_mlp_partial_save_backward: gate_kept is on meta", True),
+    ("mlpb_guk_device", "mlpb(guk=uk.to('meta'))", r"token_mlp_partial_save_backward: grad_up_kept is on meta", True),
+    ("mlpb_grad_last", "mlpb(grad_y=torch.randn(2, 8, 5))", r"token_mlp_partial_save_backward: w_gate must be \[I, 5\] for grad_y's last dim 5", True),
+    ("mlpb_grad_int", "mlpb(grad_y=gy.long())", r"token_mlp_partial_save_backward: grad_y must be float32", True),
+    ("mlpb_w_dtype", "mlpb(w_gate=wg.double())", r"token_mlp_partial_save_backward: w_gate has dtype \S+ but grad_y has", True),
+    ("mlpb_w_down", "mlpb(w_down=torch.randn(6, 4))", r"token_mlp_partial_save_backward: w_down must be \[4, 6\]", True),
+]
 
 
-def test_bad_input_errors():
-    x = torch.randn(2, 8, 4)
-    _err(lambda: ops.token_gather(x, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)),
-         r"token_gather: keep_index must be int64, got Int")
-    _err(lambda: ops.token_gather(x, torch.tensor([[0, 1]])), r"token_gather: keep_index must have batch size 2")
-    _err(lambda: ops.token_gather(x, torch.tensor([[0, 8], [1, 2]])),
-         r"token_gather: keep_index must lie in \[0, 8\), got keep_index\[0, 1\] = 8")
-    _err(lambda: ops.token_gather(x, torch.tensor([[3, 1], [1, 2]])),
-         r"token_gather: keep_index rows must be sorted ascending and unique, but keep_index\[0, 1\] = 1 follows 3")
-    _err(lambda: ops.token_gather(x.int(), torch.tensor([[0, 1], [1, 2]])), r"token_gather: x must be float32")
-    keep = torch.tensor([[0, 1], [1, 2]])
-    _err(lambda: ops.token_scatter_add(x, torch.randn(2, 3, 4), keep), r"token_scatter_add: src must have shape \[2, 2, 4\]")
-    _err(lambda: ops.token_scatter_add(x, torch.randn(2, 2, 4).double(), keep), r"token_scatter_add: src has dtype Double")
-    _err(lambda: ops.token_block_scores(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), 0, True, None),
-         r"token_block_scores: block_size must be > 0, got 0")
-    wg, wu, wd = torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6)
-    _err(lambda: ops.token_mlp_partial_save(x, wg, wu, wd, 7, None), r"token_mlp_partial_save: keep_channels must be in \[0, 6\], got 7")
-    _err(lambda: ops.token_mlp_partial_save(x, wg, wu, torch.randn(4, 5), 2, None), r"token_mlp_partial_save: w_down must be \[4, 6\]")
-    _err(lambda: ops.token_mlp_partial_save(x, wg, wu, wd, 2, torch.tensor([3, 1])),
-         r"token_mlp_partial_save: channel_index rows must be sorted ascending and unique")
-    _err(lambda: ops.token_mlp_partial_save(x, wg, wu, wd, 3, torch.tensor([0, 1])),
-         r"token_mlp_partial_save: channel_index has 2 entries but keep_channels = 3")
+def test_bad_input_errors_isolated():
+    check_errors_isolated([c[:3] for c in _BAD], prelude=_PRELUDE)
+
+
+@pytest.mark.parametrize("name,code,pattern", [c[:3] for c in _BAD if c[3]], ids=[c[0] for c in _BAD if c[3]])
+def test_fake_kernels_refuse_the_same_shapes(name, code, pattern):
+    """The fake kernels (torch.compile, meta) check what the real ones check, with the same messages."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    env = dict(torch=torch, ops=ops)
+    with FakeTensorMode():  # every tensor the prelude and the case make is fake
+        exec(_PRELUDE, env)
+        assert isinstance(env["x"], FakeTensor)
+        with pytest.raises(RuntimeError, match=pattern):
+            exec(code, env)
+
+
+def test_fake_kernels_accept_good_input():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    env = dict(torch=torch, ops=ops)
+    with FakeTensorMode():
+        exec(_PRELUDE, env)
+        out = eval("(gather(), scatter(), mlp(), mlpb(ggk=gk, guk=uk), scores())", env)
+    assert [tuple(o.shape) for o in (out[0], out[1], out[3], out[4])] == [(2, 2, 4), (2, 8, 4), (2, 8, 4), (1, 4)]
+    assert [tuple(o.shape) for o in out[2]] == [(2, 8, 4), (2, 8, 3), (2, 8, 3), (3,)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Differentiability: gather / scatter-add exact to any order; the MLP's backward op refuses; selections carry none.
+
+
+def test_gather_scatter_double_backward():
+    x = _randn((2, 9, 3), torch.float64, 1).requires_grad_()
+    r = _randn((2, 9, 3), torch.float64, 2).requires_grad_()
+    src = _randn((2, 4, 3), torch.float64, 3).requires_grad_()
+    keep = make_keep(2, 9, 4, 0)
+    assert torch.autograd.gradgradcheck(lambda t: ops.token_gather(t, keep) ** 2, (x,))
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.token_scatter_add(a, b, keep) ** 2, (r, src))
+    assert torch.autograd.gradgradcheck(lambda t: ops.token_scatter_add(t, ops.token_gather(t, keep).sin(), keep), (x,))
+
+
+def test_mlp_double_backward_refused():
+    x, wg, wu, wd, C, idx = next(mlp_samples("cpu", torch.float64, False)).args
+    check_double_backward_refused(lambda x: ops.token_mlp_partial_save(x, wg, wu, wd, C, idx), (x,), (0,),
+                                  "token_mlp_partial_save")
+
+
+def test_selection_outputs_do_not_require_grad():
+    q = torch.randn(2, 4, 40, 8, requires_grad=True)
+    k = torch.randn(2, 2, 40, 8, requires_grad=True)
+    s = te.token_block_scores(q, k, 16, True)
+    assert not s.requires_grad and s.grad_fn is None
+    s2 = ops.token_block_scores(q.double(), k.double(), 16, False, 0.5)
+    assert not s2.requires_grad
+    keep = te.token_topk_blocks(s.detach().requires_grad_(), 2, 16, 40)
+    assert keep.dtype == torch.int64 and not keep.requires_grad
+    # the scores equal the reference on values that required grad
+    torch.testing.assert_close(s, ref_block_scores(q.detach(), k.detach(), 16, True), atol=1e-5, rtol=1e-5)
+
+
+def test_topk_blocks_nan_scores_rank_first():
+    """A NaN score ranks above every finite one (torch.topk's order); the finite order is kept."""
+    scores = torch.tensor([[0.0, float("nan"), 3.0, 1.0, 2.0]])
+    keep = te.token_topk_blocks(scores, 3, 2, 10, always_keep_first=False, always_keep_last=False)
+    assert keep.tolist() == [[2, 3, 4, 5, 8, 9]]
+
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_malformed_indices_skipped(dtype):
+    """CUDA reads no index on the host: keep_index rows outside [0, L) are gathered as 0 and never scattered;
+    channel_index entries outside [0, I) are gathered as 0 and add nothing to grad_x."""
+    x = _randn((2, 8, 4), dtype, 1, device="cuda")
+    bad = torch.tensor([[-1, 3], [8, 10**12]], device="cuda")
+    g = ops.token_gather(x, bad)
+    out = ops.token_scatter_add(x, g, bad)
+    torch.cuda.synchronize()
+    want = torch.zeros(2, 2, 4, dtype=dtype)
+    want[0, 1] = x[0, 3].cpu()
+    assert torch.equal(g.cpu(), want)
+    ref = x.cpu().clone()
+    ref[0, 3] += x[0, 3].cpu()
+    torch.testing.assert_close(out.cpu(), ref)
+    wg, wu = _randn((6, 4), dtype, 2, device="cuda"), _randn((6, 4), dtype, 3, device="cuda")
+    wd = _randn((4, 6), dtype, 4, device="cuda")
+    ci_bad, ci_good = torch.tensor([-5, 2, 6], device="cuda"), torch.tensor([2])
+    y, gk, uk, _ = ops.token_mlp_partial_save(x, wg, wu, wd, 3, ci_bad)
+    assert torch.equal(gk[..., [0, 2]].cpu(), torch.zeros(2, 8, 2, dtype=dtype))
+    gx = ops.token_mlp_partial_save_backward(x, gk, uk, ci_bad, wg, wu, wd)
+    _, gk1, uk1, _ = ops.token_mlp_partial_save(x.cpu(), wg.cpu(), wu.cpu(), wd.cpu(), 1, ci_good)
+    ref = ops.token_mlp_partial_save_backward(x.cpu(), gk1, uk1, ci_good, wg.cpu(), wu.cpu(), wd.cpu())
+    torch.testing.assert_close(gx.cpu(), ref, atol=2e-2, rtol=2e-2)

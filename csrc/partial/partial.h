@@ -7,12 +7,13 @@
 // Two execution paths share one implementation (linear_forward / linear_backward, ATen GEMMs on views plus two
 // device kernels, Kernels below):
 //  * range path, index = [a, a+k) (what co-permutation produces): every selected block is a strided view, so
-//    no gather / scatter; the delta enters either as a skinny GEMM accumulated into a view, or (split_n) by
-//    splitting the dense GEMM's output columns, the selected block using W_sel + delta (one [out,k] / [k,in]
-//    temporary in W's dtype).
+//    no gather / scatter; the delta enters as its own skinny GEMM accumulated into a view of the dense result
+//    (never as W_sel + delta rounded to W's dtype: with bf16 / fp16 weights a delta below half an ulp of W would
+//    vanish).
 //  * general path: the dense GEMM with W, plus one k-wide GEMM through the gather / scatter-add kernels.
-// On CPU the range is detected from the (validated) index; on CUDA it is given explicitly (range_start >= 0),
-// since reading the index would sync with the host.
+// On CPU the range is detected from the (validated) index, and an explicit range_start is checked against it;
+// on CUDA it is given explicitly (range_start >= 0) and the index is not read, since that would sync with the
+// host.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -30,17 +31,15 @@ struct Kernels {
   at::Tensor (*gather)(const at::Tensor& x2d, const at::Tensor& index);
   // y2d[:, index] += src for y2d [T, features] contiguous, src [T, k] contiguous, in place.
   void (*scatter_add_into)(const at::Tensor& y2d, const at::Tensor& src, const at::Tensor& index);
-  // Range path: split the dense GEMM along its output columns (dim 1 grad_x, dim 0 forward) instead of adding a
-  // skinny GEMM into a view (see linear_forward in partial_cpu.cpp).
-  bool split_n;
 };
 
 // index: int64, 1-D, on ref's device (no value checks).
 void check_index(const char* op, const at::Tensor& index, const at::Tensor& ref);
-// Host-side structural check (sorted ascending, unique, in [0, size)). Syncs on CUDA.
-void validate_index(const char* op, const at::Tensor& index, int64_t size);
+// Host-side structural check (sorted ascending, unique, in [0, size); equal to [range_start, range_start + k)
+// when range_start >= 0). Syncs on CUDA.
+void validate_index(const char* op, const at::Tensor& index, int64_t size, int64_t range_start = -1);
 // Argument checks of partial_linear(_backward) shared by every backend; `x` is the activation (or grad_out),
-// named x_name in messages.
+// named x_name in messages. Shapes, dtypes and devices only (no index values).
 void check_linear_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& delta, const at::Tensor& index, int64_t dim, int64_t range_start);
 // 2-D contiguous view [T, features] of an activation [..., features].

@@ -45,12 +45,25 @@ std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   return s;
 }
 
-void validate_index(const char* op, const at::Tensor& index, int64_t size) {
+void validate_index(const char* op, const at::Tensor& index, int64_t size, int64_t range_start) {
   TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
   check_dim(op, "index", index, 1);
   TORCH_CHECK(size >= 0, op, ": size must be >= 0, got ", size);
   const int64_t n = index.numel();
+  TORCH_CHECK(range_start >= -1, op, ": range_start must be -1 (use index) or >= 0, got ", range_start);
+  TORCH_CHECK(range_start < 0 || range_start + n <= size, op, ": range [range_start, range_start + k) = [",
+              range_start, ", ", range_start + n, ") exceeds size ", size);
   if (n == 0) return;
+  if (range_start >= 0) {
+    auto want = at::arange(range_start, range_start + n, index.options());
+    auto bad = (index != want).nonzero();
+    if (bad.numel() > 0) {
+      const int64_t j = bad[0][0].item<int64_t>();
+      TORCH_CHECK(false, op, ": range_start = ", range_start, " declares index == [", range_start, ", ",
+                  range_start + n, "), but index[", j, "] = ", index[j].item<int64_t>());
+    }
+    return;
+  }
   const int64_t lo = index.min().item<int64_t>(), hi = index.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < size, op, ": index must lie in [0, ", size, "), got values in [", lo, ", ", hi, "]");
   if (n > 1) {
@@ -105,10 +118,20 @@ int64_t check_index_values_cpu(const char* op, const at::Tensor& index, int64_t 
   return idx[k - 1] - idx[0] == k - 1 ? idx[0] : -1;
 }
 
-// The range start when the index is a range, else -1 (the CPU ops validate the index here).
+// The range start when the index is a range, else -1 (the CPU ops validate the index here; an explicit
+// range_start must agree with it: O(k), no sync on the CPU).
 int64_t resolve_range_cpu(const char* op, const at::Tensor& index, int64_t size, int64_t range_start) {
-  if (range_start >= 0) return range_start;  // explicit: index only gives k
-  return check_index_values_cpu(op, index, size);
+  const int64_t a = check_index_values_cpu(op, index, size);
+  if (range_start < 0) return a;
+  if (a != range_start && index.numel() > 0) {
+    auto idx_c = index.contiguous();
+    const int64_t* p = idx_c.const_data_ptr<int64_t>();
+    int64_t j = 0;
+    while (p[j] == range_start + j) ++j;  // a mismatch exists: index is sorted unique but not [range_start, ...)
+    TORCH_CHECK(false, op, ": range_start = ", range_start, " declares index == [", range_start, ", ",
+                range_start + index.numel(), "), but index[", j, "] = ", p[j]);
+  }
+  return range_start;
 }
 
 void check_cpu(const char* op, const char* name, const at::Tensor& t) {
@@ -190,22 +213,7 @@ void scatter_add_into_cpu_kernel(const at::Tensor& y2d, const at::Tensor& src, c
   });
 }
 
-// No N split on the CPU: measured slower than the skinny GEMM into a view (see linear_forward).
-const Kernels kCpuKernels{&gather_cpu_kernel, &scatter_add_into_cpu_kernel, /*split_n=*/false};
-
-// W's selected block with delta added, in W's dtype ([out, k] for dim 1, [k, in] for dim 0).
-at::Tensor selected_plus_delta(const at::Tensor& weight, const at::Tensor& delta, int64_t dim, int64_t a) {
-  return at::add(weight.narrow(dim, a, delta.size(dim)), delta).to(weight.scalar_type());
-}
-
-// The three blocks [0, a), [a, b), [b, size) of a split; empty ones are skipped by the callers.
-struct Block {
-  int64_t start, len;
-  bool selected;
-};
-std::array<Block, 3> blocks(int64_t a, int64_t k, int64_t size) {
-  return {Block{0, a, false}, Block{a, k, true}, Block{a + k, size - a - k, false}};
-}
+const Kernels kCpuKernels{&gather_cpu_kernel, &scatter_add_into_cpu_kernel};
 
 }  // namespace
 
@@ -215,15 +223,13 @@ std::array<Block, 3> blocks(int64_t a, int64_t k, int64_t size) {
 // Range path, index = [a, b). The selected block of every product is a strided view (x[:, a:b], g[:, a:b],
 // y[:, a:b], grad_x[:, a:b]), so no gather, no scatter and no [T, k] temporary:
 //   dim 1 forward   y = x W^T (+ bias);            y += x[:, a:b] delta^T                  (skinny GEMM, beta=1)
-//   dim 0 grad_x    gx = g W;                       gx += g[:, a:b] delta                   (skinny GEMM, beta=1)
-//   dim 1 grad_x    N split when kern.split_n: gx[:, a:b] = g (W[:, a:b] + delta), gx[:, others] = g W[:, others]
-//                   (three out-of-place GEMMs into column views of gx: the flops of one GEMM, each output element
-//                   written once); else gx = g W; gx[:, a:b] += g delta (skinny GEMM into the view)
-//   dim 0 forward   N split when kern.split_n: y[:, a:b] = x (W[a:b] + delta)^T, y[:, others] = x W[others]^T;
-//                   else y = x W^T; y[:, a:b] += x delta^T
-// The K split (y = x[:, :a] W[:, :a]^T + x[:, a:b] W_s^T + x[:, b:] W[:, b:]^T, re-reading y per block) measured
-// no faster than the skinny GEMM on the CPU and is not used. On the CPU the N split was slower too (BLAS re-packs
-// the shared operand per block: +20-30% at 5% of 2048), so CPU sets split_n = false.
+//   dim 0 forward   y = x W^T (+ bias);            y[:, a:b] += x delta^T                  (skinny GEMM into a view)
+//   dim 0 grad_x    gx = g W;                       gx += g[:, a:b] delta
+//   dim 1 grad_x    gx = g W;                       gx[:, a:b] += g delta
+// The delta always enters as its own product (the GEMM accumulates in fp32 for half types and adds it to the
+// dense result before one rounding). Folding it into the weight block first (W_sel + delta in W's dtype, then
+// one GEMM per column block) rounds it away: with bf16 weights near 8 a delta under 0.03 vanishes. The K split
+// and that N split also measured no faster on the CPU (BLAS re-packs the shared operand per block).
 // General path: the dense GEMM with W, plus a k-wide GEMM through gather / scatter-add.
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& delta, const at::Tensor& index, int64_t dim, int64_t a,
@@ -241,17 +247,7 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const s
   }
   auto dense = [&] { return (has_bias ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t())).contiguous(); };
   at::Tensor y2d;
-  if (a >= 0 && dim == 0 && kern.split_n) {
-    auto ws = selected_plus_delta(weight, delta, 0, a);
-    y2d = at::empty({T, out}, x.options());
-    for (const Block& blk : blocks(a, k, out)) {
-      if (blk.len == 0) continue;
-      auto yp = y2d.narrow(1, blk.start, blk.len);
-      auto wp = blk.selected ? ws : weight.narrow(0, blk.start, blk.len);
-      if (has_bias) at::addmm_out(yp, bias->narrow(0, blk.start, blk.len), x2d, wp.t());
-      else at::mm_out(yp, x2d, wp.t());
-    }
-  } else if (a >= 0) {
+  if (a >= 0) {
     y2d = dense();
     if (k > 0 && T > 0) {
       auto d = delta.to(x.scalar_type());
@@ -281,30 +277,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
   auto g2d = flatten_tokens(op, "grad_out", grad_out, out);
   // dim 1: saved = x[..., index] [..., k]; dim 0: saved = x [..., in].
   auto s2d = flatten_tokens(op, "saved", saved, dim == 1 ? k : in);
-  TORCH_CHECK(g2d.size(0) == s2d.size(0), op, ": grad_out has ", g2d.size(0), " tokens but saved has ", s2d.size(0),
-              " (shapes ", grad_out.sizes(), " and ", saved.sizes(), ")");
+  TORCH_CHECK(saved.sizes().slice(0, saved.dim() - 1) == grad_out.sizes().slice(0, grad_out.dim() - 1), op,
+              ": grad_out and saved must have the same leading (token) dims, got ", g2d.size(0), " tokens in ",
+              grad_out.sizes(), " and ", s2d.size(0), " in ", saved.sizes());
   const int64_t T = g2d.size(0);
   at::Tensor gx, gd, gb;
   at::Tensor g_sel;  // dim 0: g[:, index] [T, k] (a view on the range path), for grad_x and grad_delta
   if (dim == 0 && (mask[1] || mask[0]))
     g_sel = a >= 0 ? g2d.narrow(1, a, k) : kern.gather(g2d, index);
   if (mask[0]) {
-    if (a >= 0 && dim == 1 && kern.split_n) {
-      auto ws = selected_plus_delta(weight, delta, 1, a);
-      gx = at::empty({T, in}, g2d.options());
-      for (const Block& blk : blocks(a, k, in)) {
-        if (blk.len == 0) continue;
-        auto gxp = gx.narrow(1, blk.start, blk.len);
-        at::mm_out(gxp, g2d, blk.selected ? ws : weight.narrow(1, blk.start, blk.len));
-      }
-    } else {
-      gx = at::mm(g2d, weight).contiguous();
-      if (k > 0 && T > 0) {
-        auto d = delta.to(g2d.scalar_type());
-        if (dim == 0) gx.addmm_(g_sel, d);
-        else if (a >= 0) gx.narrow(1, a, k).addmm_(g2d, d);
-        else kern.scatter_add_into(gx, at::mm(g2d, d), index);
-      }
+    gx = at::mm(g2d, weight).contiguous();
+    if (k > 0 && T > 0) {
+      auto d = delta.to(g2d.scalar_type());
+      if (dim == 0) gx.addmm_(g_sel, d);
+      else if (a >= 0) gx.narrow(1, a, k).addmm_(g2d, d);
+      else kern.scatter_add_into(gx, at::mm(g2d, d), index);
     }
   }
   if (mask[1]) {
@@ -365,7 +352,9 @@ at::Tensor partial_scatter_add_cpu(const at::Tensor& src, const at::Tensor& inde
   return y2d.view(with_last_dim(src, size));
 }
 
-void partial_validate_impl(const at::Tensor& index, int64_t size) { validate_index("partial_validate", index, size); }
+void partial_validate_impl(const at::Tensor& index, int64_t size, int64_t range_start) {
+  validate_index("partial_validate", index, size, range_start);
+}
 
 }  // namespace
 

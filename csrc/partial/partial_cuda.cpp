@@ -1,7 +1,10 @@
 // partial CUDA glue: argument checks and the linear ops shared with the CPU (partial.h: cuBLAS GEMMs through
 // ATen on views), and the plain-CUDA gather / scatter-add launchers of partial.cu. No host sync anywhere: the
 // index is never read on the host, the range path is taken only when range_start >= 0 is passed, so every op
-// here can be captured in a CUDA graph. partial_validate is registered for all backends by the CPU file.
+// here can be captured in a CUDA graph. Shapes, dtypes and devices are checked as on the CPU; index values are
+// not (partial_validate does that, registered for all backends by the CPU file): an entry outside
+// [0, features) is skipped by the kernels (gather reads 0, scatter-add drops it), never read or written, and a
+// range_start that disagrees with index is trusted (its bounds are checked against the weight's shape).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -42,8 +45,7 @@ void scatter_add_into_cuda_kernel(const at::Tensor& y2d, const at::Tensor& src, 
                   y2d.mutable_data_ptr(), y2d.stride(0), F, T, current_stream());
 }
 
-// N split on: cuBLAS writes column views through ldc with no re-packing (unmeasured: no GPU here yet).
-const Kernels kCudaKernels{&gather_cuda_kernel, &scatter_add_into_cuda_kernel, /*split_n=*/true};
+const Kernels kCudaKernels{&gather_cuda_kernel, &scatter_add_into_cuda_kernel};
 
 // ------------------------------------------------------------------------------------------------------------
 at::Tensor partial_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -32,9 +32,22 @@ void check_keep_values_cpu(const char* op, const at::Tensor& keep_index, int64_t
 struct MlpDims {
   int64_t T, H, I, C;
 };
+// Shapes, dtypes, devices of the partial-save MLP's forward (x_name: the activation, "x" or "grad_y").
 MlpDims check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                        const at::Tensor& w_down, int64_t keep_channels,
-                       const std::optional<at::Tensor>& channel_index);
+                       const std::optional<at::Tensor>& channel_index, const char* x_name = "x");
+// Everything token_mlp_partial_save_backward checks without reading values, for every backend: the forward's
+// checks on (grad_y, weights, channel_index), and gate_kept / up_kept / grad_gate_kept / grad_up_kept (when
+// given) [..., C] with grad_y's leading dims, dtype and device (the elementwise kernels read them all as one
+// dtype, element for element).
+MlpDims check_mlp_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& gate_kept,
+                                const at::Tensor& up_kept, const at::Tensor& channel_index, const at::Tensor& w_gate,
+                                const at::Tensor& w_up, const at::Tensor& w_down,
+                                const std::optional<at::Tensor>& grad_gate_kept,
+                                const std::optional<at::Tensor>& grad_up_kept);
+// Shapes, dtypes, devices of token_block_scores (q, k [B, H, L, D], GQA heads) and its block_size / scale.
+void check_block_scores_args(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t block_size,
+                             std::optional<double> scale);
 // The channels to keep: channel_index when given, else the keep_channels largest by sum over tokens of
 // |silu(g) * u| (fp32 / fp64), sorted ascending. Device agnostic (ATen topk / sort).
 at::Tensor select_channels(const at::Tensor& act2d, int64_t keep_channels,

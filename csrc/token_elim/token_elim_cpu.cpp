@@ -74,19 +74,19 @@ void check_keep_values_cpu(const char* op, const at::Tensor& keep_index, int64_t
 
 MlpDims check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                        const at::Tensor& w_down, int64_t keep_channels,
-                       const std::optional<at::Tensor>& channel_index) {
-  check_float(op, "x", x);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim, got a scalar");
+                       const std::optional<at::Tensor>& channel_index, const char* x_name) {
+  check_float(op, x_name, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dim, got a scalar");
   check_dim(op, "w_gate", w_gate, 2);
   check_dim(op, "w_up", w_up, 2);
   check_dim(op, "w_down", w_down, 2);
   for (auto [name, w] : {std::pair<const char*, const at::Tensor*>{"w_gate", &w_gate}, {"w_up", &w_up},
                          {"w_down", &w_down}}) {
-    check_same_dtype(op, name, *w, x, "x");
-    check_same_device(op, name, *w, x, "x");
+    check_same_dtype(op, name, *w, x, x_name);
+    check_same_device(op, name, *w, x, x_name);
   }
   const int64_t H = x.size(-1), I = w_gate.size(0);
-  TORCH_CHECK(w_gate.size(1) == H, op, ": w_gate must be [I, ", H, "] for x's last dim ", H, ", got ",
+  TORCH_CHECK(w_gate.size(1) == H, op, ": w_gate must be [I, ", H, "] for ", x_name, "'s last dim ", H, ", got ",
               w_gate.sizes());
   TORCH_CHECK(w_up.sizes() == w_gate.sizes(), op, ": w_up must have w_gate's shape ", w_gate.sizes(), ", got ",
               w_up.sizes());
@@ -97,7 +97,7 @@ MlpDims check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w_
     const auto& ci = *channel_index;
     TORCH_CHECK(ci.scalar_type() == at::kLong, op, ": channel_index must be int64, got ", ci.scalar_type());
     check_dim(op, "channel_index", ci, 1);
-    check_same_device(op, "channel_index", ci, x, "x");
+    check_same_device(op, "channel_index", ci, x, x_name);
     TORCH_CHECK(ci.numel() == keep_channels, op, ": channel_index has ", ci.numel(),
                 " entries but keep_channels = ", keep_channels);
   }
@@ -105,6 +105,44 @@ MlpDims check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w_
   int64_t T = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) T *= x.size(d);
   return {T, H, I, C};
+}
+
+MlpDims check_mlp_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& gate_kept,
+                                const at::Tensor& up_kept, const at::Tensor& channel_index, const at::Tensor& w_gate,
+                                const at::Tensor& w_up, const at::Tensor& w_down,
+                                const std::optional<at::Tensor>& grad_gate_kept,
+                                const std::optional<at::Tensor>& grad_up_kept) {
+  const auto d = check_mlp_args(op, grad_y, w_gate, w_up, w_down, channel_index.numel(), channel_index, "grad_y");
+  auto want = grad_y.sizes().vec();
+  want.back() = d.C;
+  auto check_kept = [&](const char* name, const at::Tensor& t) {
+    check_same_dtype(op, name, t, grad_y, "grad_y");
+    check_same_device(op, name, t, grad_y, "grad_y");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ", at::IntArrayRef(want),
+                " (grad_y ", grad_y.sizes(), " with C = ", d.C, " kept channels), got ", t.sizes());
+  };
+  check_kept("gate_kept", gate_kept);
+  check_kept("up_kept", up_kept);
+  if (grad_gate_kept.has_value() && grad_gate_kept->defined()) check_kept("grad_gate_kept", *grad_gate_kept);
+  if (grad_up_kept.has_value() && grad_up_kept->defined()) check_kept("grad_up_kept", *grad_up_kept);
+  return d;
+}
+
+void check_block_scores_args(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t block_size,
+                             std::optional<double> scale) {
+  check_float(op, "q", q);
+  check_dim(op, "q", q, 4);
+  check_dim(op, "k", k, 4);
+  check_same_dtype(op, "k", k, q, "q");
+  check_same_device(op, "k", k, q, "q");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k must be [", q.size(0), ", Hkv, Lk, ",
+              q.size(3), "] for q of shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(q.size(3) >= 1, op, ": head dim must be >= 1, got q of shape ", q.sizes());
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+              ": the query heads must be a multiple of the key heads (Hq % Hkv == 0), got Hq = ", q.size(1),
+              " and Hkv = ", k.size(1));
+  TORCH_CHECK(block_size > 0, op, ": block_size must be > 0, got ", block_size);
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op, ": scale must be finite, got ", scale.value_or(0.0));
 }
 
 at::Tensor select_channels(const at::Tensor& act2d, int64_t keep_channels,
@@ -141,18 +179,22 @@ at::Tensor mlp_backward(const at::Tensor& grad_y, const at::Tensor& gate_kept, c
                         const at::Tensor& w_down, const std::optional<at::Tensor>& grad_gate_kept,
                         const std::optional<at::Tensor>& grad_up_kept, const MlpKernels& kern) {
   const int64_t H = w_down.size(0), C = channel_index.numel();
-  const int64_t T = H > 0 ? grad_y.numel() / H : 0;
+  int64_t T = 1;  // not numel / H: H may be 0
+  for (int64_t i = 0; i + 1 < grad_y.dim(); ++i) T *= grad_y.size(i);
   auto gy = grad_y.reshape({T, H}).contiguous();
   auto gk = gate_kept.reshape({T, C}).contiguous();
   auto uk = up_kept.reshape({T, C}).contiguous();
-  auto da = at::mm(gy, w_down.index_select(1, channel_index));  // [T, C]
+  // CUDA does not read channel_index on the host: clamp it for the weight gathers (index_select would trip a
+  // device assert on a bad entry); the CPU ops validated it.
+  const auto ci = channel_index.is_cpu() ? channel_index : channel_index.clamp(0, std::max<int64_t>(w_gate.size(0) - 1, 0));
+  auto da = at::mm(gy, w_down.index_select(1, ci));  // [T, C]
   auto opt2d = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
     if (!t.has_value() || !t->defined()) return std::nullopt;
     return t->reshape({T, C}).contiguous();
   };
   auto [dg, du] = kern.silu_mul_backward(da, gk, uk, opt2d(grad_gate_kept), opt2d(grad_up_kept));
-  auto dx = at::mm(dg, w_gate.index_select(0, channel_index));
-  dx.addmm_(du, w_up.index_select(0, channel_index));
+  auto dx = at::mm(dg, w_gate.index_select(0, ci));
+  dx.addmm_(du, w_up.index_select(0, ci));
   auto shape = grad_y.sizes().vec();
   return dx.view(shape);
 }
@@ -319,23 +361,9 @@ at::Tensor token_mlp_partial_save_backward_cpu(const at::Tensor& grad_y, const a
                                                const std::optional<at::Tensor>& grad_up_kept) {
   constexpr const char* op = "token_mlp_partial_save_backward";
   check_cpu(op, "grad_y", grad_y);
-  const auto d = check_mlp_args(op, grad_y, w_gate, w_up, w_down, channel_index.numel(), channel_index);
+  const auto d = check_mlp_backward_args(op, grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down,
+                                         grad_gate_kept, grad_up_kept);
   check_keep_values_cpu(op, channel_index.reshape({1, -1}), d.I, "channel_index");
-  auto want = grad_y.sizes().vec();
-  want.back() = d.C;
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"gate_kept", &gate_kept}, {"up_kept", &up_kept}}) {
-    check_same_dtype(op, name, *t, grad_y, "grad_y");
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ", at::IntArrayRef(want),
-                ", got ", t->sizes());
-  }
-  for (auto [name, t] : {std::pair<const char*, const std::optional<at::Tensor>*>{"grad_gate_kept", &grad_gate_kept},
-                         {"grad_up_kept", &grad_up_kept}}) {
-    if (t->has_value() && (*t)->defined()) {
-      check_same_dtype(op, name, **t, grad_y, "grad_y");
-      TORCH_CHECK((*t)->sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ",
-                  at::IntArrayRef(want), ", got ", (*t)->sizes());
-    }
-  }
   return mlp_backward(grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down, grad_gate_kept,
                       grad_up_kept, kCpuMlp);
 }
@@ -345,9 +373,7 @@ at::Tensor token_mlp_partial_save_backward_cpu(const at::Tensor& grad_y, const a
 at::Tensor token_block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t block_size, bool causal,
                                    std::optional<double> scale) {
   constexpr const char* op = "token_block_scores";
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must be [B, H, L, D], got ", q.sizes(), " and ",
-              k.sizes());
-  TORCH_CHECK(block_size > 0, op, ": block_size must be > 0, got ", block_size);
+  check_block_scores_args(op, q, k, block_size, scale);
   static auto pool = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("peftcore::attn_block_pool", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, std::optional<double>,

@@ -1,7 +1,10 @@
-// token_elim CUDA glue: argument checks, the partial-save MLP (token_elim_shared.h: cuBLAS GEMMs through ATen
-// around the elementwise kernels of token_elim.cu) and the token gather / scatter-add launchers. No host sync:
-// keep_index / channel_index are never read on the host (the CPU ops validate them; here entries outside their
-// range are skipped), K and C come from shapes, so every op can be captured in a CUDA graph.
+// token_elim CUDA glue: argument checks (the CPU ops' shape / dtype / device checks, shared), the partial-save
+// MLP (token_elim_shared.h: cuBLAS GEMMs through ATen around the elementwise kernels of token_elim.cu) and the
+// token gather / scatter-add launchers. No host sync: keep_index / channel_index are never read on the host (the
+// CPU ops validate them; here a row outside [0, L) is skipped by the kernels: gathered as 0, never scattered;
+// a channel outside [0, I) is gathered as 0 and clamped for the backward's weight gathers; unsorted or repeated
+// entries give wrong numbers, never an access outside a buffer). K and C come from shapes, so every op can be
+// captured in a CUDA graph.
 // token_block_scores is registered for every backend by the CPU file (it calls attn_block_pool's CUDA kernel).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -98,14 +101,8 @@ at::Tensor token_mlp_partial_save_backward_cuda(const at::Tensor& grad_y, const 
                                                 const std::optional<at::Tensor>& grad_up_kept) {
   constexpr const char* op = "token_mlp_partial_save_backward";
   check_cuda_activation(op, "grad_y", grad_y);
-  const auto d = check_mlp_args(op, grad_y, w_gate, w_up, w_down, channel_index.numel(), channel_index);
-  auto want = grad_y.sizes().vec();
-  want.back() = d.C;
-  TORCH_CHECK(gate_kept.sizes() == at::IntArrayRef(want) && up_kept.sizes() == at::IntArrayRef(want), op,
-              ": gate_kept / up_kept must have shape ", at::IntArrayRef(want), ", got ", gate_kept.sizes(), " / ",
-              up_kept.sizes());
-  check_same_dtype(op, "gate_kept", gate_kept, grad_y, "grad_y");
-  check_same_dtype(op, "up_kept", up_kept, grad_y, "grad_y");
+  check_mlp_backward_args(op, grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down, grad_gate_kept,
+                          grad_up_kept);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   return mlp_backward(grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down, grad_gate_kept, grad_up_kept,
                       kCudaMlp);

@@ -16,18 +16,26 @@ delta's gradient ``g[..., index]^T x`` needs all of ``x``, which is saved.
 
 Contiguous ranges (``range_start``). When ``index`` is the range ``[a, a+k)`` (what S2FT's co-permutation of
 the weights produces) the selected block is a strided view of ``x``, ``W`` and the outputs: no gather, no
-scatter. On CPU the delta's product is one small GEMM accumulated into the view of the dense result (measured
-faster here than splitting the dense GEMM around the block, which makes BLAS re-pack the shared operand per
-block); on CUDA the dense GEMM is split around the block, whose slice of ``W`` is replaced by ``W_sel + delta``
-(no extra GEMM; a choice still to be measured on a GPU). The CPU ops detect ranges themselves; on CUDA that
-would need a host sync, so pass ``range_start=a`` explicitly (then ``index`` only gives ``k`` and is not read;
-:func:`partial_range_start` computes ``a`` once, e.g. when the adapter is created). ``range_start=None`` / ``-1``
-means "use index".
+scatter. On both backends the delta's product is its own small GEMM accumulated into the view of the dense
+result (fp32 accumulation for half types, one rounding). It is never folded into the weight first: ``W_sel +
+delta`` rounded to a bf16 / fp16 ``W`` loses every delta below half an ulp of ``W`` (all of an early-training
+delta of 1e-4 on weights near 8). The CPU ops detect ranges themselves; on CUDA that would need a host sync, so
+pass ``range_start=a`` explicitly (:func:`partial_range_start` computes ``a`` once, e.g. when the adapter is
+created). ``range_start=None`` / ``-1`` means "use index".
 
-Validation: on CPU every op checks the index (sorted, unique, in range) on the way. On CUDA the hot path never
-syncs with the host (the ops are CUDA-graph capturable), so the structural checks live in
-:func:`partial_validate`; call it once when an adapter is created or loaded. Malformed indices on CUDA give wrong
-numbers but never an out-of-bounds access.
+Validation. Every op checks the shapes, dtypes and devices of all its arguments (backward ops included), on every
+backend and in the fake kernels. On CPU the ops also check the index values: sorted ascending, unique, in
+``[0, W.shape[dim])`` (``[0, size)`` / ``[0, x.shape[-1])`` for gather / scatter-add), and equal to ``[a, a+k)``
+when ``range_start=a`` is given. On CUDA the hot path never syncs with the host (the ops are CUDA-graph
+capturable), so index *values* are not checked there: call :func:`partial_validate` (``index``, ``size``,
+``range_start``) once when an adapter is created or loaded. A malformed index on CUDA gives wrong numbers but
+never an access outside a buffer: entries outside ``[0, size)`` are skipped (gathered as 0, never scattered),
+repeated entries race in the scatter-add, and an explicit ``range_start`` is trusted (its bounds are checked).
+
+Double backward. :func:`partial_gather` and :func:`partial_scatter_add` are each other's adjoint and linear, so
+their derivatives of any order are exact (tested with ``gradgradcheck``). ``partial_linear``'s backward op
+``partial_linear_backward`` refuses to be differentiated again (``create_graph=True`` works for first
+derivatives; a second backward through it raises an error naming the op).
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ._common import same_device, with_last, register_autograd
+from ._common import refuse_double_backward, register_autograd, same_device, with_last
 
 _lib = torch.ops.peftcore
 
@@ -76,12 +84,14 @@ def partial_scatter_add(src, index, size: int):
     return _lib.partial_scatter_add(src, index, size)
 
 
-def partial_validate(index, size: int) -> None:
-    """Raise if ``index`` is not 1-D int64, sorted ascending, unique and in ``[0, size)``.
+def partial_validate(index, size: int, range_start: Optional[int] = None) -> None:
+    """Raise if ``index`` is not 1-D int64, sorted ascending, unique and in ``[0, size)`` (or, with
+    ``range_start=a``, not exactly ``[a, a+k)``).
 
-    Syncs with the host on CUDA: call it when an adapter is created or loaded, not in a training step.
+    The CUDA ops do not check index values (that would sync with the host): this is their check. It syncs on
+    CUDA: call it when an adapter is created or loaded, not in a training step.
     """
-    _lib.partial_validate(index, size)
+    _lib.partial_validate(index, size, -1 if range_start is None else int(range_start))
 
 
 def partial_range_start(index) -> int:
@@ -100,16 +110,68 @@ def partial_range_start(index) -> int:
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_index(op, index, ref):
+    torch._check(index.dtype == torch.int64, lambda: f"{op}: index must be int64, got {index.dtype}")
+    torch._check(index.dim() == 1, lambda: f"{op}: index must be 1-D, got shape {list(index.shape)}")
+    same_device(op, ref, index=index)
+
+
+def _check_linear_args(op, x_name, x, weight, delta, index, dim, range_start):
+    """The shape / dtype / device checks of check_linear_args (partial_cpu.cpp), same messages."""
+    torch._check(x.dtype in _FLOAT, lambda: f"{op}: {x_name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight has dtype {weight.dtype} but {x_name} has {x.dtype}")
+    same_device(op, x, weight=weight, delta=delta)
+    torch._check(dim in (0, 1), lambda: f"{op}: dim must be 0 (rows) or 1 (columns), got {dim}")
+    _check_index(op, index, x)
+    torch._check(delta.dtype in (torch.float32, weight.dtype),
+                 lambda: f"{op}: delta must be float32 or the weight's dtype ({weight.dtype}), got {delta.dtype}")
+    k = index.shape[0]
+    want = (k, weight.shape[1]) if dim == 0 else (weight.shape[0], k)
+    torch._check(tuple(delta.shape) == want,
+                 lambda: f"{op}: delta must have shape {list(want)} for dim={dim}, k={k} and weight "
+                         f"{list(weight.shape)}, got {list(delta.shape)}")
+    size = weight.shape[dim]
+    torch._check(range_start >= -1, lambda: f"{op}: range_start must be -1 (use index) or >= 0, got {range_start}")
+    torch._check(range_start < 0 or range_start + k <= size,
+                 lambda: f"{op}: range [range_start, range_start + k) = [{range_start}, {range_start + k}) exceeds "
+                         f"weight.size({dim}) = {size}")
+
+
+def _check_last(op, name, t, features):
+    torch._check(t.dim() >= 1, lambda: f"{op}: {name} must have at least 1 dim, got a scalar")
+    torch._check(t.shape[-1] == features,
+                 lambda: f"{op}: {name} must have last dim {features}, got shape {list(t.shape)}")
+
+
 @torch.library.register_fake("peftcore::partial_linear")
 def _(x, weight, bias, delta, index, dim, range_start=-1):
-    same_device("partial_linear", x, weight=weight, bias=bias, delta=delta, index=index)
-    torch._check(dim in (0, 1), lambda: f"partial_linear: dim must be 0 (rows) or 1 (columns), got {dim}")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "partial_linear: x's last dim must equal in_features")
+    op = "partial_linear"
+    _check_linear_args(op, "x", x, weight, delta, index, dim, range_start)
+    _check_last(op, "x", x, weight.shape[1])
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias has dtype {bias.dtype} but x has {x.dtype}")
+        same_device(op, x, bias=bias)
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
     return x.new_empty(with_last(x, weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::partial_linear_backward")
 def _(grad_out, saved, weight, delta, index, dim, output_mask, range_start=-1):
+    op = "partial_linear_backward"
+    _check_linear_args(op, "grad_out", grad_out, weight, delta, index, dim, range_start)
+    torch._check(saved.dtype == grad_out.dtype,
+                 lambda: f"{op}: saved has dtype {saved.dtype} but grad_out has {grad_out.dtype}")
+    same_device(op, grad_out, saved=saved)
+    _check_last(op, "grad_out", grad_out, weight.shape[0])
+    _check_last(op, "saved", saved, index.shape[0] if dim == 1 else weight.shape[1])
+    torch._check(tuple(saved.shape[:-1]) == tuple(grad_out.shape[:-1]),
+                 lambda: f"{op}: grad_out and saved must have the same leading (token) dims, got "
+                         f"{list(grad_out.shape)} and {list(saved.shape)}")
     gx = saved.new_empty(with_last(saved, weight.shape[1])) if output_mask[0] else saved.new_empty((0,))
     gd = delta.new_empty(delta.shape) if output_mask[1] else delta.new_empty((0,))
     gb = grad_out.new_empty((weight.shape[0],)) if output_mask[2] else grad_out.new_empty((0,))
@@ -118,18 +180,30 @@ def _(grad_out, saved, weight, delta, index, dim, output_mask, range_start=-1):
 
 @torch.library.register_fake("peftcore::partial_gather")
 def _(x, index):
-    same_device("partial_gather", x, index=index)
+    op = "partial_gather"
+    torch._check(x.dtype in _FLOAT, lambda: f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    _check_index(op, index, x)
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dim, got a scalar")
     return x.new_empty(with_last(x, index.shape[0]))
 
 
 @torch.library.register_fake("peftcore::partial_scatter_add")
 def _(src, index, size):
-    same_device("partial_scatter_add", src, index=index)
+    op = "partial_scatter_add"
+    torch._check(src.dtype in _FLOAT,
+                 lambda: f"{op}: src must be float32, float16, bfloat16 or float64, got {src.dtype}")
+    _check_index(op, index, src)
+    torch._check(size >= 0, lambda: f"{op}: size must be >= 0, got {size}")
+    _check_last(op, "src", src, index.shape[0])
     return src.new_empty(with_last(src, size))
 
 
 @torch.library.register_fake("peftcore::partial_validate")
-def _(index, size):
+def _(index, size, range_start=-1):
+    op = "partial_validate"
+    torch._check(index.dtype == torch.int64, lambda: f"{op}: index must be int64, got {index.dtype}")
+    torch._check(index.dim() == 1, lambda: f"{op}: index must be 1-D, got shape {list(index.shape)}")
+    torch._check(size >= 0, lambda: f"{op}: size must be >= 0, got {size}")
     return None
 
 
@@ -167,6 +241,7 @@ def _linear_backward(ctx, grad):
 
 
 register_autograd("peftcore::partial_linear", _linear_backward, setup_context=_linear_setup)
+refuse_double_backward("partial_linear_backward", "partial_linear")
 
 
 def _gather_setup(ctx, inputs, output):

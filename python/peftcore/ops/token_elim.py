@@ -22,19 +22,35 @@ keep_index: int64 ``[B, K]``, each row sorted ascending and unique, in ``[0, L)`
 ``keep_index.shape[1]``, fixed by the keep ratio and the sequence length (:func:`token_topk_blocks` always returns
 ``keep_blocks`` whole blocks), so every output size follows from input shapes; the fake kernels have no
 data-dependent sizes, torch.compile needs no unbacked symbols, CUDA needs no host sync. Sorted rows mean plain
-causal attention over the kept sequence is causal over the original positions. The CPU ops validate
-``keep_index``; the CUDA ops do not read it on the host (entries outside ``[0, L)`` are skipped).
+causal attention over the kept sequence is causal over the original positions.
+
+Validation. Every op (the backward op included) checks the shapes, dtypes and devices of all its arguments on
+every backend and in the fake kernels. On CPU the ops also check the index values: ``keep_index`` rows sorted
+ascending, unique, in ``[0, L)``; ``channel_index`` sorted, unique, in ``[0, I)``. On CUDA index values are not
+read on the host (that would sync): a ``keep_index`` entry outside ``[0, L)`` is skipped (its row gathered as 0,
+never scattered), a ``channel_index`` entry outside ``[0, I)`` is gathered as 0 and clamped for the backward's
+weight gathers; unsorted or repeated entries give wrong numbers (repeated rows race in the scatter-add) but
+never an access outside a buffer. Check indices built outside :func:`token_topk_blocks` on the CPU (or with
+``token_gather`` on a CPU copy) before handing them to CUDA.
+
+Differentiability. ``token_gather`` and ``token_scatter_add`` are linear and each other's adjoint: derivatives
+of any order are exact (tested with ``gradgradcheck``). ``token_mlp_partial_save``'s backward op
+``token_mlp_partial_save_backward`` refuses to be differentiated again (an error naming the op, instead of
+silently wrong second derivatives). ``token_block_scores`` and ``token_topk_blocks`` are selection signals: their
+outputs never require grad.
 
 Selection (:func:`token_topk_blocks`) is a Python helper: ``torch.topk`` over block scores, the first / last
-block forced in, then the kept blocks' token indices in order.
+block forced in, then the kept blocks' token indices in order. A NaN score ranks above every finite one
+(``torch.topk``'s order).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ._common import same_device, register_autograd
+from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device
 
 _lib = torch.ops.peftcore
 
@@ -73,13 +89,21 @@ def token_topk_blocks(scores, keep_blocks: int, block_size: int, seq_len: int, a
     ``scores [B, Kb]`` from :func:`token_block_scores`. The first / last block are kept when asked (LeMo keeps
     the attention sink and the most recent tokens). A partial last block (``seq_len % block_size != 0``) is
     either forced in (``always_keep_last``) or never picked, so ``K`` is static:
-    ``K = sum of the kept blocks' lengths``, known from the arguments alone.
+    ``K = sum of the kept blocks' lengths``, known from the arguments alone. ``keep_blocks`` must lie in
+    ``[1, Kb]``. The result is an int64 index (no gradient).
     """
+    op = "token_topk_blocks"
+    torch._check(scores.dim() == 2 and scores.is_floating_point(),
+                 lambda: f"{op}: scores must be a floating [B, Kb] tensor, got {scores.dtype} of shape "
+                         f"{list(scores.shape)}")
+    torch._check(block_size > 0, lambda: f"{op}: block_size must be > 0, got {block_size}")
+    torch._check(seq_len > 0, lambda: f"{op}: seq_len must be > 0, got {seq_len}")
     nb = scores.shape[-1]
+    torch._check(1 <= int(keep_blocks) <= nb, lambda: f"{op}: keep_blocks must be in [1, {nb}], got {keep_blocks}")
     torch._check(nb == -(-seq_len // block_size),
                  lambda: f"token_topk_blocks: scores has {nb} blocks, seq_len {seq_len} / block_size {block_size} needs "
                          f"{-(-seq_len // block_size)}")
-    keep_blocks = max(1, min(int(keep_blocks), nb))
+    keep_blocks = int(keep_blocks)
     s = scores.to(torch.float32).clone()
     tail = seq_len - (nb - 1) * block_size
     if always_keep_first:
@@ -107,11 +131,59 @@ def token_mlp_partial_save(x, w_gate, w_up, w_down, keep_channels: int, channel_
 # Fake kernels.
 
 
-def _check_tokens(op, x, keep_index):
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(op, name, t):
+    torch._check(t.dtype in _FLOAT, lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def _check_tokens(op, x, keep_index, src=None):
+    """check_token_args (token_elim_cpu.cpp), same messages."""
+    xname = "x" if src is None else "residual"
+    _check_float(op, xname, x)
+    torch._check(x.dim() >= 2, lambda: f"{op}: {xname} must be [B, L, ...] (at least 2-D), got shape {list(x.shape)}")
+    torch._check(keep_index.dtype == torch.int64, lambda: f"{op}: keep_index must be int64, got {keep_index.dtype}")
+    torch._check(keep_index.dim() == 2, lambda: f"{op}: keep_index must be 2-D, got shape {list(keep_index.shape)}")
     same_device(op, x, keep_index=keep_index)
-    torch._check(x.dim() >= 2, lambda: f"{op}: x must be [B, L, ...], got {tuple(x.shape)}")
-    torch._check(keep_index.dim() == 2 and keep_index.shape[0] == x.shape[0],
-                 lambda: f"{op}: keep_index must be [B, K] with B = {x.shape[0]}, got {tuple(keep_index.shape)}")
+    torch._check(keep_index.shape[0] == x.shape[0],
+                 lambda: f"{op}: keep_index must have batch size {x.shape[0]} ({xname} is {list(x.shape)}), got "
+                         f"shape {list(keep_index.shape)}")
+    torch._check(keep_index.shape[1] <= x.shape[1],
+                 lambda: f"{op}: keep_index keeps {keep_index.shape[1]} tokens of a sequence of {x.shape[1]}")
+    if src is not None:
+        torch._check(src.dtype == x.dtype, lambda: f"{op}: src has dtype {src.dtype} but residual has {x.dtype}")
+        same_device(op, x, src=src)
+        want = (x.shape[0], keep_index.shape[1], *x.shape[2:])
+        torch._check(tuple(src.shape) == want,
+                     lambda: f"{op}: src must have shape {list(want)} (residual {list(x.shape)} with K = "
+                             f"{keep_index.shape[1]} tokens), got {list(src.shape)}")
+
+
+def _check_mlp(op, x, w_gate, w_up, w_down, keep_channels, channel_index, x_name="x"):
+    """check_mlp_args (token_elim_cpu.cpp), same messages."""
+    _check_float(op, x_name, x)
+    torch._check(x.dim() >= 1, lambda: f"{op}: {x_name} must have at least 1 dim, got a scalar")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        torch._check(w.dim() == 2, lambda: f"{op}: {name} must be 2-D, got shape {list(w.shape)}")
+        torch._check(w.dtype == x.dtype, lambda: f"{op}: {name} has dtype {w.dtype} but {x_name} has {x.dtype}")
+    same_device(op, x, w_gate=w_gate, w_up=w_up, w_down=w_down)
+    H, I = x.shape[-1], w_gate.shape[0]
+    torch._check(w_gate.shape[1] == H,
+                 lambda: f"{op}: w_gate must be [I, {H}] for {x_name}'s last dim {H}, got {list(w_gate.shape)}")
+    torch._check(w_up.shape == w_gate.shape,
+                 lambda: f"{op}: w_up must have w_gate's shape {list(w_gate.shape)}, got {list(w_up.shape)}")
+    torch._check(tuple(w_down.shape) == (H, I), lambda: f"{op}: w_down must be [{H}, {I}], got {list(w_down.shape)}")
+    if channel_index is not None:
+        torch._check(channel_index.dtype == torch.int64,
+                     lambda: f"{op}: channel_index must be int64, got {channel_index.dtype}")
+        torch._check(channel_index.dim() == 1,
+                     lambda: f"{op}: channel_index must be 1-D, got shape {list(channel_index.shape)}")
+        same_device(op, x, channel_index=channel_index)
+        torch._check(channel_index.numel() == keep_channels,
+                     lambda: f"{op}: channel_index has {channel_index.numel()} entries but keep_channels = "
+                             f"{keep_channels}")
+    torch._check(0 <= keep_channels <= I, lambda: f"{op}: keep_channels must be in [0, {I}], got {keep_channels}")
 
 
 @torch.library.register_fake("peftcore::token_gather")
@@ -122,22 +194,34 @@ def _(x, keep_index):
 
 @torch.library.register_fake("peftcore::token_scatter_add")
 def _(residual, src, keep_index):
-    _check_tokens("token_scatter_add", residual, keep_index)
-    same_device("token_scatter_add", residual, src=src)
+    _check_tokens("token_scatter_add", residual, keep_index, src)
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("peftcore::token_block_scores")
 def _(q, k, block_size, causal=True, scale=None):
-    same_device("token_block_scores", q, k=k)
-    torch._check(block_size > 0, lambda: f"token_block_scores: block_size must be > 0, got {block_size}")
+    op = "token_block_scores"
+    _check_float(op, "q", q)
+    torch._check(q.dim() == 4, lambda: f"{op}: q must be 4-D, got shape {list(q.shape)}")
+    torch._check(k.dim() == 4, lambda: f"{op}: k must be 4-D, got shape {list(k.shape)}")
+    torch._check(k.dtype == q.dtype, lambda: f"{op}: k has dtype {k.dtype} but q has {q.dtype}")
+    same_device(op, q, k=k)
+    torch._check(k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3],
+                 lambda: f"{op}: k must be [{q.shape[0]}, Hkv, Lk, {q.shape[3]}] for q of shape {list(q.shape)}, "
+                         f"got {list(k.shape)}")
+    torch._check(q.shape[3] >= 1, lambda: f"{op}: head dim must be >= 1, got q of shape {list(q.shape)}")
+    torch._check(k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0,
+                 lambda: f"{op}: the query heads must be a multiple of the key heads (Hq % Hkv == 0), got Hq = "
+                         f"{q.shape[1]} and Hkv = {k.shape[1]}")
+    torch._check(block_size > 0, lambda: f"{op}: block_size must be > 0, got {block_size}")
+    torch._check(scale is None or math.isfinite(scale), lambda: f"{op}: scale must be finite, got {scale}")
     kb = (k.shape[2] + block_size - 1) // block_size
     return q.new_empty((q.shape[0], kb), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.register_fake("peftcore::token_mlp_partial_save")
 def _(x, w_gate, w_up, w_down, keep_channels, channel_index=None):
-    same_device("token_mlp_partial_save", x, w_gate=w_gate, w_up=w_up, w_down=w_down, channel_index=channel_index)
+    _check_mlp("token_mlp_partial_save", x, w_gate, w_up, w_down, keep_channels, channel_index)
     y = x.new_empty((*x.shape[:-1], w_down.shape[0]))
     kept = x.new_empty((*x.shape[:-1], keep_channels))
     return y, kept, torch.empty_like(kept), x.new_empty((keep_channels,), dtype=torch.long)
@@ -145,6 +229,19 @@ def _(x, w_gate, w_up, w_down, keep_channels, channel_index=None):
 
 @torch.library.register_fake("peftcore::token_mlp_partial_save_backward")
 def _(grad_y, gate_kept, up_kept, channel_index, w_gate, w_up, w_down, grad_gate_kept=None, grad_up_kept=None):
+    op = "token_mlp_partial_save_backward"
+    C = channel_index.numel()
+    _check_mlp(op, grad_y, w_gate, w_up, w_down, C, channel_index, "grad_y")
+    want = (*grad_y.shape[:-1], C)
+    for name, t in (("gate_kept", gate_kept), ("up_kept", up_kept), ("grad_gate_kept", grad_gate_kept),
+                    ("grad_up_kept", grad_up_kept)):
+        if t is None:
+            continue
+        torch._check(t.dtype == grad_y.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but grad_y has {grad_y.dtype}")
+        same_device(op, grad_y, **{name: t})
+        torch._check(tuple(t.shape) == want,
+                     lambda: f"{op}: {name} must have shape {list(want)} (grad_y {list(grad_y.shape)} with C = {C} "
+                             f"kept channels), got {list(t.shape)}")
     return grad_y.new_empty((*grad_y.shape[:-1], w_gate.shape[1]))
 
 
@@ -202,3 +299,5 @@ def _mlp_backward(ctx, grad_y, grad_gate_kept, grad_up_kept, _grad_idx):
 
 
 register_autograd("peftcore::token_mlp_partial_save", _mlp_backward, setup_context=_mlp_setup)
+refuse_double_backward("token_mlp_partial_save_backward", "token_mlp_partial_save")
+non_differentiable("token_block_scores", "a selection signal: attention mass per key block")
