@@ -47,6 +47,14 @@ def ref_neumann(params, terms=5):
     return R.to(params.dtype)
 
 
+def nonfinite_neumann(params, terms=5):
+    # PEFT's series with one term is I: params are not read, so a NaN in them does not reach R (ref_neumann's
+    # "+ 0 * S" only keeps the gradient defined)
+    if terms <= 1:
+        return torch.eye(params.shape[-1], dtype=params.dtype, device=params.device).expand_as(params).clone()
+    return ref_neumann(params, terms)
+
+
 def _vjp(fn, args, grad_arg, grad):
     a = [x.detach().double().requires_grad_(i == grad_arg) if isinstance(x, torch.Tensor) and x.is_floating_point()
          else x for i, x in enumerate(args)]
@@ -83,6 +91,20 @@ def dense_boft_matrix(rotations, perm):
 def ref_boft_apply(x, rotations, perm):
     # (+ 0 * sum: with no factors the map is the identity and the rotations' gradient is empty, not absent)
     return x @ dense_boft_matrix(rotations.to(x.dtype), perm) + 0 * rotations.sum().to(x.dtype)
+
+
+def nonfinite_boft_apply(x, rotations, perm):
+    """The butterfly chain factor by factor (x @ M_{m-1} ... M_0, each M_i = P_i blockdiag(R_i) P_i^T applied as
+    a scatter, per-block products and a gather): only the products the map defines, so a NaN spreads within the
+    blocks it passes through, not through the zeros of the dense matrix."""
+    m, nb, b, _ = rotations.shape
+    y = x
+    for i in reversed(range(m)):
+        u = torch.empty_like(y)
+        u[..., perm[i]] = y
+        w = torch.einsum("...nr,nrc->...nc", u.unflatten(-1, (nb, b)), rotations[i].to(x.dtype)).flatten(-2)
+        y = w[..., perm[i]]
+    return y
 
 
 def ref_boft_apply_backward(grad_out, x, rotations, perm, mask):
@@ -191,15 +213,16 @@ def boft_backward_samples(device, dtype, requires_grad):
 
 
 CASES = [
-    OpCase("orthogonal_cayley", ops.orthogonal_cayley, params_samples, ref_cayley, ALL_DTYPES, grad_args=(0,)),
+    OpCase("orthogonal_cayley", ops.orthogonal_cayley, params_samples, ref_cayley, ALL_DTYPES, grad_args=(0,),
+           nonfinite="nan_superset"),
     OpCase("orthogonal_cayley_backward", ops.orthogonal_cayley_backward, cayley_backward_samples,
            ref_cayley_backward, ALL_DTYPES),
     OpCase("orthogonal_cayley_neumann", ops.orthogonal_cayley_neumann, neumann_samples, ref_neumann, ALL_DTYPES,
-           grad_args=(0,)),
+           grad_args=(0,), nonfinite="nan_superset", nonfinite_reference=nonfinite_neumann),
     OpCase("orthogonal_cayley_neumann_backward", ops.orthogonal_cayley_neumann_backward, neumann_backward_samples,
            ref_neumann_backward, ALL_DTYPES),
     OpCase("orthogonal_boft_apply", ops.orthogonal_boft_apply, boft_samples, ref_boft_apply, ALL_DTYPES,
-           grad_args=(0, 1)),
+           grad_args=(0, 1), nonfinite_reference=nonfinite_boft_apply),
     OpCase("orthogonal_boft_apply_backward", ops.orthogonal_boft_apply_backward, boft_backward_samples,
            ref_boft_apply_backward, ALL_DTYPES),
 ]
@@ -233,6 +256,13 @@ def test_boft_apply_preserves_norm_and_matches_dense(device):
     y = ops.orthogonal_boft_apply(x, rot, perm)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(y, ref_boft_apply(x.double(), rot.double(), perm).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_factorwise_boft_reference_matches_dense():
+    # the NaN / inf reference is the same map as the PEFT-style dense one
+    for s in boft_samples("cpu", torch.float64, False):
+        x, rot, perm = s.args[:3]
+        torch.testing.assert_close(nonfinite_boft_apply(x, rot, perm), ref_boft_apply(x, rot, perm))
 
 
 def test_permutations_match_peft():

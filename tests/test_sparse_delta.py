@@ -59,6 +59,25 @@ def ref_spmm_t(g, indices, values, in_features, scale=1.0):
     return scale * g @ dense_delta(indices, values, g.shape[-1], in_features, dtype=g.dtype)
 
 
+def _structural_spmm(x, indices, values, rows, cols, scale, transpose):
+    # Only the products the delta defines (y[t, r] += v_k x[t, c_k] for r_k = r), as torch.sparse computes them:
+    # a NaN in x reaches the outputs of the entries that read it, not every output through 0 * NaN.
+    idx = indices.long()
+    r, c = idx // cols, idx % cols
+    src, dst, n = (r, c, cols) if transpose else (c, r, rows)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2.new_zeros(x2.shape[0], n).index_add_(1, dst, x2[:, src] * values.to(x.dtype))
+    return (scale * out).reshape(*x.shape[:-1], n)
+
+
+def nonfinite_spmm(x, indices, values, out_features, scale=1.0):
+    return _structural_spmm(x, indices, values, out_features, x.shape[-1], scale, False)
+
+
+def nonfinite_spmm_t(g, indices, values, in_features, scale=1.0):
+    return _structural_spmm(g, indices, values, g.shape[-1], in_features, scale, True)
+
+
 def _sddmm_out_dtype(g, out_dtype):
     return out_dtype or (torch.float64 if g.dtype == torch.float64 else torch.float32)
 
@@ -195,8 +214,10 @@ CASES = [
     OpCase("sparse_delta_linear", ops.sparse_delta_linear, linear_samples, ref_linear, ALL_DTYPES, grad_args=(0, 2, 4)),
     OpCase("sparse_delta_linear_backward", ops.sparse_delta_linear_backward, linear_backward_samples,
            ref_linear_backward, ALL_DTYPES),
-    OpCase("sparse_delta_spmm", ops.sparse_delta_spmm, spmm_samples, ref_spmm, ALL_DTYPES, grad_args=(0, 2)),
-    OpCase("sparse_delta_spmm_t", ops.sparse_delta_spmm_t, spmm_t_samples, ref_spmm_t, ALL_DTYPES, grad_args=(0, 2)),
+    OpCase("sparse_delta_spmm", ops.sparse_delta_spmm, spmm_samples, ref_spmm, ALL_DTYPES, grad_args=(0, 2),
+           nonfinite_reference=nonfinite_spmm),
+    OpCase("sparse_delta_spmm_t", ops.sparse_delta_spmm_t, spmm_t_samples, ref_spmm_t, ALL_DTYPES, grad_args=(0, 2),
+           nonfinite_reference=nonfinite_spmm_t),
     OpCase("sparse_delta_sddmm", ops.sparse_delta_sddmm, sddmm_samples, ref_sddmm, ALL_DTYPES, grad_args=(0, 1)),
     OpCase("sparse_delta_merge_", ops.sparse_delta_merge_, merge_samples, ref_merge, ALL_DTYPES, mutates=0),
     OpCase("sparse_delta_merge", ops.sparse_delta_merge, merge_samples, ref_merge, ALL_DTYPES, grad_args=(0, 2)),

@@ -57,6 +57,17 @@ class OpCase:
     cuda: bool = True  # has a CUDA kernel
     # Per-dtype overrides of TOLERANCES for this op ({dtype: dict(atol=..., rtol=...)}); the case says why.
     tol: Optional[dict] = None
+    # check_nonfinite plants NaN / inf in the differentiable inputs and compares with the reference:
+    #   "exact"        NaN exactly where the reference has NaN, non-finite exactly where it is non-finite;
+    #   "nan_superset" (matrix functions: Cayley, Neumann) every NaN of the reference is NaN in the op, which may
+    #                  spread it further inside the block (the pattern of a solve / matrix power on NaN input is an
+    #                  algorithm's choice); inf is not compared (the inverse of a matrix with an inf entry is a limit);
+    #   "off"          the op's rule is its own and is tested in its family's file (say where).
+    nonfinite: str = "exact"
+    # For ops with structural zeros (a sparse delta's absent entries, the off-diagonal blocks of a butterfly
+    # factor): a reference that multiplies only what the op's math multiplies, as torch.sparse does, so a NaN
+    # is not spread by 0 * NaN through an entry that does not exist. Used instead of ``reference`` for NaN / inf.
+    nonfinite_reference: Optional[Callable[..., Any]] = None
 
     def __repr__(self):
         return self.name
@@ -235,6 +246,85 @@ def check_reference(case: OpCase, device: str) -> None:
             continue
         for s in case.samples(device, dtype, True):
             _check_grads(case, s, dtype)
+    check_nonfinite(case, device)
+    check_repeatable(case, device)
+
+
+def check_repeatable(case: OpCase, device: str) -> None:
+    """Two calls on the same float32 inputs give bitwise equal outputs (and gradients, for the first samples):
+    no kernel's result may depend on thread timing. On CUDA only under deterministic mode (float atomics are
+    allowed otherwise, as in ATen)."""
+    if torch.float32 not in case.dtypes:
+        return
+    det = torch.are_deterministic_algorithms_enabled()
+    if device != "cpu" and not det:
+        torch.use_deterministic_algorithms(True)
+    try:
+        for n, s in enumerate(case.samples(device, torch.float32, False)):
+            a, b = _run(case, s.args, s.kwargs), _run(case, s.args, s.kwargs)
+            for j, (x, y) in enumerate(zip(a, b)):
+                assert torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
+                                             and torch.equal(x.nan_to_num(), y.nan_to_num())), \
+                    f"{case.name}[{s.name}] output {j} differs between two identical calls"
+            if case.grad_args and n < 2 and case.mutates is None:
+                ga = [i for i in case.grad_args if isinstance(s.args[i], torch.Tensor)]
+                g1, seeds = _grads(case.op, s.args, s.kwargs, ga)
+                g2, _ = _grads(case.op, s.args, s.kwargs, ga, seeds)
+                for i, x, y in zip(ga, g1, g2):
+                    assert (x is None and y is None) or torch.equal(x, y), \
+                        f"{case.name}[{s.name}] grad of arg {i} differs between two identical calls"
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
+def _plant(t: torch.Tensor, value: float, where: float) -> torch.Tensor:
+    t = t.detach().clone()
+    if t.numel():
+        k = int(where * (t.numel() - 1))
+        t[tuple(int(i) for i in torch.unravel_index(torch.tensor(k), tuple(t.shape)))] = value  # any strides
+    return t
+
+
+def check_nonfinite(case: OpCase, device: str) -> None:
+    """NaN and inf in an input surface as PyTorch's reference makes them surface, on the float32 (vector) paths.
+
+    For each sample and each differentiable input, a NaN is planted at its first, a middle and its last element
+    (one at a time): the op's output must be NaN exactly where the float64 reference's is. Then a +inf: the op
+    must be non-finite exactly where the reference is (inf vs NaN may differ where the kernel factors a sum
+    differently from the reference, e.g. ``x·W + x·delta`` against ``x·(W + delta)``). Nothing non-finite may be
+    dropped or appear from nowhere.
+    """
+    if case.nonfinite == "off" or torch.float32 not in case.dtypes:
+        return
+    assert case.nonfinite in ("exact", "nan_superset"), f"{case.name}: nonfinite={case.nonfinite!r}"
+    reference = case.nonfinite_reference or case.reference
+    for s in case.samples(device, torch.float32, False):
+        for i in case.grad_args:
+            if not (isinstance(s.args[i], torch.Tensor) and s.args[i].is_floating_point() and s.args[i].numel()):
+                continue
+            for value in (float("nan"), float("inf")) if case.nonfinite == "exact" else (float("nan"),):
+                for where in (0.0, 0.5, 1.0):
+                    args = list(_detach(s.args))
+                    args[i] = _plant(args[i], value, where)
+                    outs = _run(case, args, s.kwargs)
+                    refs = _flat(reference(*_detach(_upcast(args)), **s.kwargs))
+                    for j, (o, r) in enumerate(zip(outs, refs)):
+                        if not o.is_floating_point():
+                            continue
+                        o, r = o.detach().cpu().to(torch.float64), r.detach().cpu()
+                        what = f"{case.name}[{s.name}] output {j} with {value} at {where:.1f} of arg {i}"
+                        if value != value:
+                            lost = int((r.isnan() & ~o.isnan()).sum())
+                            new = int((o.isnan() & ~r.isnan()).sum())
+                            if case.nonfinite == "nan_superset":
+                                new = 0
+                            assert lost == 0 and new == 0, \
+                                f"{what}: {lost} NaN not propagated, {new} NaN where the reference has none"
+                        else:
+                            lost = int((~r.isfinite() & o.isfinite()).sum())
+                            new = int((~o.isfinite() & r.isfinite()).sum())
+                            assert lost == 0 and new == 0, \
+                                f"{what}: {lost} non-finite values dropped, {new} where the reference is finite"
 
 
 def _grads(fn, args, kwargs, grad_args, seed_grads=None):
