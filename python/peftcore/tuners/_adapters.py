@@ -18,7 +18,8 @@ from torch import nn
 from ._layer import FrozenLinearAdapter
 
 CONFIG_ATTR = "peftcore_adapter_config"
-FORMAT = "peftcore.adapter/1"
+FORMAT = "peftcore.adapter/2"
+FORMAT_V1 = "peftcore.adapter/1"  # no per-layer fields; still read
 
 _REGISTRY: dict[str, tuple[type, type]] = {}  # peft_type -> (config class, layer class)
 
@@ -123,9 +124,26 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+# Per-layer fields that may differ between the layers of one model (PEFT's OFT with ``r`` gives each layer its own
+# block size, for one): written per layer by save_adapter and used by load_adapter to rebuild each layer.
+LAYER_FIELDS = {
+    "MONARCH": ("nblocks", "rank", "scale", "dtype"),
+    "OFT": ("block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "block_share"),
+    "BOFT": ("block_size", "n_butterfly_factor"),
+    "MISS": ("r", "mini_r"),
+}
+
+
+def _layer_fields(layer: FrozenLinearAdapter) -> dict:
+    cfg = layer.to_config()
+    return {k: getattr(cfg, k) for k in LAYER_FIELDS.get(cfg.peft_type, ())}
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config=None) -> None:
-    """Write the adapters' parameters to a safetensors file; metadata ``format``, ``peft_type``, ``config`` (json)
-    and ``shapes`` (json ``{module: [out, in]}``)."""
+    """Write the adapters' parameters to a safetensors file (tensors ``"<module>.<param>"``); metadata ``format``
+    (``peftcore.adapter/2``), ``peft_type``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and
+    ``layers`` (json ``{module: {field: value}}``: each layer's own block size / rank / ... , so layers of
+    different sizes in one model load back exactly)."""
     from safetensors.torch import save_file
 
     config = config or getattr(model, CONFIG_ATTR, None)
@@ -136,48 +154,107 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config=None) -
         raise ValueError("save_adapter: the model has no peftcore adapter layer")
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("save_adapter: some layers are merged; unmerge first (the file holds unmerged adapters)")
+    other = sorted({type(m).__name__ for m in layers.values() if m.config_class.PEFT_TYPE != config.peft_type})
+    if other:
+        raise ValueError(f"save_adapter: the config is {config.peft_type} but the model also has {other} layers")
     tensors = {k: v.cpu().contiguous() for k, v in adapter_state(model).items()}
     shapes = {n: [m.out_features, m.in_features] for n, m in layers.items()}
-    meta = {"format": FORMAT, "peft_type": config.peft_type, "config": config.to_json(), "shapes": json.dumps(shapes)}
+    per_layer = {n: _layer_fields(m) for n, m in layers.items()}
+    meta = {"format": FORMAT, "peft_type": config.peft_type, "config": config.to_json(), "shapes": json.dumps(shapes),
+            "layers": json.dumps(per_layer, sort_keys=True)}
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load a file from :func:`save_adapter`: a plain model gets the adapters applied (from the saved config)
-    first; a model that already has them gets the parameters copied in. Shapes are checked. Returns ``model``."""
-    from safetensors import safe_open
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Load a file from :func:`save_adapter` into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
 
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"load_adapter: {os.fspath(path)!r} is not a peftcore adapter file "
-                             f"(format {meta.get('format')!r})")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if meta["peft_type"] not in _REGISTRY:
-        raise ValueError(f"load_adapter: unknown peft_type {meta['peft_type']!r}")
-    config = _REGISTRY[meta["peft_type"]][0].from_json(meta["config"])
-    if not any(True for _ in adapter_layers(model)):
-        apply_adapter(model, config)
-    layers = dict(adapter_layers(model))
-    shapes = json.loads(meta["shapes"])
-    missing = sorted(set(shapes) - set(layers))
-    if missing:
-        raise ValueError(f"load_adapter: the model has no adapter layer at {missing[:3]}")
-    with torch.no_grad():
+    Each module named in the file that is a plain ``nn.Linear`` gets a new adapter layer built from the file's
+    config and that layer's own saved fields (block size, rank, ...); then every parameter that is not an adapter
+    parameter is frozen, as :func:`apply_adapter` does. A module that already is an adapter layer of the file's
+    type and fields gets the values. Floating values take the dtype of the parameter they fill (a new layer's is
+    the file's); anything else (integer tensors, other shapes, unknown modules or metadata, extra tensors unless
+    ``strict=False``) is an error, raised before the model changes. Reads ``peftcore.adapter/2`` files and the
+    older ``peftcore.adapter/1`` (no per-layer fields: every layer is built from the file's config). Returns
+    ``model``."""
+    from . import _loading as L
+
+    f = L.read_file("load_adapter", path, (FORMAT, FORMAT_V1))
+    err = f.error
+    ptype = f.meta.get("peft_type")
+    if ptype is None:
+        raise err(f"metadata 'peft_type' is missing (the file has {sorted(f.meta)})")
+    if ptype not in _REGISTRY:
+        raise err(f"unknown peft_type {ptype!r} (known: {sorted(_REGISTRY)})")
+    config_cls, layer_cls = _REGISTRY[ptype]
+    config = f.config(config_cls, required=True)
+    shapes = f.shapes()
+    per_layer = f.json("layers", dict) if f.format == FORMAT else {n: {} for n in shapes}
+    if set(per_layer) != set(shapes):
+        raise err(f"metadata 'layers' and 'shapes' name other modules: {sorted(set(per_layer) ^ set(shapes))[:4]}")
+    allowed = LAYER_FIELDS.get(ptype, ())
+    keys = L.Keys(f.tensors, shapes)
+    modules = L.module_table(model)
+    adapter_types = _registered_layers()
+    commit, new_layers = L.Commit(), []
+    with L.staging(model):
         for name, shape in shapes.items():
-            layer = layers[name]
-            if [layer.out_features, layer.in_features] != list(shape):
-                raise ValueError(f"load_adapter: {name!r} is [{layer.out_features}, {layer.in_features}], "
-                                 f"the file's adapter is for {shape}")
-            if layer.merged:
-                raise RuntimeError(f"load_adapter: {name!r} is merged; unmerge first")
-            for pname, p in layer.adapter_parameters().items():
-                t = state.get(f"{name}.{pname}")
-                if t is None or t.shape != p.shape:
-                    raise ValueError(f"load_adapter: {name}.{pname} has shape {tuple(p.shape)}, the file "
-                                     f"{None if t is None else tuple(t.shape)}")
-                p.copy_(t)
-    setattr(model, CONFIG_ATTR, config)
+            fields_ = per_layer[name]
+            if not isinstance(fields_, dict) or set(fields_) - set(allowed):
+                raise err(f"metadata 'layers': {name!r} must be an object with fields from {list(allowed)}, "
+                          f"got {fields_!r}")
+            mod = L.linear_at(err, modules, name, (nn.Linear, *adapter_types), "an nn.Linear or adapter layer")
+            if [mod.out_features, mod.in_features] != list(shape):
+                raise err(f"module {name!r} is [{mod.out_features}, {mod.in_features}], the file's adapter is for "
+                          f"{shape} (a file from another model?)")
+            layer_cfg = L.parse_config(config_cls, {**config.to_dict(), **fields_},
+                                       lambda m, n=name: err(f"metadata 'layers': {n!r}: {m}"))
+            if isinstance(mod, FrozenLinearAdapter):
+                if type(mod) is not layer_cls:
+                    raise err(f"module {name!r} is a {type(mod).__name__}; the file holds {ptype} adapters")
+                if mod.merged:
+                    raise err(f"module {name!r} is merged; unmerge it first")
+                have = {k: v for k, v in _layer_fields(mod).items() if k != "dtype"}  # values are cast
+                want = {k: getattr(layer_cfg, k) for k in have}
+                if have != want:
+                    raise err(f"module {name!r} has {have}, the file's layer {want}")
+                layer, new = mod, False
+            else:
+                try:
+                    layer = layer_cls.create(mod, layer_cfg)
+                except ValueError as e:
+                    raise err(f"module {name!r} [{mod.out_features}, {mod.in_features}]: {e}") from None
+                layer.train(mod.training)
+                new = True
+            got = keys.by_module.get(name, {})
+            params = layer.adapter_parameters()
+            missing = sorted(set(params) - set(got))
+            if missing:
+                raise err(f"module {name!r}: tensor(s) {[f'{name}.{p}' for p in missing]} missing")
+            for pname in sorted(set(got) - set(params)):
+                keys.unused.append(f"{name}.{pname}")
+            for pname, p in params.items():
+                L.check_float(err, f"{name}.{pname}", got[pname], tuple(p.shape))
+            dtypes = sorted({str(got[pname].dtype) for pname in params})
+            if new and len(dtypes) > 1:  # a new layer takes the file's dtype: it must be one
+                raise err(f"module {name!r}: tensors {sorted(f'{name}.{p}' for p in params)} have dtypes {dtypes}; "
+                          "a new layer needs one floating dtype")
+            for pname, p in params.items():
+                t = got[pname]
+                if new:  # a new layer's parameters take the file's floating dtype
+                    p.data = L.to_param(t, p, t.dtype)
+                else:
+                    commit.set_data(p, L.to_param(t, p))
+            if new:
+                commit.replace(model, name, layer)
+                new_layers.append(layer)
+        keys.extra(err, strict)
+    if new_layers:
+        keep = {id(p) for _, l in adapter_layers(model) for p in l.adapter_parameters().values()}
+        keep |= {id(p) for l in new_layers for p in l.adapter_parameters().values()}
+        commit.requires_grad([p for p in model.parameters() if id(p) not in keep], False)
+        commit.requires_grad([p for l in new_layers for p in l.adapter_parameters().values()], True)
+    commit.set_attr(model, CONFIG_ATTR, config)
+    commit.run()
     return model
 
 
