@@ -233,56 +233,87 @@ def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def read_s2ft(path: Union[str, os.PathLike]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """``({module: {"index", "delta"}}, metadata)`` from a file written by :func:`save_s2ft`."""
-    from safetensors import safe_open
+def _read(owner: str, path: Union[str, os.PathLike], strict: bool):
+    from .. import _loading as L
 
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        for key in f.keys():
-            name, _, kind = key.rpartition(".")
-            state.setdefault(name, {})[kind] = f.get_tensor(key)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"read_s2ft: {os.fspath(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    for name, d in state.items():
-        if set(d) != {"index", "delta"}:
-            raise ValueError(f"read_s2ft: {name!r} has tensors {sorted(d)}, expected index and delta")
-    return state, meta
+    f = L.read_file(owner, path, (FORMAT,))
+    shapes = f.shapes()
+    dims = f.json("dims", dict)
+    config = f.config(S2FTConfig)
+    if set(dims) != set(shapes):
+        raise f.error(f"metadata 'dims' and 'shapes' name other modules: {sorted(set(dims) ^ set(shapes))[:4]}")
+    for name, d in dims.items():
+        if not (L._is_int(d) and d in (0, 1)):
+            raise f.error(f"metadata 'dims': {name!r} must be 0 (rows) or 1 (columns), got {d!r}")
+    keys = L.Keys(f.tensors, shapes, ("index", "delta"))
+    keys.extra(f.error, strict)
+    for name in shapes:
+        missing = {"index", "delta"} - set(keys.by_module.get(name, {}))
+        if missing:
+            raise f.error(f"module {name!r}: tensor(s) {sorted(f'{name}.{k}' for k in missing)} missing")
+    return f, keys.by_module, shapes, dims, config
 
 
-def load_s2ft(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load a file from :func:`save_s2ft` into ``model``.
+def read_s2ft(path: Union[str, os.PathLike], strict: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """``({module: {"index", "delta"}}, metadata)`` from a file written by :func:`save_s2ft` (format, metadata and
+    the tensor set checked; extra tensors are an error unless ``strict=False``)."""
+    f, state, _, _, _ = _read("read_s2ft", path, strict)
+    return state, f.meta
+
+
+def load_s2ft(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Load a file from :func:`save_s2ft` into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
 
     Plain ``nn.Linear`` modules (the un-permuted model) are wrapped in ``S2FTLinear`` on the saved original
     rows/columns (``range_start`` set where they are contiguous, else gathered); the base is frozen, the delta
     trainable, nothing else is touched. ``S2FTLinear`` modules (a model that ``apply_s2ft`` already co-permuted
-    with the same selection) get the delta copied into their ``delta`` Parameter. Returns ``model``."""
-    state, meta = read_s2ft(path)
-    shapes, dims = json.loads(meta["shapes"]), json.loads(meta["dims"])
-    config = S2FTConfig.from_json(meta["config"]) if "config" in meta else None
-    for name, d in state.items():
-        mod = model.get_submodule(name)
-        if not isinstance(mod, (S2FTLinear, nn.Linear)):
-            raise TypeError(f"load_s2ft: {name!r} is a {type(mod).__name__}, not nn.Linear")
-        if list(shapes[name]) != [mod.out_features, mod.in_features]:
-            raise ValueError(f"load_s2ft: {name!r} is [{mod.out_features}, {mod.in_features}], the delta is for {shapes[name]}")
-        dim, idx, delta = int(dims[name]), d["index"], d["delta"]
-        if isinstance(mod, S2FTLinear):
-            order = torch.argsort(mod.orig_index.cpu())
-            if mod.dim != dim or not torch.equal(mod.orig_index.cpu()[order], idx):
-                raise ValueError(f"load_s2ft: {name!r} selects other rows/columns than the file")
-            if mod.merged:
-                raise RuntimeError(f"load_s2ft: {name!r} is merged; unmerge first")
-            with torch.no_grad():  # the file is in sorted original order; the layer's delta in orig_index order
-                mod.delta[(slice(None),) * dim + (order.to(mod.delta.device),)] = delta.to(mod.delta)
-        else:
-            a = int(idx[0])
-            contiguous = torch.equal(idx, torch.arange(a, a + idx.numel()))
-            layer = S2FTLinear(mod, idx, dim, a if contiguous else None, None, delta.dtype)
-            with torch.no_grad():
-                layer.delta.copy_(delta)
-            _replace(model, name, layer)
+    with the same selection) get the delta copied into their ``delta`` Parameter.
+
+    Everything is checked before the model changes: format, metadata (``shapes``, ``dims``, ``config``), that every
+    module exists and is an ``nn.Linear`` / ``S2FTLinear`` of the file's ``[out, in]``, the index (1-D integer,
+    non-empty, sorted, unique, in range along ``dim``), the delta (floating, exactly ``[k, in]`` / ``[out, k]``);
+    extra tensors are an error unless ``strict=False``. A new layer's delta keeps the file's dtype where the op
+    accepts it (float32 or the weight's dtype), else it is cast to float32; an existing layer's keeps the layer's
+    dtype. Returns ``model``."""
+    from .. import _loading as L
+
+    f, state, shapes, dims, config = _read("load_s2ft", path, strict)
+    err = f.error
+    modules = L.module_table(model)
+    commit = L.Commit()
+    with L.staging(model):
+        for name, d in state.items():
+            mod = L.linear_at(err, modules, name, (S2FTLinear, nn.Linear), "an nn.Linear or S2FTLinear")
+            out_f, in_f = mod.out_features, mod.in_features
+            if list(shapes[name]) != [out_f, in_f]:
+                raise err(f"module {name!r} is [{out_f}, {in_f}], the delta is for {shapes[name]} "
+                          "(a file from another model?)")
+            dim, idx, delta = dims[name], d["index"], d["delta"]
+            L.check_index(err, f"{name}.index", idx, (out_f, in_f)[dim])
+            k = idx.numel()
+            L.check_float(err, f"{name}.delta", delta, (k, in_f) if dim == 0 else (out_f, k))
+            idx = idx.to(torch.int64)
+            if isinstance(mod, S2FTLinear):
+                order = torch.argsort(mod.orig_index.cpu())
+                if mod.dim != dim or not torch.equal(mod.orig_index.cpu()[order], idx):
+                    raise err(f"module {name!r} selects other rows/columns than the file (dim {mod.dim}, "
+                              f"{mod.k} of them; the file: dim {dim}, {k})")
+                if mod.merged:
+                    raise err(f"module {name!r} is merged; unmerge it first")
+                # the file is in sorted original order; the layer's delta in orig_index order
+                new = torch.empty_like(mod.delta).index_copy_(dim, order.to(mod.delta.device), L.to_param(delta, mod.delta))
+                commit.set_data(mod.delta, new)
+            else:
+                w = mod.weight
+                ddtype = delta.dtype if delta.dtype in (torch.float32, w.dtype) else torch.float32
+                a = int(idx[0])
+                contiguous = torch.equal(idx, torch.arange(a, a + k))
+                layer = S2FTLinear(mod, idx, dim, a if contiguous else None, None, ddtype)
+                layer.delta.data = L.to_param(delta, layer.delta)
+                layer.train(mod.training)
+                commit.replace(model, name, layer)
+                commit.requires_grad(mod.parameters(), False)
     if config is not None and not hasattr(model, CONFIG_ATTR):
-        setattr(model, CONFIG_ATTR, config)
+        commit.set_attr(model, CONFIG_ATTR, config)
+    commit.run()
     return model

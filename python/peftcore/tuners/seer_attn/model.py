@@ -147,33 +147,42 @@ def _rope_theta(attn: nn.Module) -> float:
     return float(getattr(cfg, "rope_theta", 10000.0) or 10000.0)
 
 
-def apply_seer_attention(model: nn.Module, config: SeerAttnConfig) -> nn.Module:
-    """Wrap the ``self_attn`` of every chosen decoder layer (``config.uses_layer(i)``) in :class:`SeerAttention`
-    with a fresh :class:`AttnGate` (on the attention's device), freeze every other parameter, leave the gates
-    trainable; return ``model``. Raises for sliding-window layers, non-causal configs and already-wrapped layers."""
+def _build_wrappers(model: nn.Module, config: SeerAttnConfig, owner: str) -> list[tuple[str, nn.Module, SeerAttention]]:
+    """``(layer name, decoder layer, new wrapper)`` for every chosen layer; the model is not changed."""
     if not config.causal:
-        raise ValueError("apply_seer_attention: decoder LMs need causal=True")
+        raise ValueError(f"{owner}: decoder LMs need causal=True")
     layers = _decoder_layers(model)
     if not layers:
-        raise ValueError("apply_seer_attention: no Llama-style decoder layer (self_attn.{q,k,v,o}_proj, head_dim)")
+        raise ValueError(f"{owner}: no Llama-style decoder layer (self_attn.{{q,k,v,o}}_proj, head_dim)")
     chosen = [(i, n, m) for i, (n, m) in enumerate(layers) if config.uses_layer(i)]
     if not chosen:
-        raise ValueError(f"apply_seer_attention: no layer left (dense_layers={config.dense_layers}, "
+        raise ValueError(f"{owner}: no layer left (dense_layers={config.dense_layers}, "
                          f"layers_to_transform={config.layers_to_transform}, {len(layers)} layers)")
     for i, name, layer in chosen:
         attn = layer.self_attn
         if isinstance(attn, SeerAttention):
-            raise ValueError(f"apply_seer_attention: {name}.self_attn already has a gate")
+            raise ValueError(f"{owner}: {name}.self_attn already has a gate")
         if getattr(attn, "sliding_window", None):
-            raise ValueError(f"apply_seer_attention: {name}.self_attn uses a sliding window (not supported)")
-    for p in model.parameters():
-        p.requires_grad_(False)
+            raise ValueError(f"{owner}: {name}.self_attn uses a sliding window (not supported)")
+    out = []
     for i, name, layer in chosen:
         attn = layer.self_attn
         nh = attn.q_proj.out_features // attn.head_dim
         nkv = attn.k_proj.out_features // attn.head_dim
         gate = AttnGate.from_config(config, nh, nkv, attn.head_dim, _rope_theta(attn), device=attn.q_proj.weight.device)
-        layer.self_attn = SeerAttention(attn, gate, config)
+        out.append((name, layer, SeerAttention(attn, gate, config)))
+    return out
+
+
+def apply_seer_attention(model: nn.Module, config: SeerAttnConfig) -> nn.Module:
+    """Wrap the ``self_attn`` of every chosen decoder layer (``config.uses_layer(i)``) in :class:`SeerAttention`
+    with a fresh :class:`AttnGate` (on the attention's device), freeze every other parameter, leave the gates
+    trainable; return ``model``. Raises for sliding-window layers, non-causal configs and already-wrapped layers."""
+    wrappers = _build_wrappers(model, config, "apply_seer_attention")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer, wrapper in wrappers:
+        layer.self_attn = wrapper
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -251,27 +260,50 @@ def save_seer_gates(model: nn.Module, path: Union[str, os.PathLike], config: Opt
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def load_seer_gates(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load gate weights saved by :func:`save_seer_gates`. A model without gates first gets
-    :func:`apply_seer_attention` with the file's config. Every gate must be in the file, and vice versa."""
-    from safetensors import safe_open
+def load_seer_gates(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Load gate weights saved by :func:`save_seer_gates`, all or nothing (:mod:`peftcore.tuners._loading`). A
+    model without gates first gets the wrappers of :func:`apply_seer_attention` with the file's config (every other
+    parameter frozen), in the same single step. Every gate parameter must be in the file with its exact shape and
+    a floating dtype (cast to the gate's dtype); tensors the model has no gate for are an error unless
+    ``strict=False``. Nothing changes in the model unless everything fits."""
+    from .. import _loading as L
 
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"load_seer_gates: {os.fspath(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    if not any(True for _ in seer_layers(model)):
-        if "config" not in meta:
-            raise ValueError("load_seer_gates: the model has no gates and the file no config")
-        apply_seer_attention(model, SeerAttnConfig.from_json(meta["config"]))
-    params = {f"{n}.gate.{p}": t for n, w in seer_layers(model) for p, t in w.gate.named_parameters()}
-    if set(params) != set(tensors):
-        raise ValueError(f"load_seer_gates: the file's gates {sorted(set(tensors) - set(params))[:4]} / the model's "
-                         f"{sorted(set(params) - set(tensors))[:4]} do not match")
-    with torch.no_grad():
-        for k, t in tensors.items():
-            if params[k].shape != t.shape:
-                raise ValueError(f"load_seer_gates: {k} is {tuple(params[k].shape)}, the file has {tuple(t.shape)}")
-            params[k].copy_(t)
+    f = L.read_file("load_seer_gates", path, (FORMAT,))
+    err = f.error
+    config = f.config(SeerAttnConfig)
+    commit = L.Commit()
+    with L.staging(model):
+        if any(True for _ in seer_layers(model)):
+            wrappers = []
+            params = {f"{n}.gate.{p}": t for n, w in seer_layers(model) for p, t in w.gate.named_parameters()}
+        else:
+            if config is None:
+                raise err("the model has no gates and the file no 'config' metadata to build them from")
+            try:
+                wrappers = _build_wrappers(model, config, "apply_seer_attention")
+            except ValueError as e:
+                raise err(f"cannot apply the file's config: {e}") from None
+            params = {f"{n}.self_attn.gate.{p}": t for n, _, w in wrappers for p, t in w.gate.named_parameters()}
+        missing = sorted(set(params) - set(f.tensors))
+        if missing:
+            raise err(f"the model's gate parameter(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} are not in "
+                      f"the file (a file from another model?)")
+        extra = sorted(set(f.tensors) - set(params))
+        if extra and strict:
+            raise err(f"extra tensor(s) the model has no gate for: {extra[:4]}{' ...' if len(extra) > 4 else ''} "
+                      f"({len(extra)}; pass strict=False to ignore)")
+        for k, p in params.items():
+            t = f.tensors[k]
+            L.check_float(err, k, t, tuple(p.shape))
+            if wrappers:
+                p.data = L.to_param(t, p)
+            else:
+                commit.set_data(p, L.to_param(t, p))
+        if wrappers:
+            commit.requires_grad(model.parameters(), False)
+            for _, layer, wrapper in wrappers:
+                wrapper.train(layer.self_attn.training)
+                commit.set_attr(layer, "self_attn", wrapper)
+            commit.set_attr(model, CONFIG_ATTR, config)
+    commit.run()
     return model

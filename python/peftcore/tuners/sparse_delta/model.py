@@ -325,56 +325,112 @@ def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: O
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def read_sparse_delta(path: Union[str, os.PathLike]) -> tuple[dict[str, DeltaState], dict[str, str]]:
-    """``({module: {"indices", "values"}}, metadata)`` from a file written by :func:`save_sparse_delta`."""
-    from safetensors import safe_open
+def _read(owner: str, path: Union[str, os.PathLike], strict: bool):
+    from .. import _loading as L
 
-    state: dict[str, DeltaState] = {}
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        for key in f.keys():
-            name, _, kind = key.rpartition(".")
-            state.setdefault(name, {})[kind] = f.get_tensor(key)
-    for name, d in state.items():
-        if set(d) != {"indices", "values"}:
-            raise ValueError(f"read_sparse_delta: {name!r} has tensors {sorted(d)}, expected indices and values")
-    return state, meta
+    f = L.read_file(owner, path, (FORMAT,))
+    shapes = f.shapes()
+    scales = f.json("scales", dict)
+    config = f.config(SparseDeltaConfig)
+    keys = L.Keys(f.tensors, shapes, ("indices", "values"))
+    keys.extra(f.error, strict)
+    for name in shapes:
+        missing = {"indices", "values"} - set(keys.by_module.get(name, {}))
+        if missing:
+            raise f.error(f"module {name!r}: tensor(s) {sorted(f'{name}.{k}' for k in missing)} missing")
+    if set(scales) != set(shapes):
+        raise f.error(f"metadata 'scales' and 'shapes' name other modules: {sorted(set(scales) ^ set(shapes))[:4]}")
+    for name, v in scales.items():
+        L.check_finite_number(f.error, f"metadata 'scales': {name!r}", v)
+    return f, keys.by_module, shapes, scales, config
+
+
+def read_sparse_delta(path: Union[str, os.PathLike], strict: bool = True) -> tuple[dict[str, DeltaState], dict[str, str]]:
+    """``({module: {"indices", "values"}}, metadata)`` from a file written by :func:`save_sparse_delta` (format,
+    metadata and the tensor set checked; extra tensors are an error unless ``strict=False``)."""
+    f, state, _, _, _ = _read("read_sparse_delta", path, strict)
+    return state, f.meta
 
 
 def load_sparse_delta(
-    model: nn.Module, source: Union[str, os.PathLike, dict[str, DeltaState]], scale: Optional[float] = None
+    model: nn.Module, source: Union[str, os.PathLike, dict[str, DeltaState]], scale: Optional[float] = None,
+    strict: bool = True,
 ) -> nn.Module:
     """Load deltas (a file from :func:`save_sparse_delta`, or a ``{module: {"indices", "values"}}`` state such as
-    :func:`compose_deltas` returns) into ``model``. Modules that already are ``SparseDeltaLinear`` get the new
-    delta (same ``values`` Parameter); plain ``nn.Linear`` modules are wrapped (base frozen, values trainable).
-    The scale is ``scale`` if given, else the file's per-module scale, else the layer's / 1.0. Returns ``model``."""
-    meta: dict[str, str] = {}
+    :func:`compose_deltas` returns) into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
+
+    Modules that already are ``SparseDeltaLinear`` get the new delta (same ``values`` Parameter); plain
+    ``nn.Linear`` modules are wrapped (base frozen, values trainable; nothing else is touched). The scale is
+    ``scale`` if given, else the file's per-module scale (else, for a state dict, the layer's / 1.0).
+
+    Everything is checked before the model changes: the file's format and metadata (``shapes``, ``scales``,
+    ``config``), that every module exists, is an ``nn.Linear`` / ``SparseDeltaLinear`` of the file's
+    ``[out, in]``, indices 1-D int32/int64, non-empty, sorted, unique and in ``[0, out*in)``, values 1-D floating
+    of the same length; extra tensors are an error unless ``strict=False``. A state dict has no shapes: only the
+    index range is checked against the model. Values keep their dtype in a new layer where the op accepts it
+    (float32 or the weight's dtype), else they are cast to float32 (e.g. float64 values for a float32 model); an
+    existing layer's values keep the layer's dtype. Returns ``model``."""
+    from .. import _loading as L
+
+    owner = "load_sparse_delta"
     if isinstance(source, dict):
-        state = source
+        def err(m):
+            return L.LoadError(f"{owner}: state: {m}")
+        state, shapes, scales, config = {}, None, {}, None
+        for name, d in source.items():
+            if not isinstance(d, dict) or not {"indices", "values"} <= set(d):
+                raise err(f"{name!r} must be a dict with 'indices' and 'values', got {type(d).__name__} "
+                          f"{sorted(d) if isinstance(d, dict) else ''}")
+            extra = sorted(set(d) - {"indices", "values"})
+            if extra and strict:
+                raise err(f"{name!r} has extra entries {extra} (pass strict=False to ignore)")
+            for k in ("indices", "values"):
+                if not isinstance(d[k], torch.Tensor):
+                    raise err(f"{name}.{k} must be a tensor, got {type(d[k]).__name__}")
+            state[name] = d
     else:
-        state, meta = read_sparse_delta(source)
-    shapes = json.loads(meta.get("shapes", "{}"))
-    scales = json.loads(meta.get("scales", "{}"))
-    config = SparseDeltaConfig.from_json(meta["config"]) if "config" in meta else None
-    for name, d in state.items():
-        mod = model.get_submodule(name)
-        if not isinstance(mod, (SparseDeltaLinear, nn.Linear)):
-            raise TypeError(f"load_sparse_delta: {name!r} is a {type(mod).__name__}, not nn.Linear")
-        if name in shapes and list(shapes[name]) != [mod.out_features, mod.in_features]:
-            raise ValueError(
-                f"load_sparse_delta: {name!r} is [{mod.out_features}, {mod.in_features}], the delta is for {shapes[name]}"
-            )
-        s = scale if scale is not None else scales.get(name)
-        if isinstance(mod, SparseDeltaLinear):
-            mod.set_delta(d["indices"], d["values"])
-            if s is not None:
-                mod.scale = float(s)
-        elif isinstance(mod, nn.Linear):
-            layer = SparseDeltaLinear(mod, d["indices"], 1.0 if s is None else s, d["values"].dtype)
-            layer.set_delta(d["indices"], d["values"], validate=False)
-            _replace(model, name, layer)
+        f, state, shapes, scales, config = _read(owner, source, strict)
+        err = f.error
+    if scale is not None:
+        scale = L.check_finite_number(err, "scale", scale)
+    modules = L.module_table(model)
+    commit = L.Commit()
+    with L.staging(model):
+        for name, d in state.items():
+            mod = L.linear_at(err, modules, name, (SparseDeltaLinear, nn.Linear), "an nn.Linear or SparseDeltaLinear")
+            out_f, in_f = mod.out_features, mod.in_features
+            if shapes is not None and list(shapes[name]) != [out_f, in_f]:
+                raise err(f"module {name!r} is [{out_f}, {in_f}], the delta is for {shapes[name]} "
+                          "(a file from another model?)")
+            idx, vals = d["indices"], d["values"]
+            L.check_index(err, f"{name}.indices", idx, out_f * in_f)
+            L.check_float(err, f"{name}.values", vals)
+            if vals.dim() != 1 or vals.numel() != idx.numel():
+                raise err(f"tensor {name + '.values'!r} has shape {tuple(vals.shape)}, the model needs "
+                          f"({idx.numel()},) (one value per index)")
+            s = scale if scale is not None else scales.get(name)
+            if isinstance(mod, SparseDeltaLinear):
+                if mod.merged:
+                    raise err(f"module {name!r} is merged; unmerge it first")
+                if mod.indices.dtype == torch.int32 and out_f * in_f > 2**31 - 1:
+                    raise err(f"module {name!r} keeps int32 indices but has {out_f * in_f} entries")
+                if idx.numel() != mod.nnz:
+                    commit.set_attr(mod.values, "grad", None)
+                commit.set_data(mod.values, L.to_param(vals, mod.values))
+                commit.set_data(mod.indices, L.to_param(idx, mod.indices))
+                if s is not None:
+                    commit.set_attr(mod, "scale", float(s))
+            else:
+                w = mod.weight
+                vdtype = vals.dtype if vals.dtype in (torch.float32, w.dtype) else torch.float32
+                layer = SparseDeltaLinear(mod, idx, 1.0 if s is None else s, vdtype, validate=False)
+                layer.values.data = L.to_param(vals, layer.values)
+                layer.train(mod.training)
+                commit.replace(model, name, layer)
+                commit.requires_grad(mod.parameters(), False)
     if config is not None and not hasattr(model, CONFIG_ATTR):
-        setattr(model, CONFIG_ATTR, config)
+        commit.set_attr(model, CONFIG_ATTR, config)
+    commit.run()
     return model
 
 
