@@ -52,3 +52,4 @@ from ._adapters import (  # noqa: F401,E402
     unmerge_adapter,
 )
 from .token_elim import TokenElimConfig, apply_token_elim, remove_token_elim  # noqa: F401,E402
+from ._loading import LoadError  # noqa: F401,E402  (every loader's refusal: a ValueError)
