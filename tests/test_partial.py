@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import peftcore  # noqa: F401
 from peftcore.ops import partial as pt
-from peftcore.testing import (OpCase, Sample, check_double_backward_refused, check_errors_isolated, devices,
-                              op_test_suite)
+from peftcore.testing import (OpCase, Sample, check_double_backward_refused, check_errors_isolated,
+                              check_fake_refuses, devices, op_test_suite)
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -471,15 +471,7 @@ def test_bad_input_errors_isolated():
 
 @pytest.mark.parametrize("name,code,pattern", [c[:3] for c in _BAD if c[3]], ids=[c[0] for c in _BAD if c[3]])
 def test_fake_kernels_refuse_the_same_shapes(name, code, pattern):
-    """The fake kernels (torch.compile, meta) check what the real ones check, with the same messages."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    env = dict(torch=torch, ops=ops)
-    with FakeTensorMode():  # every tensor the prelude and the case make is fake
-        exec(_PRELUDE, env)
-        assert isinstance(env["x"], torch._subclasses.fake_tensor.FakeTensor)
-        with pytest.raises(RuntimeError, match=pattern):
-            exec(code, env)
+    check_fake_refuses(code, pattern, _PRELUDE, dict(torch=torch, ops=ops))
 
 
 def test_fake_kernels_accept_good_input():

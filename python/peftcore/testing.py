@@ -548,6 +548,22 @@ def check_errors_isolated(cases: Sequence[tuple], prelude: str = "", timeout: fl
 # Double backward: every op either has a tested second derivative or refuses create_graph=True with a clear error.
 
 
+def check_fake_refuses(code: str, pattern: str, prelude: str, env: dict) -> None:
+    """The fake kernels (torch.compile, meta) refuse what the real ones refuse, with the same message: ``prelude``
+    then ``code`` run under FakeTensorMode (every tensor they make is fake) in a copy of ``env``, and ``code`` must
+    raise a RuntimeError matching ``pattern``. Pair it with :func:`check_errors_isolated` over the same table."""
+    import pytest
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    env = dict(env)
+    with FakeTensorMode():
+        exec(prelude, env)
+        made = [v for v in env.values() if isinstance(v, torch.Tensor)]
+        assert made and all(isinstance(v, FakeTensor) for v in made), "the prelude's tensors must be fake"
+        with pytest.raises(RuntimeError, match=pattern):
+            exec(code, env)
+
+
 def check_double_backward_refused(fn: Callable, args: Sequence, grad_args: Sequence[int], op_name: str) -> None:
     """``fn(*args)`` (outputs -> a scalar by a random projection), ``torch.autograd.grad(create_graph=True)``, then
     a second backward: it must raise a RuntimeError naming ``op_name`` (never return wrong numbers silently)."""

@@ -14,6 +14,24 @@ def same_device(op, ref, **tensors):
             torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but the input is on {ref.device}")
 
 
+# c10's dtype names, as the C++ kernels' messages print them (the fake kernels give the same messages)
+_C10_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+              torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dtype_name(dtype) -> str:
+    """``dtype`` as c10 prints it (``Float``, ``BFloat16``, ``Long``...)."""
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def check_float(op, name, t):
+    """``t`` is float32, float16, bfloat16 or float64 (the families' one message for it)."""
+    torch._check(t.dtype in FLOATS,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {dtype_name(t.dtype)}")
+
+
 # Kernels peftcore registers from Python (kept alive for the life of the process).
 _impl_lib = torch.library.Library("peftcore", "IMPL")
 _FRONT = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode)

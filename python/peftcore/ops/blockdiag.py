@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import refuse_double_backward, register_autograd, with_last
+from ._common import check_float, dtype_name, refuse_double_backward, register_autograd, with_last
 
 _lib = torch.ops.peftcore
 
@@ -82,25 +82,15 @@ def monarch_matmul_backward(grad_out, x, w1, w2, output_mask=(True, True, True),
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
-          torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}  # c10's names
-
-
-def _dt(t):
-    return _NAMES.get(t.dtype, str(t.dtype))
-
-
 def _check_act(op, name, x):
-    torch._check(x.dtype in _FLOATS,
-                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(x)}")
+    check_float(op, name, x)
     torch._check(x.dim() >= 1, lambda: f"{op}: {name} must have at least 1 dim, got a scalar")
 
 
 def _check_weight(op, name, w, x, x_name):
     torch._check(w.dim() == 3, lambda: f"{op}: {name} must be 3-D, got shape {list(w.shape)}")
-    torch._check(w.dtype == x.dtype, lambda: f"{op}: {name} has dtype {_dt(w)} but {x_name} has {_dt(x)}")
+    torch._check(w.dtype == x.dtype,
+                 lambda: f"{op}: {name} has dtype {dtype_name(w.dtype)} but {x_name} has {dtype_name(x.dtype)}")
     torch._check(w.device == x.device, lambda: f"{op}: {name} is on {w.device} but {x_name} is on {x.device}")
     torch._check(w.shape[0] > 0 and w.shape[1] > 0 and w.shape[2] > 0,
                  lambda: f"{op}: {name} must have non-empty dims, got shape {list(w.shape)}")
@@ -130,7 +120,8 @@ def _check_monarch(op, x, w1, w2, x_name="x", out_side=False):
 
 def _check_grad_pair(op, grad_out, x):
     """The kernels' check_grad_pair: same dtype, device and leading (token) dims."""
-    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out has dtype {_dt(grad_out)} but x has {_dt(x)}")
+    torch._check(grad_out.dtype == x.dtype,
+                 lambda: f"{op}: grad_out has dtype {dtype_name(grad_out.dtype)} but x has {dtype_name(x.dtype)}")
     torch._check(grad_out.device == x.device, lambda: f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
     torch._check(grad_out.dim() == x.dim() and grad_out.shape[:-1] == x.shape[:-1],
                  lambda: f"{op}: grad_out and x must have the same leading (token) dims, got {list(grad_out.shape)} "
@@ -139,7 +130,7 @@ def _check_grad_pair(op, grad_out, x):
 
 def _check_saved_h(op, h, x, w1):
     mid = w1.shape[0] * w1.shape[1]
-    torch._check(h.dtype == x.dtype, lambda: f"{op}: h has dtype {_dt(h)} but x has {_dt(x)}")
+    torch._check(h.dtype == x.dtype, lambda: f"{op}: h has dtype {dtype_name(h.dtype)} but x has {dtype_name(x.dtype)}")
     torch._check(h.device == x.device, lambda: f"{op}: h is on {h.device} but x is on {x.device}")
     torch._check(h.dim() == x.dim() and h.shape[-1] == mid and h.shape[:-1] == x.shape[:-1],
                  lambda: f"{op}: h must have x's leading dims and last dim l*r = k*q = {mid} (x {list(x.shape)}), "

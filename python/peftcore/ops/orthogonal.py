@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import refuse_double_backward, register_autograd
+from ._common import check_float, dtype_name, refuse_double_backward, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -89,27 +89,12 @@ def boft_permutations(in_features: int, block_num: int, block_size: int, n_butte
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors.
 
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
-          torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}  # c10's names
-
-
-def _dt(t):
-    return _NAMES.get(t.dtype, str(t.dtype))
-
-
-def _check_float(op, name, t):
-    torch._check(t.dtype in _FLOATS,
-                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(t)}")
-
-
 def _check_device(op, name, t, ref, ref_name):
     torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def _check_square(op, p, name="params"):
-    _check_float(op, name, p)
+    check_float(op, name, p)
     torch._check(p.dim() == 3 and p.shape[1] == p.shape[2],
                  lambda: f"{op}: {name} must be [num_blocks, b, b] (square blocks), got shape {list(p.shape)}")
 
@@ -119,8 +104,8 @@ def _check_pair(op, grad, other, other_name):
     _check_square(op, grad, "grad")
     _check_square(op, other, other_name)
     _check_device(op, other_name, other, grad, "grad")
-    torch._check(other.dtype == grad.dtype, lambda: f"{op}: {other_name} has dtype {_dt(other)} but grad has "
-                                                    f"{_dt(grad)}")
+    torch._check(other.dtype == grad.dtype, lambda: f"{op}: {other_name} has dtype {dtype_name(other.dtype)} but "
+                                                    f"grad has {dtype_name(grad.dtype)}")
     torch._check(other.shape == grad.shape, lambda: f"{op}: {other_name} must have grad's shape {list(grad.shape)}, "
                                                     f"got {list(other.shape)}")
 
@@ -132,28 +117,29 @@ def _check_terms(op, terms):
 def _check_boft(op, x, rotations, perm, grad_out=None):
     """The shapes / dtypes / devices part of the kernels' check_boft_args (perm's values are checked by the CPU
     kernels only)."""
-    _check_float(op, "x", x)
+    check_float(op, "x", x)
     torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dim, got a scalar")
-    _check_float(op, "rotations", rotations)
+    check_float(op, "rotations", rotations)
     _check_device(op, "rotations", rotations, x, "x")
     torch._check(rotations.dim() == 4 and rotations.shape[2] == rotations.shape[3],
                  lambda: f"{op}: rotations must be [m, num_blocks, b, b] (square blocks), got shape "
                          f"{list(rotations.shape)}")
     torch._check(rotations.dtype in (torch.float32, x.dtype),
-                 lambda: f"{op}: rotations must be float32 or the input's dtype ({_dt(x)}), got {_dt(rotations)}")
+                 lambda: f"{op}: rotations must be float32 or the input's dtype ({dtype_name(x.dtype)}), got "
+                         f"{dtype_name(rotations.dtype)}")
     m, nb, b = rotations.shape[:3]
     d = x.shape[-1]
     torch._check(nb * b == d, lambda: f"{op}: rotations' num_blocks * b ({nb} * {b} = {nb * b}) must equal the "
                                       f"input's last dim {d}")
-    torch._check(perm.dtype == torch.int64, lambda: f"{op}: perm must be int64, got {_dt(perm)}")
+    torch._check(perm.dtype == torch.int64, lambda: f"{op}: perm must be int64, got {dtype_name(perm.dtype)}")
     _check_device(op, "perm", perm, x, "x")
     torch._check(perm.dim() == 2 and perm.shape[0] == m and perm.shape[1] == d,
                  lambda: f"{op}: perm must be [m, d] = [{m}, {d}], got shape {list(perm.shape)}")
     if grad_out is not None:
-        _check_float(op, "grad_out", grad_out)
+        check_float(op, "grad_out", grad_out)
         _check_device(op, "grad_out", grad_out, x, "x")
         torch._check(grad_out.dtype == x.dtype,
-                     lambda: f"{op}: grad_out has dtype {_dt(grad_out)} but x has {_dt(x)}")
+                     lambda: f"{op}: grad_out has dtype {dtype_name(grad_out.dtype)} but x has {dtype_name(x.dtype)}")
         torch._check(grad_out.shape == x.shape,
                      lambda: f"{op}: grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}")
 

@@ -62,7 +62,7 @@ from typing import Optional
 
 import torch
 
-from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device
+from ._common import check_float, dtype_name, non_differentiable, refuse_double_backward, register_autograd
 
 _lib = torch.ops.peftcore
 
@@ -165,32 +165,18 @@ def attn_block_pool(q, k, block_size: int, causal: bool = False, scale: Optional
 # ---------------------------------------------------------------------------------------------------------------
 # Fake kernels: the same shape / dtype / device checks (and messages) as the C++ ones (sparse_attn_cpu.cpp).
 
-_CNAME = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
-          torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-          torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _cname(dtype):
-    return _CNAME.get(dtype, str(dtype))
-
-
-def _check_float(op, name, t):
-    torch._check(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got "
-                                             f"{_cname(t.dtype)}")
-
 
 def _check_same(op, name, t, ref, ref_name="q"):
-    torch._check(t.dtype == ref.dtype, lambda: f"{op}: {name} has dtype {_cname(t.dtype)} but {ref_name} has "
-                                               f"{_cname(ref.dtype)}")
+    torch._check(t.dtype == ref.dtype, lambda: f"{op}: {name} has dtype {dtype_name(t.dtype)} but {ref_name} has "
+                                               f"{dtype_name(ref.dtype)}")
     torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def _check_qk(op, q, k, block_size, scale, causal_align):
-    _check_float(op, "q", q)
+    check_float(op, "q", q)
     torch._check(q.dim() == 4, lambda: f"{op}: q must be 4-D, got shape {list(q.shape)}")
     torch._check(k.dim() == 4, lambda: f"{op}: k must be 4-D, got shape {list(k.shape)}")
-    _check_float(op, "k", k)
+    check_float(op, "k", k)
     _check_same(op, "k", k, q)
     torch._check(k.shape[0] == q.shape[0], lambda: f"{op}: k must have batch size {q.shape[0]} (q is "
                                                    f"{list(q.shape)}), got k of shape {list(k.shape)}")
@@ -208,11 +194,11 @@ def _check_qk(op, q, k, block_size, scale, causal_align):
 
 def _check_attn(op, q, k, v, block_mask, block_size, scale, causal_align):
     _check_qk(op, q, k, block_size, scale, causal_align)
-    _check_float(op, "v", v)
+    check_float(op, "v", v)
     _check_same(op, "v", v, q)
     torch._check(v.shape == k.shape, lambda: f"{op}: v must have k's shape {list(k.shape)}, got {list(v.shape)}")
     torch._check(block_mask.dtype == torch.bool, lambda: f"{op}: block_mask must be bool, got "
-                                                         f"{_cname(block_mask.dtype)}")
+                                                         f"{dtype_name(block_mask.dtype)}")
     torch._check(block_mask.device == q.device,
                  lambda: f"{op}: block_mask is on {block_mask.device} but q is on {q.device}")
     B, Hq, Lq = q.shape[:3]
@@ -246,8 +232,8 @@ def _(grad_out, grad_lse, q, k, v, out, lse, block_mask, block_size, causal, sca
     for name, t in (("lse", lse), ("grad_lse", grad_lse)):
         if t is None:
             continue
-        torch._check(t.dtype == st, lambda: f"{op}: {name} must be {_cname(st)} for q of dtype {_cname(q.dtype)}, "
-                                            f"got {_cname(t.dtype)}")
+        torch._check(t.dtype == st, lambda: f"{op}: {name} must be {dtype_name(st)} for q of dtype "
+                                            f"{dtype_name(q.dtype)}, got {dtype_name(t.dtype)}")
         torch._check(t.device == q.device, lambda: f"{op}: {name} is on {t.device} but q is on {q.device}")
         torch._check(t.shape == q.shape[:3], lambda: f"{op}: {name} must have shape {list(q.shape[:3])}, got "
                                                      f"{list(t.shape)}")
