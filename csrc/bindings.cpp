@@ -81,6 +81,10 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("attn_block_pool(Tensor q, Tensor k, int block_size, bool causal=False, float? scale=None, str causal_align=\"top_left\") -> Tensor");
   // The CUDA kernels' tile rows per kernel (forward, dq, dk/dv, pool; 0: none fits) and their shared memory bytes for head dim D under an opt-in limit (pure host planning, any build).
   m.def("sparse_attn_tile_plan(int head_dim, int smem_limit) -> int[]");
+  // The tensor-core forward's configuration for head dim D under an opt-in limit: [tile_m, tile_n, warps, smem bytes] (zeros: none fits, the CUDA-core kernel runs; pure host planning, any build).
+  m.def("sparse_attn_tc_plan(int head_dim, int smem_limit) -> int[]");
+  // The tensor-core forward's kept key tiles per (mask batch, mask head, query tile): (count [Bm, Hm, Mt], entries [Bm, Hm, Mt, Nt]) int32, entry 2 n + partial ascending, -1 after the count.
+  m.def("sparse_attn_tc_tiles(Tensor block_mask, int q_len, int k_len, int block_size, bool causal, str causal_align, int tile_m, int tile_n) -> (Tensor, Tensor)");
   // ---- token_elim: LeMo / Jenga token elimination (x [B, L, *], keep_index [B, K] int64, rows sorted unique; K static) ----
   // x[b, keep_index[b, j]] for every kept j: [B, K, *]. Backward: token_scatter_add into zeros.
   m.def("token_gather(Tensor x, Tensor keep_index) -> Tensor");

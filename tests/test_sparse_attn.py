@@ -955,3 +955,128 @@ def test_cuda_matches_cpu_at_tile_crossing_shapes(device, smem, dtype, monkeypat
         pool = ops.attn_block_pool(q, k, 64, causal, None)
         _same_nan(pool.cpu(), ops.attn_block_pool(q.cpu().float(), k.cpu().float(), 64, causal, None),
                   f"cuda pool NaN causal={causal}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor-core forward (float16 / bfloat16, D = 64 / 128 on CUDA): its host plan and kept-tile lists on CPU through
+# sparse_attn_tc_plan / sparse_attn_tc_tiles.
+
+_TC_ARCHS = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+
+
+def test_tc_plan_known_devices():
+    """64 x 64 tiles with 4 warps for D = 64 / 128 on every arch the wheel targets (2 D (64 + 4 x 64) bytes: 40 / 80
+    KB); nothing for other head dims or below the configuration's shared memory (the CUDA-core kernel runs)."""
+    for arch, lim in _TC_ARCHS.items():
+        for D in (64, 128):
+            assert ops.sparse_attn_tc_plan(D, lim) == [64, 64, 4, 2 * D * (64 + 4 * 64)], (arch, D)
+        for D in (16, 32, 96, 256):
+            assert ops.sparse_attn_tc_plan(D, lim) == [0, 0, 0, 0], (arch, D)
+    assert ops.sparse_attn_tc_plan(64, 49152) == [64, 64, 4, 40960]
+    assert ops.sparse_attn_tc_plan(64, 40959) == [0, 0, 0, 0]
+    assert ops.sparse_attn_tc_plan(128, 81920) == [64, 64, 4, 81920]
+    assert ops.sparse_attn_tc_plan(128, 49152) == [0, 0, 0, 0]
+    _err(lambda: ops.sparse_attn_tc_plan(64, -1), r"sparse_attn_tc_plan: smem_limit must be >= 0, got -1")
+
+
+def ref_tc_tiles(block_mask, Lq, Lk, bs, causal, align, tm, tn):
+    """Plain-torch kept-tile lists from the token-level mask: key tile n is kept for query tile m when some query
+    of the tile sees some key of it (block mask and causal), partial when some causally visible pair of the tile is
+    masked by the block mask; entries 2 n + partial ascending, -1 after the count."""
+    Bm, Hm = block_mask.shape[:2]
+    blk = block_mask.repeat_interleave(bs, 2)[:, :, :Lq].repeat_interleave(bs, 3)[..., :Lk]
+    cv = torch.ones(Lq, Lk, dtype=torch.bool)
+    if causal:
+        cv = cv.tril(Lk - Lq if align == "bottom_right" else 0)
+    mt, nt = -(-Lq // tm), -(-Lk // tn)
+
+    def per_tile(t):
+        t = F.pad(t, (0, nt * tn - Lk, 0, mt * tm - Lq))
+        return t.view(Bm, Hm, mt, tm, nt, tn).any(dim=5).any(dim=3)
+
+    kept, partial = per_tile(blk & cv), per_tile(~blk & cv)
+    count = kept.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)
+    entries = (2 * order + partial.gather(-1, order).long()).to(torch.int32)
+    entries[torch.arange(nt).expand_as(entries) >= count.unsqueeze(-1)] = -1
+    return count, entries
+
+
+# (Lq, Lk, block sizes, tiles (tile_m, tile_n)): lengths not multiples of the tiles or blocks, Lq != Lk both ways,
+# blocks smaller than, equal to and larger than the tiles (16 / 32 / 64 / 128 and odd sizes), one tile in all.
+_TC_TILE_SHAPES = [
+    (200, 200, (16, 32, 64, 128), ((64, 64), (128, 128), (64, 128))),
+    (130, 257, (16, 24, 64, 80), ((64, 64), (128, 64))),
+    (257, 70, (32, 128, 200), ((64, 64), (16, 32))),
+    (40, 50, (16, 1000), ((64, 64),)),
+    (1, 300, (64,), ((64, 64),)),
+]
+
+
+def _tc_tile_cases():
+    for Lq, Lk, sizes, tiles in _TC_TILE_SHAPES:
+        for bs in sizes:
+            for tm, tn in tiles:
+                for causal, align in ((False, "top_left"), (True, "top_left"), (True, "bottom_right")):
+                    yield Lq, Lk, bs, tm, tn, causal, align
+
+
+def _tc_mask(Lq, Lk, bs, seed, shape=(2, 3)):
+    m = _mask((*shape, -(-Lq // bs), -(-Lk // bs)), seed, p=0.4)
+    m[0, 0, 0] = False  # a query block with nothing
+    m[-1, -1] = True  # a head with every block
+    return m
+
+
+@pytest.mark.parametrize("Lq,Lk,bs,tm,tn,causal,align", list(_tc_tile_cases()))
+def test_tc_tiles_match_reference(Lq, Lk, bs, tm, tn, causal, align):
+    """The CPU lists (sparse_attn_tc_plan.h's tile_state, which the CUDA builder runs too) against the token-level
+    reference: counts, entries (tile order and partial flags) and the -1 fill."""
+    m = _tc_mask(Lq, Lk, bs, Lq + Lk + bs + tm)
+    count, entries = ops.sparse_attn_tc_tiles(m, Lq, Lk, bs, causal, align, tm, tn)
+    rc, re = ref_tc_tiles(m, Lq, Lk, bs, causal, align, tm, tn)
+    assert count.dtype == torch.int32 and entries.dtype == torch.int32
+    assert torch.equal(count, rc), (count, rc)
+    assert torch.equal(entries, re)
+
+
+def test_tc_tiles_structure():
+    """What the lists are for: with block_size = tile the kept tiles are the kept blocks (no partial tile without
+    causal); 16-blocks fold into 64-tiles (a tile is kept if any of its 4 x 4 blocks is); a 128-block spans 2 x 2
+    tiles; causal skips every tile after the diagonal; a masked-out row gives an empty list."""
+    L = 256
+    m = _mask((1, 1, 4, 4), 7, p=0.5)
+    count, entries = ops.sparse_attn_tc_tiles(m, L, L, 64, False, "top_left", 64, 64)
+    assert torch.equal(count[0, 0], m[0, 0].sum(-1, dtype=torch.int32))
+    assert (entries[entries >= 0] % 2 == 0).all()
+    m16 = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    m16[0, 0, 5, 9] = True  # query rows 80..95 (tile 1), keys 144..159 (tile 2)
+    count, entries = ops.sparse_attn_tc_tiles(m16, L, L, 16, False, "top_left", 64, 64)
+    assert count[0, 0].tolist() == [0, 1, 0, 0] and entries[0, 0, 1].tolist() == [2 * 2 + 1, -1, -1, -1]
+    m128 = torch.tensor([[True, False], [True, True]]).view(1, 1, 2, 2)
+    count, entries = ops.sparse_attn_tc_tiles(m128, L, L, 128, True, "top_left", 64, 64)
+    assert count[0, 0].tolist() == [1, 2, 3, 4]
+    assert entries[0, 0, 3].tolist() == [0, 2, 4, 6]  # full tiles: no partial flag (causal is checked apart)
+    empty = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    count, entries = ops.sparse_attn_tc_tiles(empty, L, L, 64, True, "bottom_right", 64, 64)
+    assert (count == 0).all() and (entries == -1).all()
+
+
+def test_tc_tiles_errors_and_opcheck():
+    m = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    _err(lambda: ops.sparse_attn_tc_tiles(m, 256, 256, 64, False, "left", 64, 64),
+         r'sparse_attn_tc_tiles: causal_align must be "top_left" or "bottom_right", got "left"')
+    _err(lambda: ops.sparse_attn_tc_tiles(m, 256, 300, 64, False, "top_left", 64, 64),
+         r"sparse_attn_tc_tiles: block_mask must have shape \[Bm, Hm, 4, 5\]")
+    _err(lambda: ops.sparse_attn_tc_tiles(m.int(), 256, 256, 64, False, "top_left", 64, 64),
+         r"sparse_attn_tc_tiles: block_mask must be bool")
+    _err(lambda: ops.sparse_attn_tc_tiles(m, 256, 256, 0, False, "top_left", 64, 64),
+         r"sparse_attn_tc_tiles: block_size must be > 0, got 0")
+    _err(lambda: ops.sparse_attn_tc_tiles(m, 256, 256, 64, False, "top_left", 0, 64),
+         r"sparse_attn_tc_tiles: tile_m and tile_n must be in \[1, 1024\], got 0 and 64")
+    for args in ((m, 256, 256, 64, True, "top_left", 64, 64), (_tc_mask(70, 130, 16, 1), 70, 130, 16, True,
+                                                                "bottom_right", 64, 64),
+                 (torch.ones(1, 2, 1, 0, dtype=torch.bool), 5, 0, 16, False, "top_left", 64, 64)):
+        torch.library.opcheck(ops.sparse_attn_tc_tiles, args)
+
+

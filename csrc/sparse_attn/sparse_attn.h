@@ -21,6 +21,8 @@
 
 #include <optional>
 
+#include "sparse_attn/sparse_attn_tc_plan.h"
+
 namespace peftcore::sparse_attn {
 
 // Sizes of one call, after validation.
@@ -46,6 +48,11 @@ Dims check_pool_args(const char* op, const at::Tensor& q, const at::Tensor& k, i
 // grad_out, out, lse (and grad_lse when defined) against the forward's dims.
 void check_backward_args(const char* op, const Dims& d, const at::Tensor& q, const at::Tensor& grad_out,
                          const std::optional<at::Tensor>& grad_lse, const at::Tensor& out, const at::Tensor& lse);
+// sparse_attn_tc_tiles: block_mask bool [Bm, Hm, ceil(q_len / bs), ceil(k_len / bs)], lengths >= 0,
+// block_size > 0, tile sizes in [1, 1024], causal_align; returns the tile geometry.
+tc::TileGeom check_tc_tiles_args(const char* op, const at::Tensor& block_mask, int64_t q_len, int64_t k_len,
+                                 int64_t block_size, bool causal, c10::string_view causal_align, int64_t tile_m,
+                                 int64_t tile_n);
 // The lse / statistics dtype for an input dtype (float64 for float64, else float32).
 at::ScalarType stat_dtype(at::ScalarType t);
 

@@ -138,6 +138,25 @@ Dims check_attn_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   return d;
 }
 
+tc::TileGeom check_tc_tiles_args(const char* op, const at::Tensor& block_mask, int64_t q_len, int64_t k_len,
+                                 int64_t block_size, bool causal, c10::string_view causal_align, int64_t tile_m,
+                                 int64_t tile_n) {
+  const bool bottom_right = parse_align(op, causal_align);
+  TORCH_CHECK(block_mask.scalar_type() == at::kBool, op, ": block_mask must be bool, got ", block_mask.scalar_type());
+  TORCH_CHECK(q_len >= 0 && k_len >= 0, op, ": q_len and k_len must be >= 0, got ", q_len, " and ", k_len);
+  TORCH_CHECK(block_size > 0, op, ": block_size must be > 0, got ", block_size);
+  TORCH_CHECK(tile_m >= 1 && tile_m <= 1024 && tile_n >= 1 && tile_n <= 1024, op,
+              ": tile_m and tile_n must be in [1, 1024], got ", tile_m, " and ", tile_n);
+  const tc::TileGeom g = tc::make_geom(q_len, k_len, block_size, causal, bottom_right ? k_len - q_len : 0, tile_m,
+                                       tile_n);
+  TORCH_CHECK(block_mask.dim() == 4 && block_mask.size(2) == g.Qb && block_mask.size(3) == g.Kb, op,
+              ": block_mask must have shape [Bm, Hm, ", g.Qb, ", ", g.Kb, "] (ceil(q_len / block_size), ceil(k_len / ",
+              "block_size) for q_len = ", q_len, ", k_len = ", k_len, ", block_size = ", block_size, "), got ",
+              block_mask.sizes());
+  TORCH_CHECK(g.Nt < (int64_t{1} << 30), op, ": too many key tiles (", g.Nt, ")");
+  return g;
+}
+
 void check_backward_args(const char* op, const Dims& d, const at::Tensor& q, const at::Tensor& grad_out,
                          const std::optional<at::Tensor>& grad_lse, const at::Tensor& out, const at::Tensor& lse) {
   using Named = std::pair<const char*, const at::Tensor*>;
@@ -683,6 +702,39 @@ at::Tensor attn_block_pool_cpu(const at::Tensor& q, const at::Tensor& k, int64_t
   return pool;
 }
 
+// [tile_m, tile_n, warps, shared memory bytes] of the tensor-core forward at head dim D under an opt-in limit
+// (sparse_attn_tc_plan.h; zeros: no compiled configuration fits, the CUDA-core kernel runs), without a GPU.
+std::vector<int64_t> sparse_attn_tc_plan(int64_t head_dim, int64_t smem_limit) {
+  constexpr const char* op = "sparse_attn_tc_plan";
+  TORCH_CHECK(smem_limit >= 0, op, ": smem_limit must be >= 0, got ", smem_limit);
+  const tc::Config c = tc::plan(head_dim, smem_limit);
+  return {c.tile_m, c.tile_n, c.warps, c.tile_m ? tc::smem_bytes(head_dim, c) : 0};
+}
+
+// The kept-tile lists of the tensor-core forward (sparse_attn_tc_plan.h), computed on the host: the reference of
+// the CUDA builder (sparse_attn_tc.cu), which the CUDA kernel of this op runs.
+std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_cpu(const at::Tensor& block_mask, int64_t q_len,
+                                                            int64_t k_len, int64_t block_size, bool causal,
+                                                            c10::string_view causal_align, int64_t tile_m,
+                                                            int64_t tile_n) {
+  constexpr const char* op = "sparse_attn_tc_tiles";
+  const tc::TileGeom g = check_tc_tiles_args(op, block_mask, q_len, k_len, block_size, causal, causal_align, tile_m,
+                                             tile_n);
+  const int64_t heads = block_mask.size(0) * block_mask.size(1);
+  auto mc = block_mask.contiguous();
+  auto opts = block_mask.options().dtype(at::kInt);
+  auto count = at::empty({block_mask.size(0), block_mask.size(1), g.Mt}, opts);
+  auto entries = at::empty({block_mask.size(0), block_mask.size(1), g.Mt, g.Nt}, opts);
+  const bool* mp = mc.const_data_ptr<bool>();
+  int32_t* cp = count.mutable_data_ptr<int32_t>();
+  int32_t* ep = entries.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, heads * g.Mt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      cp[row] = tc::build_row(mp + (row / g.Mt) * g.Qb * g.Kb, g, row % g.Mt, ep + row * g.Nt);
+  });
+  return {count, entries};
+}
+
 // [tile rows of forward, dq, dk/dv, pool (0: none fits), then their shared memory bytes]: the CUDA launchers'
 // plan (sparse_attn_tiles.h), reachable without a GPU.
 std::vector<int64_t> sparse_attn_tile_plan(int64_t head_dim, int64_t smem_limit) {
@@ -703,11 +755,13 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("block_sparse_attn", &block_sparse_attn_cpu);
   m.impl("block_sparse_attn_backward", &block_sparse_attn_backward_cpu);
   m.impl("attn_block_pool", &attn_block_pool_cpu);
+  m.impl("sparse_attn_tc_tiles", &sparse_attn_tc_tiles_cpu);
 }
 
 // No tensor arguments: a composite kernel serves every call.
 TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
   m.impl("sparse_attn_tile_plan", &sparse_attn_tile_plan);
+  m.impl("sparse_attn_tc_plan", &sparse_attn_tc_plan);
 }
 
 }  // namespace peftcore::sparse_attn

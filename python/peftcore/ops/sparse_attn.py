@@ -251,6 +251,26 @@ def _(q, k, block_size, causal=False, scale=None, causal_align="top_left"):
     return q.new_empty((q.shape[0], q.shape[1], qb, kb), dtype=_stat_dtype(q.dtype))
 
 
+@torch.library.register_fake("peftcore::sparse_attn_tc_tiles")
+def _(block_mask, q_len, k_len, block_size, causal, causal_align, tile_m, tile_n):
+    op = "sparse_attn_tc_tiles"
+    torch._check(causal_align in ("top_left", "bottom_right"),
+                 lambda: f'{op}: causal_align must be "top_left" or "bottom_right", got "{causal_align}"')
+    torch._check(block_mask.dtype == torch.bool, lambda: f"{op}: block_mask must be bool, got "
+                                                         f"{dtype_name(block_mask.dtype)}")
+    torch._check(q_len >= 0 and k_len >= 0, lambda: f"{op}: q_len and k_len must be >= 0, got {q_len} and {k_len}")
+    torch._check(block_size > 0, lambda: f"{op}: block_size must be > 0, got {block_size}")
+    torch._check(1 <= tile_m <= 1024 and 1 <= tile_n <= 1024,
+                 lambda: f"{op}: tile_m and tile_n must be in [1, 1024], got {tile_m} and {tile_n}")
+    qb, kb = -(-q_len // block_size), -(-k_len // block_size)
+    torch._check(block_mask.dim() == 4 and block_mask.shape[2] == qb and block_mask.shape[3] == kb,
+                 lambda: f"{op}: block_mask must have shape [Bm, Hm, {qb}, {kb}], got {list(block_mask.shape)}")
+    mt, nt = -(-q_len // tile_m), -(-k_len // tile_n)
+    bm, hm = block_mask.shape[:2]
+    return (block_mask.new_empty((bm, hm, mt), dtype=torch.int32),
+            block_mask.new_empty((bm, hm, mt, nt), dtype=torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: saves q, k, v, out, lse and the block mask; the backward is another op, so it traces too. The backward
 # op itself refuses to be differentiated (no double backward); attn_block_pool is a training target.
