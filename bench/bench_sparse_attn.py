@@ -3,14 +3,17 @@ causal blocks, the diagonal always kept) against
   (a) sdpa  — dense causal F.scaled_dot_product_attention, the baseline of every ratio;
   (b) flex  — torch.nn.attention.flex_attention with the same block mask (as a BlockMask built by
               dense_to_csr, causal mask_mod), torch.compile'd; forward only where its backward does not run;
-modes forward (no grad) and train_step (forward + backward into q, k, v), with peak memory per call. Plus
-attn_block_pool against the plain-torch reference of the tests (dense softmax map, then max-pool).
+modes forward (no grad) and train_step (forward + backward into q, k, v), with peak memory per call. On CUDA also
+  (c) block_sparse_attn_simt — the CUDA-core forward (PEFTCORE_SPARSE_ATTN_KERNEL=simt) on the same mask, beside
+      the tensor-core forward that float16 / bfloat16 take by default.
+Plus attn_block_pool against the plain-torch reference of the tests (dense softmax map, then max-pool).
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_sparse_attn.py [--device cuda] [--quick].
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +71,21 @@ def _flex(q, k, v, mask, bs):
     return (lambda: fn(qd, kd, vd, block_mask=bm)), (lambda: fn(q, k, v, block_mask=bm))
 
 
+def _with_kernel(kernel, fn):
+    """fn run with PEFTCORE_SPARSE_ATTN_KERNEL=kernel (the forward kernel is chosen per call)."""
+    def run():
+        old = os.environ.get("PEFTCORE_SPARSE_ATTN_KERNEL")
+        os.environ["PEFTCORE_SPARSE_ATTN_KERNEL"] = kernel
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("PEFTCORE_SPARSE_ATTN_KERNEL", None)
+            else:
+                os.environ["PEFTCORE_SPARSE_ATTN_KERNEL"] = old
+    return run
+
+
 def _can_backward(f, wrt, g):
     try:
         torch.autograd.grad(f(), wrt, g)
@@ -94,6 +112,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
             ours = (lambda m: lambda: sa.block_sparse_attn(q, k, v, m, bs, True))(mask)
             fns[("block_sparse_attn", sp, "forward")] = forward_only(ours)
             fns[("block_sparse_attn", sp, "train_step")] = train_step(ours, wrt, g)
+            if device == "cuda":
+                fns[("block_sparse_attn_simt", sp, "forward")] = forward_only(_with_kernel("simt", ours))
             flex = _flex(q, k, v, mask, bs)
             if flex is not None:
                 flex_fwd, flex_graph = flex

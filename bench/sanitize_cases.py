@@ -130,16 +130,19 @@ def ref_attn32(q, k, v, tok_mask, scale):
     return p @ vf, lse.masked_fill(empty, float("-inf")).squeeze(-1), p
 
 
-def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0, align="top_left", smem=None):
+def run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, mask_shape, seed=0, align="top_left", smem=None,
+                  kernel="auto"):
     """block_sparse_attn (+ backward) and attn_block_pool once, against an fp32 dense reference; `smem` forces the
-    tile plan of a device with that much opt-in shared memory (PEFTCORE_SPARSE_ATTN_SMEM_LIMIT)."""
+    tile plan of a device with that much opt-in shared memory (PEFTCORE_SPARSE_ATTN_SMEM_LIMIT); `kernel` the
+    forward kernel (PEFTCORE_SPARSE_ATTN_KERNEL: auto, tc = tensor cores, simt = CUDA cores)."""
     if smem:
         os.environ["PEFTCORE_SPARSE_ATTN_SMEM_LIMIT"] = str(smem)
     else:
         os.environ.pop("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", None)
+    os.environ["PEFTCORE_SPARSE_ATTN_KERNEL"] = kernel
     gen = torch.Generator().manual_seed(seed)
     tag = (f"attn B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} bs{bs} causal={causal} {align} {str(dtype)[6:]} mask{mask_shape}"
-           f" smem={smem or 'device'}")
+           f" smem={smem or 'device'} kernel={kernel}")
     off = Lk - Lq if align == "bottom_right" else 0
     q = torch.randn(B, Hq, Lq, D, generator=gen).to(dev, dtype)
     k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dev, dtype)
@@ -195,7 +198,29 @@ if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_attn"):
         for smem in (101376, 49152):
             if not (D == 256 and smem == 49152):
                 run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, torch.bfloat16, ms, align=align, smem=smem)
+        if D in (64, 128):  # half types take the tensor-core forward by default: the CUDA-core one too
+            run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, torch.float16, ms, align=align, kernel="simt")
+    # The tensor-core forward, forced (an error if it cannot run): 64 x 64 tiles against blocks of 16 / 128 / odd
+    # sizes, lengths off the tile grid, GQA, both alignments, a 99 KB plan; then its device tile lists against the
+    # CPU ones.
+    tc_cases = [
+        (1, 4, 2, 150, 130, 64, 16, True, (1, 4), "top_left"),
+        (1, 2, 1, 70, 200, 128, 128, True, (1, 1), "bottom_right"),
+        (2, 2, 2, 129, 65, 128, 24, False, (2, 2), "top_left"),
+    ]
+    for B, Hq, Hkv, Lq, Lk, D, bs, causal, ms, align in tc_cases:
+        for dtype in (torch.float16, torch.bfloat16):
+            run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, dtype, ms, align=align, kernel="tc")
+        run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, torch.bfloat16, ms, align=align, smem=101376, kernel="tc")
+        gen = torch.Generator().manual_seed(1)
+        tm = torch.rand(*ms, -(-Lq // bs), -(-Lk // bs), generator=gen) < 0.5
+        for tiles in ((64, 64), (128, 32)):
+            want = ops.sparse_attn_tc_tiles(tm, Lq, Lk, bs, causal, align, *tiles)
+            got = ops.sparse_attn_tc_tiles(tm.to(dev), Lq, Lk, bs, causal, align, *tiles)
+            if not all(torch.equal(g.cpu(), w) for g, w in zip(got, want)):
+                failures.append(f"tc_tiles L{Lq}x{Lk} bs{bs} causal={causal} {align} tiles {tiles}: device lists differ")
     os.environ.pop("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", None)
+    os.environ.pop("PEFTCORE_SPARSE_ATTN_KERNEL", None)
 
 cases = [
     # tokens, out, in, nnz

@@ -959,7 +959,8 @@ def test_cuda_matches_cpu_at_tile_crossing_shapes(device, smem, dtype, monkeypat
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor-core forward (float16 / bfloat16, D = 64 / 128 on CUDA): its host plan and kept-tile lists on CPU through
-# sparse_attn_tc_plan / sparse_attn_tc_tiles.
+# sparse_attn_tc_plan / sparse_attn_tc_tiles, then (CUDA only) the device list builder against the CPU one and the
+# kernel against the CUDA-core kernel (PEFTCORE_SPARSE_ATTN_KERNEL=simt) and the CPU kernels.
 
 _TC_ARCHS = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
 
@@ -1080,3 +1081,170 @@ def test_tc_tiles_errors_and_opcheck():
         torch.library.opcheck(ops.sparse_attn_tc_tiles, args)
 
 
+_CUDA = [d for d in devices() if not isinstance(d, str)]
+
+
+@pytest.mark.parametrize("device", _CUDA)
+def test_tc_tiles_cuda_matches_cpu(device):
+    """The device list builder (one warp per row, ballot compaction) against the CPU lists, every case above, plus
+    more key tiles than a warp's 32 lanes."""
+    for Lq, Lk, bs, tm, tn, causal, align in list(_tc_tile_cases()) + [(100, 5000, 16, 64, 64, True, "bottom_right"),
+                                                                      (3000, 3000, 24, 64, 64, False, "top_left")]:
+        m = _tc_mask(Lq, Lk, bs, Lq + Lk + bs + tm)
+        cc, ec = ops.sparse_attn_tc_tiles(m, Lq, Lk, bs, causal, align, tm, tn)
+        cg, eg = ops.sparse_attn_tc_tiles(m.to(device), Lq, Lk, bs, causal, align, tm, tn)
+        name = f"Lq={Lq} Lk={Lk} bs={bs} tile={tm}x{tn} causal={causal} {align}"
+        assert torch.equal(cg.cpu(), cc), name
+        assert torch.equal(eg.cpu(), ec), name
+
+
+# (B, Hq, Hkv, Lq, Lk, D, bs, causal, align, mask (Bm, Hm), empty query block): Lq / Lk not multiples of the 64-row
+# tiles, blocks of 16 / 32 / 64 / 128 and odd sizes (24, 80, 200: tiles straddle blocks both ways), GQA and MQA,
+# both causal alignments with Lq < Lk and Lq > Lk, fully masked query blocks, broadcast masks, one tile in all.
+_TC_FWD_CONFIGS = [
+    (1, 4, 2, 200, 200, 64, 16, True, "top_left", (1, 4), 1),
+    (2, 4, 1, 130, 257, 128, 32, True, "bottom_right", (2, 1), None),
+    (1, 2, 2, 257, 70, 64, 64, True, "bottom_right", (1, 2), 0),
+    (1, 2, 1, 100, 300, 128, 128, False, "top_left", (1, 1), 0),
+    (2, 2, 2, 190, 190, 64, 24, True, "top_left", (1, 1), None),
+    (1, 6, 2, 150, 333, 128, 80, True, "top_left", (1, 6), 1),
+    (1, 2, 1, 65, 129, 64, 200, False, "top_left", (1, 1), None),
+    (1, 2, 2, 40, 50, 128, 16, True, "bottom_right", (1, 1), None),
+]
+
+
+def _tc_run(kernel, monkeypatch, fn):
+    monkeypatch.setenv("PEFTCORE_SPARSE_ATTN_KERNEL", kernel)
+    try:
+        return fn()
+    finally:
+        monkeypatch.delenv("PEFTCORE_SPARSE_ATTN_KERNEL")
+
+
+def _tc_sample(cfg, seed, device, dtype):
+    B, Hq, Hkv, Lq, Lk, D, bs, causal, align, (mb, mh), empty = cfg
+    q = _randn((B, Hq, Lq, D), dtype, 10 + seed).to(device)
+    k = _randn((B, Hkv, Lk, D), dtype, 20 + seed).to(device)
+    v = _randn((B, Hkv, Lk, D), dtype, 30 + seed).to(device)
+    m = _mask((mb, mh, -(-Lq // bs), -(-Lk // bs)), 40 + seed, p=0.5, empty_row=empty).to(device)
+    return q, k, v, m
+
+
+@pytest.mark.parametrize("device", _CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tc_forward_matches_cuda_core_and_cpu(device, dtype, monkeypatch):
+    """The tensor-core forward (forced: PEFTCORE_SPARSE_ATTN_KERNEL=tc) against the CUDA-core kernel (=simt) on the
+    same inputs and the CPU kernels in float32 of the same values: out (P rounded to the storage dtype before P V:
+    within the half-precision tolerance), lse (fp32 statistics of the same scores: tight), the -inf / zero pattern of
+    rows that see nothing (exact), and the gradients of the backward run from the tensor-core out / lse."""
+    for i, cfg in enumerate(_TC_FWD_CONFIGS):
+        B, Hq, Hkv, Lq, Lk, D, bs, causal, align, _, empty = cfg
+        q, k, v, m = _tc_sample(cfg, i, device, dtype)
+        name = f"{dtype} B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} bs{bs} causal={causal} {align}"
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out_t, lse_t = _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(qg, kg, vg, m, bs, causal, None, align))
+        out_s, lse_s = _tc_run("simt", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, bs, causal, None, align))
+        cpu = [t.cpu().float().requires_grad_(True) for t in (q, k, v)]
+        out_c, lse_c = ops.block_sparse_attn(*cpu, m.cpu(), bs, causal, None, align)
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=4e-3, rtol=4e-3)
+        for what, want in (("simt", out_s.float().cpu()), ("cpu", out_c.detach())):
+            torch.testing.assert_close(out_t.detach().float().cpu(), want, **tol,
+                                       msg=lambda e: f"{name} out vs {what}: {e}")
+        for what, want in (("simt", lse_s.cpu()), ("cpu", lse_c.detach())):
+            lt = lse_t.detach().cpu()
+            assert torch.equal(torch.isneginf(lt), torch.isneginf(want)), f"{name}: -inf rows vs {what}"
+            torch.testing.assert_close(lt, want, atol=1e-3, rtol=1e-3, msg=lambda e: f"{name} lse vs {what}: {e}")
+        rows_empty = torch.isneginf(lse_c.detach())
+        if empty is not None:
+            assert rows_empty.any(), f"{name}: the sample must have a row that sees nothing"
+        assert (out_t.detach().cpu()[rows_empty] == 0).all(), f"{name}: rows that see nothing give 0"
+        go = _randn(out_c.shape, torch.float32, 70 + i)
+        gl = _randn(lse_c.shape, torch.float32, 80 + i).masked_fill(rows_empty, 0.0)
+        grads_c = torch.autograd.grad((out_c, lse_c.masked_fill(rows_empty, 0.0)), cpu, (go, gl))
+        grads_t = torch.autograd.grad((out_t, lse_t.masked_fill(torch.isneginf(lse_t), 0.0)), (qg, kg, vg),
+                                      (go.to(device, dtype), gl.to(device)))
+        gtol = dict(atol=3e-2, rtol=3e-2)
+        for g_name, a, b in zip("qkv", grads_t, grads_c):
+            torch.testing.assert_close(a.float().cpu(), b, **gtol, msg=lambda e: f"{name} d{g_name}: {e}")
+
+
+@pytest.mark.parametrize("device", _CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("align", ALIGNS)
+def test_tc_forward_nan_and_inf_like_cuda_core(device, dtype, align, monkeypatch):
+    """NaN / inf on the tensor cores: a NaN key (k) makes NaN exactly the rows that see it, NaN / +inf query rows
+    give NaN rows, a -inf query row against positive keys sees nothing (0 / -inf): the same NaN / -inf pattern as
+    the CUDA-core kernel and the CPU kernel, with blocks of 16 (partial tiles) and a causal diagonal."""
+    B, Hq, Hkv, Lq, Lk, D, bs = 1, 2, 1, 150, 170, 64, 16
+    q, k, v = (_randn(s, dtype, i) for i, s in enumerate(((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D))))
+    k = k.abs()
+    m = _mask((1, Hq, -(-Lq // bs), -(-Lk // bs)), 5, p=0.6)
+    m[..., 5] = True  # the block of the NaN key kept ...
+    m[..., 2, 5] = False  # ... except by query block 2 (a partial tile)
+    m[..., :2, 0] = True  # rows 10 and 20 see keys 0..15
+    k[0, 0, 85, 3] = float("nan")  # key 85 (block 5, key tile 1); rows 0..63 never see it causally (off <= 20)
+    q[0, 0, 10, 1] = float("nan")
+    q[0, 1, 70, 0] = float("inf")
+    q[0, 1, 20] = float("-inf")  # all its scores -inf (k > 0): sees nothing
+    args = (m.to(device), bs, True, None, align)
+    qd, kd, vd = (t.to(device) for t in (q, k, v))
+    out_t, lse_t = _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(qd, kd, vd, *args))
+    out_s, lse_s = _tc_run("simt", monkeypatch, lambda: ops.block_sparse_attn(qd, kd, vd, *args))
+    out_c, lse_c = ops.block_sparse_attn(q.float(), k.float(), v.float(), m, bs, True, None, align)
+    for what, o, l in (("simt", out_s.cpu(), lse_s.cpu()), ("cpu", out_c, lse_c)):
+        _same_nan(out_t.cpu(), o, f"{dtype} {align} out vs {what}")
+        _same_nan(lse_t.cpu(), l, f"{dtype} {align} lse vs {what}")
+        assert torch.equal(torch.isneginf(lse_t.cpu()), torch.isneginf(l)), f"{dtype} {align}: -inf rows vs {what}"
+    assert torch.isnan(out_t).any() and not torch.isnan(out_t).all()
+    sees = token_mask(m, B, Hq, Lq, Lk, bs, True, align)[0, 0, :, 85]
+    assert torch.equal(torch.isnan(out_t[0, 0, :, 0]).cpu(), sees | (torch.arange(Lq) == 10)), "NaN key: its rows"
+    assert torch.isneginf(lse_t[0, 1, 20]).item() and (out_t[0, 1, 20] == 0).all().item()
+    fin = torch.isfinite(out_c)
+    torch.testing.assert_close(out_t.cpu().float()[fin], out_c[fin], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("device", _CUDA)
+def test_tc_forward_dispatch(device, monkeypatch):
+    """Which kernel runs: auto takes the tensor cores for float16 / bfloat16 at D = 64 / 128 (same result as =tc,
+    bitwise), float32 / D = 256 / a too small shared-memory limit take the CUDA-core kernel, =tc refuses those with
+    the reason, an unknown value is refused; the tensor-core forward is captured in a CUDA graph (no host sync)."""
+    m = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=device)
+    q, k, v = (torch.randn(1, 2, 100, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    k, v = k[:, :1, :70].contiguous(), v[:, :1, :70].contiguous()
+    auto = _tc_run("auto", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, 64, True, None))
+    forced = _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, 64, True, None))
+    assert torch.equal(auto[0], forced[0]) and torch.equal(auto[1], forced[1])
+    simt = _tc_run("simt", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, 64, True, None))
+    assert not torch.equal(auto[0], simt[0])  # a different kernel ran (P rounded to bf16 before P V)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    _tc_run("auto", monkeypatch, lambda: ops.block_sparse_attn(qf, kf, vf, m, 64, True, None))
+    _err(lambda: _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(qf, kf, vf, m, 64, True, None)),
+         r"block_sparse_attn: PEFTCORE_SPARSE_ATTN_KERNEL=tc but the tensor-core forward cannot run: dtype Float")
+    q2, k2, v2 = (torch.randn(1, 1, 40, 256, device=device, dtype=torch.float16) for _ in range(3))
+    m2 = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    _err(lambda: _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(q2, k2, v2, m2, 64, False, None)),
+         r"cannot run: head dim 256")
+    _err(lambda: _tc_run("fast", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, 64, True, None)),
+         r'block_sparse_attn: PEFTCORE_SPARSE_ATTN_KERNEL must be auto, simt or tc, got "fast"')
+    q3, k3, v3 = (torch.randn(1, 1, 100, 128, device=device, dtype=torch.float16) for _ in range(3))
+    m3 = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=device)
+    monkeypatch.setenv("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", "49152")  # 48 KB: D = 128 needs 80 KB
+    small = _tc_run("auto", monkeypatch, lambda: ops.block_sparse_attn(q3, k3, v3, m3, 64, False, None))
+    _err(lambda: _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(q3, k3, v3, m3, 64, False, None)),
+         r"cannot run: no configuration of head dim 128 fits 49152 bytes")
+    ref = _tc_run("simt", monkeypatch, lambda: ops.block_sparse_attn(q3, k3, v3, m3, 64, False, None))
+    monkeypatch.delenv("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT")
+    assert torch.equal(small[0], ref[0]) and torch.equal(small[1], ref[1])  # the 48 KB call took the CUDA cores
+    # CUDA graph: the list builder and the kernel replay without a host sync
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _tc_run("tc", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, 64, True, None))
+        monkeypatch.setenv("PEFTCORE_SPARSE_ATTN_KERNEL", "tc")
+        with torch.cuda.graph(graph, stream=s):
+            o2, l2 = ops.block_sparse_attn(q, k, v, m, 64, True, None)
+        monkeypatch.delenv("PEFTCORE_SPARSE_ATTN_KERNEL")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o2, forced[0]) and torch.equal(l2, forced[1])

@@ -48,6 +48,23 @@ int64_t smem_optin(int device) {
   return cache[device];
 }
 
+int compute_major(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;  // per device; -1 = not queried yet
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0) throw std::runtime_error("peftcore sparse_attn CUDA: bad device index " + std::to_string(device));
+  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    int v = 0;
+    const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device);
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("peftcore sparse_attn CUDA: cannot read the compute capability of device ") +
+                               std::to_string(device) + ": " + cudaGetErrorString(e));
+    cache[device] = v;
+  }
+  return cache[device];
+}
+
 void forward(DType dtype, const Params& p, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) { forward_t<SA_TYPE(tag)>(p, stream); });
 }

@@ -1,6 +1,7 @@
 // sparse_attn CUDA glue: argument checks (shared with the CPU, sparse_attn.h, plus the CUDA limits: head dim 64 /
 // 128 / 256, no float64), the tile plan for the device's opt-in shared memory (sparse_attn_tiles.h), contiguous
-// copies, output allocation and the plain-CUDA launchers of sparse_attn.cu.
+// copies, output allocation and the plain-CUDA launchers of sparse_attn.cu; the choice between the tensor-core
+// forward (sparse_attn_tc*.cu, float16 / bfloat16, D = 64 / 128) and the CUDA-core kernels (forward_tc_config).
 // No host sync anywhere: the block mask is read by the kernels, so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,12 +11,14 @@
 #include <array>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
 #include "cuda_glue.h"
 #include "sparse_attn/sparse_attn.h"
 #include "sparse_attn/sparse_attn_launch.h"
+#include "sparse_attn/sparse_attn_tc_plan.h"
 #include "sparse_attn/sparse_attn_tiles.h"
 
 namespace peftcore::sparse_attn {
@@ -54,6 +57,42 @@ int plan_tile(const char* op, const at::Tensor& q, int kernel, int64_t D) {
   return t;
 }
 
+// Which forward kernel a call takes. PEFTCORE_SPARSE_ATTN_KERNEL: "auto" (or unset) takes the tensor-core forward
+// (sparse_attn_tc_kernels.cuh) for float16 / bfloat16 at head dim 64 / 128 on compute capability >= 8 when one of
+// its configurations fits the opt-in shared memory (smem_limit above), else the CUDA-core kernel; "simt" always
+// takes the CUDA-core kernel (the on-GPU reference of the tests); "tc" takes the tensor-core forward or raises why
+// it cannot. Returns the tensor-core configuration, tile_m = 0 for the CUDA-core kernel.
+tc::Config forward_tc_config(const char* op, const at::Tensor& q, const Dims& d) {
+  const char* env = std::getenv("PEFTCORE_SPARSE_ATTN_KERNEL");
+  const std::string mode = env != nullptr && *env != '\0' ? env : "auto";
+  TORCH_CHECK(mode == "auto" || mode == "simt" || mode == "tc", op,
+              ": PEFTCORE_SPARSE_ATTN_KERNEL must be auto, simt or tc, got \"", mode, "\"");
+  if (mode == "simt") return {};
+  constexpr int64_t kMaxLen = (int64_t{1} << 31) - 256;  // the kernel's in-tile row / key arithmetic is 32-bit
+  std::string why;
+  tc::Config c;
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) {
+    why = std::string("dtype ") + c10::toString(q.scalar_type()) + " (float16 and bfloat16 only)";
+  } else if (d.D != 64 && d.D != 128) {
+    why = "head dim " + std::to_string(d.D) + " (64 and 128 only)";
+  } else if (cu::compute_major(q.device().index()) < 8) {
+    why = "compute capability " + std::to_string(cu::compute_major(q.device().index())) + ".x (sm_80 or newer only)";
+  } else if (d.Lq > kMaxLen || d.Lk > kMaxLen) {
+    why = "sequence lengths above 2^31 - 256";
+  } else {
+    const int64_t lim = smem_limit(q);
+    c = tc::plan(d.D, lim);
+    if (c.tile_m == 0)
+      why = "no configuration of head dim " + std::to_string(d.D) + " fits " + std::to_string(lim) +
+            " bytes of shared memory per block";
+    else if (!cu::tc_compiled(kernel_dtype(q.scalar_type()), d.D, c.tile_m, c.tile_n, c.warps))
+      why = "not compiled in this build (the CUTLASS / CuTe headers were not found)";
+  }
+  TORCH_CHECK(mode != "tc" || why.empty(), op, ": PEFTCORE_SPARSE_ATTN_KERNEL=tc but the tensor-core forward cannot ",
+              "run: ", why);
+  return why.empty() ? c : tc::Config{};
+}
+
 cu::Params params_of(const Dims& d, bool causal) {
   cu::Params p;
   p.B = d.B;
@@ -81,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, c
   const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, causal, scale, causal_align);
   check_cuda_dims(op, q, d);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int tile = plan_tile(op, q, tiles::kForward, d.D);
+  const tc::Config tcc = forward_tc_config(op, q, d);
+  const int tile = tcc.tile_m != 0 ? 0 : plan_tile(op, q, tiles::kForward, d.D);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
   auto out = at::empty({d.B, d.Hq, d.Lq, d.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
@@ -94,7 +134,23 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, c
   p.mask = mc.const_data_ptr<bool>();
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
-  cu::forward(kernel_dtype(q.scalar_type()), p, current_stream());
+  if (tcc.tile_m == 0) {
+    cu::forward(kernel_dtype(q.scalar_type()), p, current_stream());
+    return {out, lse};
+  }
+  // Tensor-core forward: the kept-tile lists (device workspace, built on the stream), then the attention kernel.
+  p.tc_tile_m = tcc.tile_m;
+  p.tc_tile_n = tcc.tile_n;
+  p.tc_warps = tcc.warps;
+  p.tc_Mt = ceil_div(d.Lq, tcc.tile_m);
+  p.tc_Nt = ceil_div(d.Lk, tcc.tile_n);
+  const int64_t list_rows = d.mask_b * d.mask_h * p.tc_Mt;
+  auto count = at::empty({list_rows}, q.options().dtype(at::kInt));
+  auto entries = at::empty({list_rows * p.tc_Nt}, q.options().dtype(at::kInt));
+  p.tc_count = count.mutable_data_ptr<int32_t>();
+  p.tc_entries = entries.mutable_data_ptr<int32_t>();
+  cu::tc_build_tiles(p, current_stream());
+  cu::tc_forward(kernel_dtype(q.scalar_type()), p, current_stream());
   return {out, lse};
 }
 
@@ -161,12 +217,49 @@ at::Tensor attn_block_pool_cuda(const at::Tensor& q, const at::Tensor& k, int64_
   return pool;
 }
 
+// The tensor-core forward's kept-tile lists, built by the CUDA builder (sparse_attn_tc.cu): the tests compare them
+// with the CPU op's.
+std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_cuda(const at::Tensor& block_mask, int64_t q_len,
+                                                             int64_t k_len, int64_t block_size, bool causal,
+                                                             c10::string_view causal_align, int64_t tile_m,
+                                                             int64_t tile_n) {
+  constexpr const char* op = "sparse_attn_tc_tiles";
+  const tc::TileGeom g = check_tc_tiles_args(op, block_mask, q_len, k_len, block_size, causal, causal_align, tile_m,
+                                             tile_n);
+  const c10::cuda::CUDAGuard guard(block_mask.device());
+  auto mc = block_mask.contiguous();
+  auto opts = block_mask.options().dtype(at::kInt);
+  auto count = at::empty({block_mask.size(0), block_mask.size(1), g.Mt}, opts);
+  auto entries = at::empty({block_mask.size(0), block_mask.size(1), g.Mt, g.Nt}, opts);
+  if (count.numel() == 0) return {count, entries};
+  cu::Params p;
+  p.mask = mc.const_data_ptr<bool>();
+  p.Lq = q_len;
+  p.Lk = k_len;
+  p.bs = block_size;
+  p.Qb = g.Qb;
+  p.Kb = g.Kb;
+  p.mask_b = block_mask.size(0);
+  p.mask_h = block_mask.size(1);
+  p.causal = causal;
+  p.off = g.off;
+  p.tc_tile_m = static_cast<int>(tile_m);
+  p.tc_tile_n = static_cast<int>(tile_n);
+  p.tc_Mt = g.Mt;
+  p.tc_Nt = g.Nt;
+  p.tc_count = count.mutable_data_ptr<int32_t>();
+  p.tc_entries = entries.mutable_data_ptr<int32_t>();
+  cu::tc_build_tiles(p, current_stream());
+  return {count, entries};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
   m.impl("block_sparse_attn", &block_sparse_attn_cuda);
   m.impl("block_sparse_attn_backward", &block_sparse_attn_backward_cuda);
   m.impl("attn_block_pool", &attn_block_pool_cuda);
+  m.impl("sparse_attn_tc_tiles", &sparse_attn_tc_tiles_cuda);
 }
 
 }  // namespace peftcore::sparse_attn

@@ -34,6 +34,13 @@ struct Params {
   // Tile rows per kernel (sparse_attn_tiles.h: forward, dq, dk/dv, pool), planned by the caller from the device's
   // opt-in shared memory; each must be one of tile_candidate(D, .).
   int tile[4] = {0, 0, 0, 0};
+  // Tensor-core forward (sparse_attn_tc_plan.h): tc_tile_m x tc_tile_n tiles, Mt = ceil(Lq / tc_tile_m) query
+  // tiles, Nt = ceil(Lk / tc_tile_n) key tiles; the kept-tile lists tc_count [mask_b * mask_h * Mt] and
+  // tc_entries [mask_b * mask_h * Mt, Nt] int32 (device workspace filled by tc_build_tiles).
+  int tc_tile_m = 0, tc_tile_n = 0, tc_warps = 0;
+  int64_t tc_Mt = 0, tc_Nt = 0;
+  int32_t* tc_count = nullptr;
+  int32_t* tc_entries = nullptr;
 };
 
 // True when a kernel exists for head dim D.
@@ -42,6 +49,8 @@ bool supported_head_dim(int64_t D);
 // The device's opt-in shared memory per block in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin), queried once
 // per device and cached.
 int64_t smem_optin(int device);
+// The device's compute capability major version (cudaDevAttrComputeCapabilityMajor), cached per device.
+int compute_major(int device);
 
 // out, lse.
 void forward(DType dtype, const Params& p, cudaStream_t stream);
@@ -49,5 +58,13 @@ void forward(DType dtype, const Params& p, cudaStream_t stream);
 void backward(DType dtype, const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream);
 // pool (must hold zeros).
 void block_pool(DType dtype, const Params& p, cudaStream_t stream);
+
+// Tensor-core forward (sparse_attn_tc.cu). Whether this build has it (CuTe headers found at build time) for
+// float16 / bfloat16 at head dim D with the configuration in p.tc_*.
+bool tc_compiled(DType dtype, int64_t D, int tile_m, int tile_n, int warps);
+// The kept-tile lists p.tc_count / p.tc_entries from p.mask (one warp per list row, no host sync).
+void tc_build_tiles(const Params& p, cudaStream_t stream);
+// out, lse from q, k, v and the lists (built first by tc_build_tiles on the same stream).
+void tc_forward(DType dtype, const Params& p, cudaStream_t stream);
 
 }  // namespace peftcore::sparse_attn::cuda

@@ -53,7 +53,12 @@ block ``I`` and the keys of block ``J``, of the (causal if asked) softmax attent
 SeerAttention's ground truth for its gate. Not differentiable (a training target).
 
 CPU kernels are tiled and parallel (BLAS GEMMs on [bs, D] tiles, online softmax); CUDA kernels are
-flash-attention-2 style (unverified on a GPU so far).
+flash-attention-2 style (not yet verified on a GPU). On CUDA the forward of float16 / bfloat16 at head dim 64 / 128
+runs on tensor cores (CuTe, mma.sync; 64 x 64 tiles over a per-query-tile list of kept key tiles built on the
+device, whatever the block size); float32, head dim 256 and the backward run on CUDA cores.
+``PEFTCORE_SPARSE_ATTN_KERNEL=simt`` forces the CUDA-core forward, ``=tc`` the tensor-core one (or an error saying
+why it cannot run). ``torch.ops.peftcore.sparse_attn_tc_plan(D, smem_bytes)`` and
+``torch.ops.peftcore.sparse_attn_tc_tiles(...)`` expose its configuration and kept-tile lists (CPU and CUDA).
 """
 from __future__ import annotations
 
