@@ -73,9 +73,10 @@ export MAX_JOBS="$NPROC" CMAKE_BUILD_PARALLEL_LEVEL="$NPROC"
 [ -d /usr/local/cuda ] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 
 # Limits in seconds (each includes 5 s for `timeout --kill-after`).
-# sanitize_plain (when the sanitizer cannot run) takes the place of memcheck + racecheck.
+# sanitize_plain (when the sanitizer cannot run) takes the place of memcheck + racecheck; sanitize-coverage is
+# a dry-run step.
 declare -A LIMIT=([env]=15 [cutlass]=20 [build]=180 [import]=20 [tests]=150 [memcheck]=90 [racecheck]=55
-                  [sanitize_plain]=40 [bench]=60 [report]=15)
+                  [sanitize_plain]=40 [sanitize-coverage]=15 [bench]=60 [report]=15)
 GLUE=20
 WORST=$(( LIMIT[env] + LIMIT[cutlass] + LIMIT[build] + LIMIT[import] + LIMIT[bench] + LIMIT[report] + GLUE ))
 SAN=$(( LIMIT[memcheck] + LIMIT[racecheck] ))
@@ -280,6 +281,15 @@ sanitizers_dry() {
   sanitizer_unsupported "$OUT/sanitizer-probe.log" || record sanitizer-probe "FAIL (unsupported-device pattern)" 0 0 ""
   rm -f "$OUT/sanitizer-probe.log"
   run_step sanitize_plain env PEFTCORE_SANITIZE_DEVICE=cpu "${PLAIN_CMD[@]}"  # the cases themselves, on the CPU
+  # every CUDA op is called by the sanitizer cases
+  run_step sanitize-coverage "$PY" -c "
+import re, sys
+sys.path.insert(0, 'bench')
+import device_check_report as r
+src = open('bench/sanitize_cases.py').read()
+missing = [op for op in r.cuda_ops() if not re.search(r'ops\.' + op + r'\b', src)]
+print('bench/sanitize_cases.py calls every CUDA op' if not missing else 'not called: ' + ' '.join(missing))
+sys.exit(1 if missing else 0)"
 }
 
 if [ "$DRY" = 1 ] || [ $BUILD_OK = 1 ]; then

@@ -46,7 +46,7 @@ def test_dry_run_passes_and_writes_its_summary(dry_run):
     assert "result: PASS" in summary and summary.strip() in res.stdout
     steps = {r["step"]: r["result"] for r in _rows(out / "steps.csv")}
     for step in ("env", "cutlass", "build", "import", "tests", "memcheck", "racecheck", "sanitize_plain", "bench",
-                 "bench-cmd", "report"):
+                 "bench-cmd", "sanitize-coverage", "report"):
         assert step in steps, (step, steps)
     assert all(r.startswith(("PASS", "DRY ok")) for r in steps.values()), steps
     assert (out.parent / "dc.tar.gz").is_file()
