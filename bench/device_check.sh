@@ -200,7 +200,8 @@ cat "$OUT/env.log"
 # ---- cutlass
 WHL="${CUTLASS_WHEEL:-}"
 [ -n "$WHL" ] || WHL="$(ls .whl/nvidia_cutlass-*.whl wheels/nvidia_cutlass-*.whl 2>/dev/null | head -1)"
-[ -n "$WHL" ] || WHL="$(find . -name 'nvidia_cutlass*.whl' -not -path './build/*' -not -path './.venv/*' 2>/dev/null | head -1)"
+[ -n "$WHL" ] || WHL="$(find . \( -path ./build -o -path ./.venv -o -path ./.git \) -prune -o -name 'nvidia_cutlass*.whl' -print \
+  2>/dev/null | head -1)"
 CUTLASS_CMD=("$PY" -m pip install --no-deps --no-index "$WHL")
 if "$PY" -c "import cutlass_library" 2>/dev/null; then
   record cutlass "PASS (present)" 0 0 ""
