@@ -147,7 +147,15 @@ def violations(rows: list, archs: list) -> list:
         for dev in devices_running(r["arch"], archs):
             lim = OPTIN[dev]
             name = base_name(r["kernel"])
-            if r["family"] == "sparse_attn":
+            tc = re.search(r"forward_kernel<Traits<\s*\d+,\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*>", r["kernel"])
+            if r["family"] == "sparse_attn" and tc:
+                # the tensor-core forward: dispatched at this limit only with the config sparse_attn_tc_plan picks
+                # there (else the CUDA-core kernel runs, checked above through sparse_attn_tile_plan)
+                D, bm, bn, warps = (int(v) for v in tc.groups())
+                plan = list(torch.ops.peftcore.sparse_attn_tc_plan(D, lim))
+                if plan[:3] == [bm, bn, warps] and static + plan[3] > lim:
+                    bad.append(f"{where} on sm_{dev}: {static} B static + {plan[3]} B planned > {lim} B")
+            elif r["family"] == "sparse_attn":
                 plans = attn_plans(lim)
                 parsed = attn_tile_of(r["kernel"])
                 if parsed is not None:
@@ -331,3 +339,15 @@ def test_sparse_attn_rule_checks_the_dispatched_tile_per_arch():
     other = {**row, "kernel": "new_attn_kernel<float>", "shared": 1000}
     assert not violations([other], [80, 86, 89, 90])
     assert violations([{**other, "shared": 60000}], [80, 86, 89, 90])
+
+
+def test_tensor_core_forward_rule_follows_its_planner():
+    """forward_kernel<Traits<S, D, BM, BN, W>> (the tensor-core forward) is held to sparse_attn_tc_plan's config at
+    each arch: D=128's 81,920 B tile runs on sm_86 / sm_89 (99 KB), so 20,000 B more static shared memory breaks
+    those two; where the planner picks no tensor-core config the CUDA-core kernel runs instead."""
+    row = {"family": "sparse_attn", "kernel": "forward_kernel<Traits<1, 128, 64, 64, 4> >", "arch": "sm_80",
+           "reg": 168, "stack": 0, "shared": 0, "local": 0}
+    assert not violations([row], [80, 86, 89, 90])
+    bad = violations([{**row, "shared": 20000}], [80, 86, 89, 90])
+    assert bad == [f"sparse_attn::{row['kernel']} (sm_80) on sm_{d}: 20000 B static + 81920 B planned > 101376 B"
+                   for d in (86, 89)], bad
