@@ -1085,7 +1085,7 @@ _CUDA = [d for d in devices() if not isinstance(d, str)]
 
 
 @pytest.mark.parametrize("device", _CUDA)
-def test_tc_tiles_cuda_matches_cpu(device):
+def test_sparse_attn_tc_tiles_cuda_matches_cpu(device):  # the op name maps it in device_check's table
     """The device list builder (one warp per row, ballot compaction) against the CPU lists, every case above, plus
     more key tiles than a warp's 32 lanes."""
     for Lq, Lk, bs, tm, tn, causal, align in list(_tc_tile_cases()) + [(100, 5000, 16, 64, 64, True, "bottom_right"),
