@@ -31,11 +31,25 @@ using peftcore::cuda_common::from_f32;
 using peftcore::cuda_common::to_f32;
 
 // C = op(A) op(B) for b x b tiles in smem (C distinct from A and B); ends synchronised.
+// With B transposed, a warp's lanes (consecutive j, mostly one row i) would read B[j * b + k] at a stride of b
+// words: one bank for b a multiple of 32, a 32-way conflict. There each thread starts its k loop at j (mod b):
+// lane j reads A[i][(k + j) % b] and B[j][(k + j) % b], distinct banks for every b (b = 16 / 32 / 64 checked by
+// hand: bank = (k + j) % 32 up to the row offsets). The sum's order then depends on j, still fixed per element.
 __device__ __forceinline__ void tile_mm(const float* A, const float* B, float* C, int b, bool ta, bool tb) {
   for (int e = threadIdx.x; e < b * b; e += blockDim.x) {
     const int i = e / b, j = e % b;
     float s = 0.f;
-    for (int k = 0; k < b; ++k) s += (ta ? A[k * b + i] : A[i * b + k]) * (tb ? B[j * b + k] : B[k * b + j]);
+    if (tb && !ta) {
+      const float* a = A + i * b;
+      const float* bt = B + j * b;
+      int k = j;
+      for (int n = 0; n < b; ++n) {
+        s += a[k] * bt[k];
+        if (++k == b) k = 0;
+      }
+    } else {
+      for (int k = 0; k < b; ++k) s += (ta ? A[k * b + i] : A[i * b + k]) * (tb ? B[j * b + k] : B[k * b + j]);
+    }
     C[e] = s;
   }
   __syncthreads();
