@@ -1,7 +1,10 @@
 """The benchmark suite: every family's bench, a table on screen, rows appended to a CSV (with the environment),
 and a PNG chart.
 
-    python bench/run.py [--device cpu|cuda] [--out bench/results] [--quick] [--only sparse_delta]
+    python bench/run.py [--device cpu|cuda] [--out bench/out] [--quick] [--only sparse_delta]
+
+The default output folder, bench/out/, is not tracked: a run never modifies the repository. The recorded figures
+in bench/results/ are a run written there on purpose (``--out bench/results``).
 
 Ratios are time / baseline time measured side by side in the same run; peak memory is what one call allocates
 above what it held before (see bench/common.py).
@@ -110,7 +113,7 @@ def write_png(rows, path: Path, title: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--only", nargs="*", default=FAMILIES)
     ap.add_argument("--rounds", type=int, default=11)
