@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from ._common import FLOATS as _FLOATS, check_float as _check_float, dtype_name as _dt  # the families' shared checks
 from ._common import non_differentiable, refuse_double_backward, register_autograd, same_device, with_last
 
 _lib = torch.ops.peftcore
@@ -125,17 +126,6 @@ def sparse_delta_validate(indices, out_features: int, in_features: int) -> None:
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors. They check what the real kernels check
 # before touching any value (dtypes, ranks, shapes, devices), with the same messages.
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_C10_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
-              torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-              torch.bool: "Bool"}
-
-
-def _dt(dtype) -> str:
-    """A dtype as the C++ kernels print it (c10's ScalarType name)."""
-    return _C10_NAMES.get(dtype, str(dtype))
-
-
 def _shape(t) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
@@ -145,11 +135,6 @@ def _tokens(t):
     for s in t.shape[:-1]:
         n = n * s
     return n
-
-
-def _check_float(op, name, t):
-    torch._check(t.dtype in _FLOATS,
-                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dt(t.dtype)}")
 
 
 def _check_activation(op, name, t, features=None):
