@@ -11,6 +11,7 @@ Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_blockdia
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,9 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                 fns[(name, "forward")] = forward_only(f)
                 fns[(name, "backward")] = backward_only(f, wrt, g)
                 fns[(name, "train_step")] = train_step(f, wrt, g)
+            if device == "cuda":  # both CUDA forward forms side by side (blockdiag_plan.h picks one of them)
+                for mode in ("fused", "bmm"):
+                    fns[(f"monarch_{mode}_kernel", "forward")] = forward_only(_with_kernel(mode, ours))
             times = compare(fns, device, rounds=rounds)
             for (name, mode), t in times.items():
                 rows.append(dict(family="blockdiag", op="monarch_matmul", case=case, method=name, density="",
@@ -78,6 +82,17 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                                  peak_mb=peak_memory(fns[(name, mode)], device) / 2 ** 20, device=device))
             rows += _blockdiag_rows(device, case, x.detach(), w1.detach(), g, rounds)
     return rows
+
+
+def _with_kernel(mode, f):
+    """f with PEFTCORE_MONARCH_KERNEL=mode (the CUDA Monarch forward's form: fused kernel or batched GEMMs)."""
+    def call():
+        os.environ["PEFTCORE_MONARCH_KERNEL"] = mode
+        try:
+            return f()
+        finally:
+            del os.environ["PEFTCORE_MONARCH_KERNEL"]
+    return call
 
 
 def _blockdiag_rows(device, case, x, blocks, g, rounds):

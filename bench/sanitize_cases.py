@@ -323,7 +323,10 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
         w1, w2 = rnd(k, q, p, dtype=dtype, seed=6, scale=p ** -0.5), rnd(l, s, r, dtype=dtype, seed=7, scale=r ** -0.5)
         g = rnd(T, l * s, dtype=dtype, seed=8)
         tag = f"T={T} w1={k}x{q}x{p} w2={l}x{s}x{r}"
-        vs_cpu(f"monarch_matmul {tag}", ops.monarch_matmul, (x, w1, w2), dtype)
+        for mode in ("fused", "bmm"):  # both CUDA forward forms (blockdiag_plan.h picks one)
+            os.environ["PEFTCORE_MONARCH_KERNEL"] = mode
+            vs_cpu(f"monarch_matmul[{mode}] {tag}", ops.monarch_matmul, (x, w1, w2), dtype)
+        del os.environ["PEFTCORE_MONARCH_KERNEL"]
         vs_cpu(f"monarch_matmul_with_h {tag}", ops.monarch_matmul_with_h, (x, w1, w2), dtype)
         h = ops.monarch_matmul_with_h(x.float(), w1.float(), w2.float())[1].to(dtype)
         vs_cpu(f"monarch_matmul_backward {tag}", ops.monarch_matmul_backward, (g, x, w1, w2, [True] * 3), dtype)

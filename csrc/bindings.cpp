@@ -54,6 +54,9 @@ TORCH_LIBRARY(peftcore, m) {
   // Backward of monarch_matmul: (grad_x, grad_w1, grad_w2); the intermediate is h when given (from
   // monarch_matmul_with_h), else recomputed from x; unasked outputs empty.
   m.def("monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool[3] output_mask, Tensor? h=None) -> (Tensor, Tensor, Tensor)");
+  // The CUDA Monarch forward's plan (blockdiag_plan.h) for a device with smem_limit bytes of opt-in shared memory:
+  // [path (1 fused kernel, 0 batched GEMMs), tokens per CTA, dynamic shared memory bytes]. Host code, no GPU needed.
+  m.def("monarch_forward_plan(int tokens, int k, int q, int p, int l, int s, int r, int smem_limit, str mode=\"auto\") -> int[]");
   // ---- miss: MiSS (HF PEFT) fold of the input into r classes f % r, PEFT's zero padding implied ----
   // y[..., c] = sum over f < n with f % r == c of x[..., f], x [..., n] -> y [..., r]; 1 <= r <= n, fp32 accumulation.
   m.def("miss_fold(Tensor x, int r) -> Tensor");

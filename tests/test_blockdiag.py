@@ -483,3 +483,89 @@ def test_cuda_matches_cpu_at_large_shapes():
                *ops.monarch_matmul_backward(gc, xc, w1c, w2c, [True] * 3)]
         for a, b in zip(got, want):
             torch.testing.assert_close(a.cpu(), b, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CUDA Monarch forward's plan (blockdiag_plan.h, host code reachable on CPU as monarch_forward_plan): the fused
+# CUDA-core kernel only for blocks of at most 32 rows and columns, the two tensor-core batched GEMMs otherwise.
+
+_SMEM = {"sm_90": 232448, "sm_80": 166912, "sm_86/89": 101376, "48 KB": 49152}
+
+
+def _fused_tile(k, q, p, lim):
+    per_token = 4 * (k * p + k * q)
+    tile = min(16, min(49152, lim) // per_token)
+    if tile < 1:
+        tile = min(16, lim // per_token)
+    return (1, tile, tile * per_token) if tile >= 1 else (0, 0, 0)
+
+
+@pytest.mark.parametrize("device", list(_SMEM))
+@pytest.mark.parametrize("shape", [
+    (4, 8, 8, 4, 8, 8), (16, 32, 32, 16, 32, 32), (3, 4, 5, 2, 7, 6), (1, 32, 32, 1, 32, 32),  # fused (blocks <= 32)
+    (128, 32, 32, 128, 32, 32), (2048, 2, 2, 2048, 2, 2),  # d = 4096 with small blocks: fused if a tile fits
+    (4, 1024, 1024, 4, 1024, 1024), (16, 256, 256, 16, 256, 256), (64, 64, 64, 64, 64, 64),  # d = 4096 the bench's
+    (4, 33, 32, 4, 32, 33), (2, 32, 33, 2, 32, 32), (2, 16, 16, 1, 40, 32),  # one dimension just over the rule
+])
+def test_monarch_plan_rule(shape, device):
+    """auto: fused exactly when every block dimension is <= 32 and a token's tile fits the shared memory; fused:
+    whenever it fits; bmm: never. The fused tile: up to 16 tokens within 48 KB when possible, else the opt-in limit."""
+    k, q, p, l, s, r = shape
+    lim = _SMEM[device]
+    fits = _fused_tile(k, q, p, lim)
+    small = max(p, q, r, s) <= 32
+    for T in (0, 1, 7, 8192):
+        assert ops.monarch_forward_plan(T, k, q, p, l, s, r, lim) == list(fits if small else (0, 0, 0)), (shape, T)
+        assert ops.monarch_forward_plan(T, k, q, p, l, s, r, lim, "fused") == list(fits)
+        assert ops.monarch_forward_plan(T, k, q, p, l, s, r, lim, "bmm") == [0, 0, 0]
+    plan = ops.monarch_forward_plan(1, k, q, p, l, s, r, lim, "fused")
+    assert plan[2] <= lim and (plan[1] == 0 or 1 <= plan[1] <= 16)
+
+
+def test_monarch_plan_known_shapes():
+    """d = 4096 in 4 / 16 / 64 blocks (the GPU bench's shapes) takes the batched GEMMs; 128 blocks of 32 fuse with a
+    tile of one token (4096 + 4096 fp32 = 32 KB a token, so two do not fit 48 KB and the plan stays within 48 KB
+    where one token fits)."""
+    for nb in (4, 16, 64):
+        b = 4096 // nb
+        assert ops.monarch_forward_plan(8192, nb, b, b, nb, b, b, _SMEM["sm_90"])[0] == 0
+    assert ops.monarch_forward_plan(8192, 128, 32, 32, 128, 32, 32, _SMEM["48 KB"]) == [1, 1, 32768]
+    assert ops.monarch_forward_plan(8192, 128, 32, 32, 128, 32, 32, _SMEM["sm_90"]) == [1, 1, 32768]
+    assert ops.monarch_forward_plan(5, 4, 8, 8, 4, 8, 8, 0) == [0, 0, 0]  # no shared memory: the GEMMs
+
+
+def test_monarch_plan_errors():
+    _bad = [
+        (lambda: ops.monarch_forward_plan(-1, 2, 4, 4, 2, 4, 4, 1000), r"monarch_forward_plan: tokens must be >= 0, got -1"),
+        (lambda: ops.monarch_forward_plan(1, 0, 4, 4, 2, 4, 4, 1000), r"monarch_forward_plan: k must be >= 1, got 0"),
+        (lambda: ops.monarch_forward_plan(1, 2, 4, 4, 2, 4, 3, 1000), r"monarch_forward_plan: l\*r must equal k\*q, got l\*r = 6 and k\*q = 8"),
+        (lambda: ops.monarch_forward_plan(1, 2, 4, 4, 2, 4, 4, -5), r"monarch_forward_plan: smem_limit must be >= 0, got -5"),
+        (lambda: ops.monarch_forward_plan(1, 2, 4, 4, 2, 4, 4, 1000, "tc"), r'monarch_forward_plan: mode must be auto, fused or bmm, got "tc"'),
+    ]
+    for fn, msg in _bad:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_monarch_fused_and_bmm_agree(dtype, monkeypatch):
+    """Both CUDA forms of the Monarch forward (PEFTCORE_MONARCH_KERNEL=fused / bmm) against the CPU kernel in float64,
+    on shapes the rule sends either way, token counts around the fused tile (1, 15, 16, 17, 130) and a shape whose
+    tile does not fit 48 KB (opt-in path)."""
+    shapes = [(4, 8, 8, 4, 8, 8), (3, 4, 5, 2, 7, 6), (16, 32, 32, 16, 32, 32), (4, 64, 64, 4, 64, 64),
+              (128, 32, 32, 128, 32, 32)]
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for i, (k, q, p, l, s, r) in enumerate(shapes):
+        w1 = _randn((k, q, p), dtype, "cpu", 5, p ** -0.5)
+        w2 = _randn((l, s, r), dtype, "cpu", 6, r ** -0.5)
+        for T in (1, 15, 16, 17, 130):
+            x = _randn((T, k * p), dtype, "cpu", i + T)
+            want = ops.monarch_matmul(x.double(), w1.double(), w2.double())
+            for mode in ("fused", "bmm", "auto"):
+                monkeypatch.setenv("PEFTCORE_MONARCH_KERNEL", mode)
+                got = ops.monarch_matmul(x.cuda(), w1.cuda(), w2.cuda()).cpu().double()
+                torch.testing.assert_close(got, want, atol=tol * 4, rtol=tol, msg=lambda m: f"{mode} {k, q, p, l, s, r} T={T}: {m}")
+    monkeypatch.setenv("PEFTCORE_MONARCH_KERNEL", "tc")
+    with pytest.raises(RuntimeError, match=r'monarch_matmul: PEFTCORE_MONARCH_KERNEL must be auto, fused or bmm, got "tc"'):
+        ops.monarch_matmul(torch.zeros(2, 8, device="cuda"), torch.zeros(1, 8, 8, device="cuda"), torch.zeros(1, 8, 8, device="cuda"))

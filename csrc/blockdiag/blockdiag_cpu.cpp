@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <optional>
 #include <vector>
 
@@ -26,6 +28,7 @@
 #include "cpu_tiles.h"
 #include "dispatch.h"
 #include "blockdiag/blockdiag.h"
+#include "blockdiag/blockdiag_plan.h"
 
 namespace peftcore::blockdiag {
 
@@ -586,6 +589,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_matmul_backward_cpu(const
 
 }  // namespace
 
+// [path (1 fused kernel, 0 batched GEMMs), tokens per CTA, dynamic shared memory bytes]: the CUDA Monarch
+// forward's plan (blockdiag_plan.h) for a device with `smem_limit` bytes of opt-in shared memory, reachable
+// without a GPU. mode as PEFTCORE_MONARCH_KERNEL: "auto", "fused" or "bmm".
+std::vector<int64_t> monarch_forward_plan(int64_t tokens, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s,
+                                          int64_t r, int64_t smem_limit, c10::string_view mode) {
+  constexpr const char* op = "monarch_forward_plan";
+  TORCH_CHECK(tokens >= 0, op, ": tokens must be >= 0, got ", tokens);
+  const std::array<std::pair<const char*, int64_t>, 6> dims{
+      {{"k", k}, {"q", q}, {"p", p}, {"l", l}, {"s", s}, {"r", r}}};
+  for (const auto& [name, v] : dims) TORCH_CHECK(v >= 1, op, ": ", name, " must be >= 1, got ", v);
+  TORCH_CHECK(l * r == k * q, op, ": l*r must equal k*q, got l*r = ", l * r, " and k*q = ", k * q);
+  TORCH_CHECK(smem_limit >= 0, op, ": smem_limit must be >= 0, got ", smem_limit);
+  TORCH_CHECK(mode == "auto" || mode == "fused" || mode == "bmm", op, ": mode must be auto, fused or bmm, got \"",
+              mode, "\"");
+  const int m = mode == "auto" ? 0 : mode == "fused" ? 1 : 2;
+  const auto pl = plan::monarch_forward(tokens, k, q, p, l, s, r, smem_limit, m);
+  return {static_cast<int64_t>(pl.path), pl.tile, pl.smem};
+}
+
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("blockdiag_matmul", &blockdiag_matmul_cpu);
   m.impl("blockdiag_matmul_backward", &blockdiag_matmul_backward_cpu);
@@ -593,5 +615,8 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("monarch_matmul_with_h", &monarch_matmul_with_h_cpu);
   m.impl("monarch_matmul_backward", &monarch_matmul_backward_cpu);
 }
+
+// No tensor arguments: a composite kernel serves every call.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) { m.impl("monarch_forward_plan", &monarch_forward_plan); }
 
 }  // namespace peftcore::blockdiag

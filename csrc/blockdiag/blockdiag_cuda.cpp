@@ -1,19 +1,22 @@
-// blockdiag CUDA glue: argument checks (blockdiag.h), the fused Monarch forward of blockdiag.cu, and the other ops
-// as cuBLAS batched GEMMs through ATen on permuted views (the bmm_* forms of blockdiag_cpu.cpp) (blockdiag_matmul forward / backward, the Monarch
-// backward with the intermediate recomputed, and the Monarch forward when one token's tile does not fit in shared
-// memory). No host sync anywhere: every op here can be captured in a CUDA graph.
+// blockdiag CUDA glue: argument checks (blockdiag.h), the Monarch forward as the fused CUDA-core kernel of
+// blockdiag.cu or two tensor-core batched GEMMs as blockdiag_plan.h decides, and the other ops as cuBLAS batched
+// GEMMs through ATen on permuted views (the bmm_* forms of blockdiag_cpu.cpp: blockdiag_matmul forward / backward,
+// monarch_matmul_with_h, the Monarch backward). No host sync anywhere: every op here can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
 #include "cuda_glue.h"
 #include "blockdiag/blockdiag.h"
 #include "blockdiag/blockdiag_launch.h"
+#include "blockdiag/blockdiag_plan.h"
 
 namespace peftcore::blockdiag {
 namespace {
@@ -23,6 +26,18 @@ namespace cu = peftcore::blockdiag::cuda;
 cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("blockdiag", t); }
 
 at::Tensor empty_like_none(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// PEFTCORE_MONARCH_KERNEL: "auto" (or unset) follows blockdiag_plan.h; "fused" takes the fused kernel whenever a
+// token's tile fits the shared memory (the batched GEMMs otherwise); "bmm" always takes the batched GEMMs. The
+// tests and the GPU bench use it to compare both forms on one device.
+int monarch_mode(const char* op) {
+  const char* env = std::getenv("PEFTCORE_MONARCH_KERNEL");
+  const std::string mode = env != nullptr && *env != '\0' ? env : "auto";
+  if (mode == "auto") return 0;
+  if (mode == "fused") return 1;
+  if (mode == "bmm") return 2;
+  TORCH_CHECK(false, op, ": PEFTCORE_MONARCH_KERNEL must be auto, fused or bmm, got \"", mode, "\"");
+}
 
 at::Tensor blockdiag_matmul_cuda(const at::Tensor& x, const at::Tensor& blocks) {
   constexpr const char* op = "blockdiag_matmul";
@@ -52,11 +67,14 @@ at::Tensor monarch_matmul_cuda(const at::Tensor& x, const at::Tensor& w1, const 
   auto x2d = flatten_tokens(x);
   auto w1c = w1.contiguous(), w2c = w2.contiguous();
   const int64_t T = x2d.size(0), l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  const auto plan = peftcore::blockdiag::plan::monarch_forward(T, w1.size(0), w1.size(1), w1.size(2), l, s, r,
+                                                             cu::smem_optin(x.device().index()), monarch_mode(op));
+  if (plan.path != peftcore::blockdiag::plan::Path::kFused)
+    return bmm_monarch_forward(x2d, w1c, w2c).view(with_last_dim(x, l * s));
   auto y = at::empty({T, l * s}, x.options());
-  const bool fused = cu::monarch_forward(kernel_dtype(x.scalar_type()), x2d.const_data_ptr(), w1c.const_data_ptr(),
-                                         w2c.const_data_ptr(), y.mutable_data_ptr(), T, w1.size(0), w1.size(1),
-                                         w1.size(2), l, s, r, current_stream());
-  if (!fused) y.copy_(bmm_monarch_forward(x2d, w1c, w2c));
+  cu::monarch_forward(kernel_dtype(x.scalar_type()), x2d.const_data_ptr(), w1c.const_data_ptr(), w2c.const_data_ptr(),
+                      y.mutable_data_ptr(), T, w1.size(0), w1.size(1), w1.size(2), l, s, r, plan.tile, plan.smem,
+                      current_stream());
   return y.view(with_last_dim(x, l * s));
 }
 
