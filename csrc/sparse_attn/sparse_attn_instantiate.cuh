@@ -5,6 +5,7 @@
 #include "sparse_attn/sparse_attn_kernels.cuh"
 #include "sparse_attn/sparse_attn_launch.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -70,11 +71,26 @@ void launch(Kern kern, dim3 grid, int smem, const Params& p, cudaStream_t stream
   check_cuda(cudaGetLastError(), what);
 }
 
+// The kernels divide lengths, block indices and head counts in 32-bit arithmetic (kernels::udiv): refuse lengths
+// of 2^31 - 256 or more, and clamp a mask block size larger than both lengths to the longer one (one block per axis
+// either way, so the same semantics) so that it fits as well.
+inline Params checked(const Params& in) {
+  constexpr int64_t kMax = (int64_t{1} << 31) - 257;  // room for a 256-row tile step past the end in 32 bits
+  if (in.Lq > kMax || in.Lk > kMax || in.Hq > kMax || in.Hkv < 1)
+    throw std::runtime_error("peftcore sparse_attn CUDA: sequence lengths must be below 2^31 - 256, got Lq = " +
+                             std::to_string(in.Lq) + ", Lk = " + std::to_string(in.Lk));
+  Params p = in;
+  const int64_t longest = std::max<int64_t>({p.Lq, p.Lk, 1});
+  if (p.bs > longest) p.bs = longest;
+  return p;
+}
+
 }  // namespace detail
 
 template <typename T>
-void forward_t(const Params& p, cudaStream_t stream) {
+void forward_t(const Params& p_in, cudaStream_t stream) {
   using namespace detail;
+  const Params p = checked(p_in);
   with_tile(p.D, p.tile[tiles::kForward], [&](auto d, auto t) {
     constexpr int D = decltype(d)::value, TILE = decltype(t)::value;
     using C = K::Cfg<D, TILE>;
@@ -84,8 +100,9 @@ void forward_t(const Params& p, cudaStream_t stream) {
 }
 
 template <typename T>
-void backward_t(const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream) {
+void backward_t(const Params& p_in, bool want_dq, bool want_dkdv, cudaStream_t stream) {
   using namespace detail;
+  const Params p = checked(p_in);
   const int64_t rows = p.B * p.Hq * p.Lq;
   if (rows > 0) {
     const int64_t blocks = (rows + 7) / 8;
@@ -110,8 +127,9 @@ void backward_t(const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stre
 }
 
 template <typename T>
-void block_pool_t(const Params& p, cudaStream_t stream) {
+void block_pool_t(const Params& p_in, cudaStream_t stream) {
   using namespace detail;
+  const Params p = checked(p_in);
   with_tile(p.D, p.tile[tiles::kPool], [&](auto d, auto t) {
     constexpr int D = decltype(d)::value, TILE = decltype(t)::value;
     using C = K::Cfg<D, TILE>;

@@ -76,11 +76,23 @@ struct Cfg {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// a / b and a % b for 0 <= a, b < 2^32 in 32-bit unsigned arithmetic. A 64-bit division by a run-time value is a
+// call to a subroutine whose register saves gave these kernels a stack frame; every quotient here is of lengths,
+// block counts or head counts, which the launchers keep below 2^31 - 256 (checked() in sparse_attn_instantiate.cuh).
+__device__ __forceinline__ int64_t udiv(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+}
+__device__ __forceinline__ int64_t umod(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint32_t>(a) % static_cast<uint32_t>(b));
+}
+
 // Tiles of `tile` rows per mask block of bs rows along an axis of length L (bs may exceed L). The launcher's grid
-// uses the same count.
+// uses the same count. 32-bit arithmetic: rows < 2^31 - 256 (the launchers' checked()).
 __host__ __device__ __forceinline__ int64_t tiles_per_block(int64_t bs, int64_t L, int tile) {
   const int64_t rows = bs < L ? bs : L;
-  return rows > 0 ? (rows + tile - 1) / tile : 1;
+  return rows > 0 ? static_cast<int64_t>((static_cast<uint32_t>(rows) + static_cast<uint32_t>(tile) - 1u) /
+                                         static_cast<uint32_t>(tile))
+                  : 1;
 }
 
 // max that propagates NaN (fmaxf(x, NaN) = x).
@@ -117,13 +129,13 @@ __device__ __forceinline__ void load_tile(float* __restrict__ sm, const T* __res
 __device__ __forceinline__ int64_t key_blocks_end(const Params& p, int64_t last_row) {
   if (!p.causal) return p.Kb;
   const int64_t last = last_row + p.off;
-  return last < 0 ? 0 : min64(p.Kb, last / p.bs + 1);
+  return last < 0 ? 0 : min64(p.Kb, udiv(last, p.bs) + 1);
 }
 // The first query block that can see key block J.
 __device__ __forceinline__ int64_t query_blocks_begin(const Params& p, int64_t J) {
   if (!p.causal) return 0;
   const int64_t r = J * p.bs - p.off;
-  return r <= 0 ? 0 : min64(p.Qb, r / p.bs);
+  return r <= 0 ? 0 : min64(p.Qb, udiv(r, p.bs));
 }
 
 // The block-mask row of (b, h, I).
@@ -175,13 +187,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t subs = tiles_per_block(p.bs, p.Lq, C::BM);
-  const int64_t I = blockIdx.x / subs;
-  const int64_t r0 = I * p.bs + (blockIdx.x % subs) * C::BM;
+  const int64_t I = udiv(blockIdx.x, subs);
+  const int64_t r0 = I * p.bs + umod(blockIdx.x, subs) * C::BM;
   const int64_t rend = min64(I * p.bs + p.bs, p.Lq);
   if (r0 >= rend) return;  // uniform over the CTA
   const int rows = static_cast<int>(min64(C::BM, rend - r0));
   const int64_t last_row = r0 + rows - 1;
-  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int64_t hk = udiv(h, udiv(p.Hq, p.Hkv));
   const T* qg = static_cast<const T*>(p.q) + (b * p.Hq + h) * p.Lq * D;
   const T* kg = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * D;
   const T* vg = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * p.Lk * D;
@@ -197,10 +209,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
     for (int c = 0; c < C::DC; ++c) o[a][c] = 0.f;
   }
   const int64_t jend = key_blocks_end(p, last_row);
-  for (int64_t J = 0; J < jend; ++J) {
+  for (int J = 0; J < jend; ++J) {  // 32-bit: lengths < 2^31 - 256 (checked()), so c0 + BN never overflows
     if (!keep[J]) continue;
     const int64_t kend = min64(J * p.bs + p.bs, p.Lk);
-    for (int64_t c0 = J * p.bs; c0 < kend; c0 += C::BN) {
+    for (int c0 = static_cast<int>(J * p.bs); c0 < kend; c0 += C::BN) {
       if (p.causal && c0 > last_row + p.off) break;
       const int cols = static_cast<int>(min64(C::BN, kend - c0));
       __syncthreads();  // the previous sub-tile's reads of Ks / Vs / Ps are done
@@ -303,13 +315,13 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const Params p) {
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t subs = tiles_per_block(p.bs, p.Lq, C::BM);
-  const int64_t I = blockIdx.x / subs;
-  const int64_t r0 = I * p.bs + (blockIdx.x % subs) * C::BM;
+  const int64_t I = udiv(blockIdx.x, subs);
+  const int64_t r0 = I * p.bs + umod(blockIdx.x, subs) * C::BM;
   const int64_t rend = min64(I * p.bs + p.bs, p.Lq);
   if (r0 >= rend) return;
   const int rows = static_cast<int>(min64(C::BM, rend - r0));
   const int64_t last_row = r0 + rows - 1;
-  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int64_t hk = udiv(h, udiv(p.Hq, p.Hkv));
   const int64_t qoff = (b * p.Hq + h) * p.Lq;
   const T* kg = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * D;
   const T* vg = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * p.Lk * D;
@@ -388,8 +400,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, hk = blockIdx.y;
   const int64_t subs = tiles_per_block(p.bs, p.Lk, C::BN);
-  const int64_t J = blockIdx.x / subs;
-  const int64_t c0 = J * p.bs + (blockIdx.x % subs) * C::BN;
+  const int64_t J = udiv(blockIdx.x, subs);
+  const int64_t c0 = J * p.bs + umod(blockIdx.x, subs) * C::BN;
   const int64_t kend = min64(J * p.bs + p.bs, p.Lk);
   if (c0 >= kend) return;
   const int cols = static_cast<int>(min64(C::BN, kend - c0));
@@ -401,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Params p)
   for (int a = 0; a < C::RK; ++a)
 #pragma unroll
     for (int c = 0; c < C::DC; ++c) dk[a][c] = dv[a][c] = 0.f;
-  const int64_t G = p.Hq / p.Hkv;
+  const int64_t G = udiv(p.Hq, p.Hkv);
   const int64_t qsubs = tiles_per_block(p.bs, p.Lq, C::BM);
   // Causal: query blocks before query_blocks_begin end before c0 - off.
   const int64_t ibeg = query_blocks_begin(p, J);
@@ -499,13 +511,13 @@ __global__ void __launch_bounds__(kThreads) block_pool_kernel(const Params p) {
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t subs = tiles_per_block(p.bs, p.Lq, C::BM);
-  const int64_t I = blockIdx.x / subs;
-  const int64_t r0 = I * p.bs + (blockIdx.x % subs) * C::BM;
+  const int64_t I = udiv(blockIdx.x, subs);
+  const int64_t r0 = I * p.bs + umod(blockIdx.x, subs) * C::BM;
   const int64_t rend = min64(I * p.bs + p.bs, p.Lq);
   if (r0 >= rend) return;
   const int rows = static_cast<int>(min64(C::BM, rend - r0));
   const int64_t last_row = r0 + rows - 1;
-  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int64_t hk = udiv(h, udiv(p.Hq, p.Hkv));
   const T* kg = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * D;
   load_tile<T, C::BM, D>(Qs, static_cast<const T*>(p.q) + (b * p.Hq + h) * p.Lq * D, r0, rows, p.scale);
   const int64_t jend = key_blocks_end(p, last_row);
