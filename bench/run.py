@@ -131,13 +131,14 @@ def main():
     env = environment()
     print("environment:", env)
     rows = []
-    for fam in args.only:
-        mod = importlib.import_module(f"bench_{fam}")
-        rows += mod.run(args.device, args.quick, rounds=args.rounds)
-    print_table(rows)
     suffix = f"{args.device}{'_quick' if args.quick else ''}"
     csv_path, png_path = out / f"bench_{suffix}.csv", out / f"bench_{suffix}.png"
-    write_csv(rows, csv_path, env)
+    for fam in args.only:
+        mod = importlib.import_module(f"bench_{fam}")
+        fam_rows = mod.run(args.device, args.quick, rounds=args.rounds)
+        write_csv(fam_rows, csv_path, env)  # family by family: a run stopped early keeps what it measured
+        rows += fam_rows
+    print_table(rows)
     write_png(rows, png_path, f"peftcore bench ({args.device}: {env['gpu'] or env['cpu']}, {env['threads']} threads)")
     print(f"\nwrote {csv_path} and {png_path}")
 
