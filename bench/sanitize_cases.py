@@ -8,7 +8,9 @@ token-split atomics in the SDDMM), many tokens (full 16-token tiles), an `in` to
 (global-memory fallback), an empty delta and zero tokens. Each result is compared with a dense fp32 reference
 (loose tolerances: the point here is memory safety, the tests own accuracy). Exit status 0 when all pass.
 The miss ops (fold / unfold: both fold launch paths, ragged tails, no rows) run after them, then the partial,
-blockdiag (Monarch incl. the saved-intermediate path) and orthogonal ops, each against its own CPU kernel.
+blockdiag (Monarch incl. the saved-intermediate path) and orthogonal ops, each against its own CPU kernel. The
+memory-bound families (miss, partial, token_elim) run each 16-byte vector kernel and, on the same shapes at a
+1-element offset, its scalar path.
 
     python bench/sanitize_cases.py            # plain run
     compute-sanitizer --tool memcheck python bench/sanitize_cases.py
@@ -243,13 +245,20 @@ _STRUCTURED = os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "structured")
 
 # miss: fold / unfold; narrow fold path (r <= 256, group widths 32..256), wide path (r > 256), ragged tails
 # (n % r != 0), r == n, no leading dims, no rows, a non-contiguous x.
-def run_miss_case(lead, n, r, dtype, transposed=False, seed=0):
+def at_offset(t, offset):
+    """t's values in a buffer starting `offset` elements in (offset 1: misaligned, the scalar CUDA paths)."""
+    if not offset:
+        return t
+    return torch.cat([t.new_zeros(offset), t.reshape(-1)])[offset:].view(t.shape)
+
+
+def run_miss_case(lead, n, r, dtype, transposed=False, seed=0, offset=0):
     gen = torch.Generator().manual_seed(seed)
-    tag = f"lead={lead} n={n} r={r} {str(dtype)[6:]}{' strided' if transposed else ''}"
-    x = torch.randn(*lead, n, generator=gen).to(dev, dtype)
+    tag = f"lead={lead} n={n} r={r} {str(dtype)[6:]}{' strided' if transposed else ''}{' offset' if offset else ''}"
+    x = at_offset(torch.randn(*lead, n, generator=gen).to(dev, dtype), offset)
     if transposed:
         x = x.reshape(-1, n).t().contiguous().t().reshape(*lead, n)
-    g = torch.randn(*lead, r, generator=gen).to(dev, dtype)
+    g = at_offset(torch.randn(*lead, r, generator=gen).to(dev, dtype), offset)
     cls = torch.arange(n, device=dev) % r
     xf = x.float().reshape(-1, n)
     ref = torch.zeros(xf.shape[0], r, device=dev).index_add_(1, cls, xf)
@@ -263,6 +272,12 @@ for lead, n, r in [] if not _STRUCTURED else [((3,), 10, 3), ((), 1, 1), ((2, 5)
         run_miss_case(lead, n, r, dtype)
 if _STRUCTURED:
     run_miss_case((5,), 77, 6, torch.float32, transposed=True)
+    # 16-byte vector kernels (miss_vec_plan): group fold (r / V <= 32, incl. one vector per row), column fold
+    # (r / V > 32), vector unfold; the same shapes at a 1-element offset take the scalar kernels
+    for lead, n, r in [((3,), 64, 8), ((70,), 16, 8), ((2,), 1024, 64), ((2,), 2048, 512), ((4,), 24, 24)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for offset in (0, 1):
+                run_miss_case(lead, n, r, dtype, offset=offset)
 
 
 
@@ -316,6 +331,17 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
         torch.cuda.synchronize()
         if g[:, [0, 2, 3]].abs().sum().item() != 0:
             failures.append(f"partial_gather {str(dtype)[6:]}: out-of-range index entries must read 0")
+    # gather / scatter-add on both sides of the 16-byte switch (partial_vec_plan): k a multiple of the vector
+    # width (aligned src: vector; src at a 1-element offset: scalar), k = 1 with many tokens, k not a multiple
+    for T, inf, k in [(9, 40, 16), (300, 12, 1), (6, 40, 13), (3, 2100, 2048)]:
+        idx = torch.randperm(inf, generator=torch.Generator().manual_seed(6))[:k].sort().values
+        x = rnd(T, inf, dtype=dtype, seed=1)
+        vs_cpu(f"partial_gather(vec) T={T} k={k}", ops.partial_gather, (x, idx), dtype)
+        for offset in (0, 1):
+            src = at_offset(rnd(T, k, dtype=dtype, seed=2).to(dev), offset)
+            close(f"partial_scatter_add(vec) T={T} k={k} offset={offset} {str(dtype)[6:]}",
+                  ops.partial_scatter_add(src, idx.to(dev), inf).cpu(),
+                  ops.partial_scatter_add(src.cpu().float(), idx, inf), dtype)
     for T, (k, q, p), (l, s, r) in [(7, (4, 6, 5), (3, 7, 8)), (130, (8, 16, 16), (8, 16, 16)),
                                     (3, (2, 160, 128), (4, 150, 80)), (0, (2, 4, 4), (2, 4, 4)),
                                     (65, (4, 256, 256), (4, 256, 256))]:
@@ -363,7 +389,20 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
         vs_cpu(f"token_gather B={B} L={L} K={K}", ops.token_gather, (x, keep), dtype)
         vs_cpu(f"token_scatter_add B={B} L={L} K={K}", ops.token_scatter_add,
                (x, rnd(B, K, F, dtype=dtype, seed=21), keep), dtype)
-    for T, H, I, C in [(19, 24, 40, 13), (130, 64, 300, 150), (0, 8, 16, 4)]:
+    # 16-byte row accesses (token_elim_vec_plan): F a multiple of the vector width, aligned and at a 1-element
+    # offset (scalar), and F = 8 with many rows
+    for B, L, F, K in [(2, 37, 16, 11), (1, 3000, 8, 2900), (2, 9, 4096, 3)]:
+        keep = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(b))[:K].sort().values
+                            for b in range(B)])
+        for offset in (0, 1):
+            x = at_offset(rnd(B, L, F, dtype=dtype, seed=20).to(dev), offset)
+            src = at_offset(rnd(B, K, F, dtype=dtype, seed=21).to(dev), offset)
+            tag = f"B={B} L={L} F={F} K={K} offset={offset} {str(dtype)[6:]}"
+            close(f"token_gather(vec) {tag}", ops.token_gather(x, keep.to(dev)).cpu(),
+                  ops.token_gather(x.cpu().float(), keep), dtype)
+            close(f"token_scatter_add(vec) {tag}", ops.token_scatter_add(x, src, keep.to(dev)).cpu(),
+                  ops.token_scatter_add(x.cpu().float(), src.cpu().float(), keep), dtype)
+    for T, H, I, C in [(19, 24, 40, 13), (130, 64, 300, 150), (0, 8, 16, 4), (24, 16, 64, 32)]:
         x = rnd(T, H, dtype=dtype, seed=22)
         wg, wu = rnd(I, H, dtype=dtype, seed=23, scale=H ** -0.5), rnd(I, H, dtype=dtype, seed=24, scale=H ** -0.5)
         wd = rnd(H, I, dtype=dtype, seed=25, scale=I ** -0.5)

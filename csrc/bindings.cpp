@@ -40,6 +40,8 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("partial_scatter_add(Tensor src, Tensor index, int size) -> Tensor");
   // Host-side validation (syncs on CUDA): index 1-D int64, sorted ascending, unique, in [0, size); == [range_start, +k) when range_start >= 0.
   m.def("partial_validate(Tensor index, int size, int range_start=-1) -> ()");
+  // The CUDA gather / scatter-add launch for a [tokens, k] buffer of elem_size-byte elements at byte address `address`: [vec, tx, ty, grid_x, grid_y] (pure host planning, any build).
+  m.def("partial_vec_plan(int tokens, int k, int elem_size, int address) -> int[]");
   // ---- blockdiag: block-diagonal and Monarch (two block-diagonal stages + a stride permutation) matmuls ----
   // y[..., j*bo:(j+1)*bo] = x[..., j*bi:(j+1)*bi] @ blocks[j]^T for blocks [nb, bo, bi], x [..., nb*bi].
   m.def("blockdiag_matmul(Tensor x, Tensor blocks) -> Tensor");
@@ -62,6 +64,8 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("miss_fold(Tensor x, int r) -> Tensor");
   // out[..., f] = grad[..., f % r] for f < n, grad [..., r] -> [..., n]: miss_fold's adjoint (its backward, and vice versa).
   m.def("miss_unfold(Tensor grad, int n) -> Tensor");
+  // The CUDA fold (or, unfold=True, unfold) launch for [rows, n] <-> [rows, r] of elem_size-byte elements at byte addresses x_address / out_address: [kind, vec, width, copies, tx, ty, grid_x, grid_y] (pure host planning, any build).
+  m.def("miss_vec_plan(int rows, int n, int r, int elem_size, int x_address, int out_address, bool unfold=False) -> int[]");
   // ---- orthogonal: OFT / BOFT orthogonal blocks from free params A [nb, b, b] (S = (A - A^T)/2) and the butterfly chain ----
   // R = (I - S)(I + S)^{-1} per block (PEFT BOFT cayley_batch / OFT use_cayley_neumann=False), fp32 accumulation.
   m.def("orthogonal_cayley(Tensor params) -> Tensor");
@@ -93,6 +97,8 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("token_gather(Tensor x, Tensor keep_index) -> Tensor");
   // residual + src [B, K, *] added at the kept rows (out of place): dropped tokens ride the residual. Backward: (grad, token_gather(grad)).
   m.def("token_scatter_add(Tensor residual, Tensor src, Tensor keep_index) -> Tensor");
+  // The CUDA launch of a token_elim kernel over rows x width elem_size-byte elements whose vectorised buffers start at `addresses`: [vec, tx, ty, grid_x, grid_y] (pure host planning, any build).
+  m.def("token_elim_vec_plan(int rows, int width, int elem_size, int[] addresses) -> int[]");
   // [B, Kb] fp32: attention each key block receives, attn_block_pool's map summed over heads and query blocks (no [L, L] buffer).
   m.def("token_block_scores(Tensor q, Tensor k, int block_size, bool causal=True, float? scale=None) -> Tensor");
   // Frozen LlamaMLP (silu(x Wg^T) * x Wu^T) Wd^T, full forward; returns (y, gate_kept, up_kept, channel_index): the c kept channels' pre-activations (top-c by sum |act| unless channel_index is given).

@@ -272,3 +272,163 @@ def test_bad_inputs_isolated():
     """Hostile arguments in a child process: each raises an error naming the op and the value (or, for an output
     too large to allocate, ATen's allocation error), never a crash."""
     check_errors_isolated(_BAD_CASES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA launch plan (miss_plan.h, reachable on CPU as miss_vec_plan) and the vector kernels' index maps, simulated
+# here so that the rule and the mapping are checked without a GPU.
+
+FOLD_NARROW, FOLD_WIDE, FOLD_VEC_GROUP, FOLD_VEC_COLS, UNFOLD = range(5)
+
+
+def _pow2_at_least(x, lo, hi):
+    p = lo
+    while p < hi and p < x:
+        p *= 2
+    return p
+
+
+def _row_launch(rows, units):
+    tx = _pow2_at_least(units, 1, 256)
+    ty = 256 // tx
+    return [tx, ty, max(1, min(-(-rows // ty), 1 << 20)), max(1, min(-(-units // tx), 65535))]
+
+
+def ref_vec_plan(rows, n, r, elem_size, xa, oa, unfold=False):
+    """[kind, vec, width, copies, tx, ty, grid_x, grid_y] (miss_plan.h's rule, restated)."""
+    v = 16 // elem_size
+    vec = v if xa % 16 == 0 and oa % 16 == 0 and n % v == 0 and r % v == 0 else 1
+    if unfold:
+        return [UNFOLD, vec, 0, 0, *_row_launch(rows, n // vec)]
+    if vec > 1:
+        rv, nv = r // vec, n // vec
+        if rv <= 32:
+            tx = _pow2_at_least(nv, 1, 32)
+            copies = 1
+            while rv * copies * 2 <= tx:
+                copies *= 2
+            return [FOLD_VEC_GROUP, vec, 0, copies, tx, 256 // tx, max(1, min(-(-rows // (256 // tx)), 1 << 20)), 1]
+        return [FOLD_VEC_COLS, vec, 0, 0, *_row_launch(rows, rv)]
+    if r <= 256:
+        w = _pow2_at_least(n, 32, 256)
+        return [FOLD_NARROW, 1, w, 0, 256, 1, max(1, min(-(-rows // (256 // w)), 1 << 24)), 1]
+    return [FOLD_WIDE, 1, 0, 0, 256, 1, -(-r // 256), max(1, min(rows, 65535))]
+
+
+_PLAN_SHAPES = [(n, r) for n in (1, 3, 8, 16, 40, 64, 100, 256, 600, 4096, 4100, 11008)
+                for r in (1, 2, 3, 4, 6, 8, 16, 24, 33, 64, 128, 256, 260, 512, 1024) if r <= n]
+
+
+@pytest.mark.parametrize("elem_size", [4, 2])
+@pytest.mark.parametrize("rows", [1, 9, 70000])
+def test_vec_plan_rule(rows, elem_size):
+    for n, r in _PLAN_SHAPES:
+        for xa, oa in ((0, 0), (512, 1024), (elem_size, 0), (0, 2 * elem_size), (8, 8)):
+            for unfold in (False, True):
+                got = list(ops.miss_vec_plan(rows, n, r, elem_size, xa, oa, unfold))
+                assert got == ref_vec_plan(rows, n, r, elem_size, xa, oa, unfold), (rows, n, r, elem_size, xa, oa)
+                kind, vec, width, copies, tx, ty, gx, gy = got
+                assert tx * ty == 256 or kind in (FOLD_NARROW, FOLD_WIDE)
+                if kind == FOLD_VEC_GROUP:  # a row's lanes stay inside one warp, and hold every class
+                    assert tx <= 32 and r // vec <= r // vec * copies <= tx
+    # the common shapes, spelled out: PEFT MiSS r = 64 on hidden 4096
+    assert list(ops.miss_vec_plan(8192, 4096, 64, 2, 0, 0)) == [FOLD_VEC_GROUP, 8, 0, 4, 32, 8, 1024, 1]
+    assert list(ops.miss_vec_plan(8192, 4096, 64, 4, 0, 0)) == [FOLD_VEC_GROUP, 4, 0, 2, 32, 8, 1024, 1]
+    assert list(ops.miss_vec_plan(8192, 4096, 512, 2, 0, 0)) == [FOLD_VEC_COLS, 8, 0, 0, 64, 4, 2048, 1]
+    assert list(ops.miss_vec_plan(8192, 4096, 64, 2, 2, 0)) == [FOLD_NARROW, 1, 256, 0, 256, 1, 8192, 1]
+    assert list(ops.miss_vec_plan(8192, 4096, 64, 2, 0, 0, True)) == [UNFOLD, 8, 0, 0, 256, 1, 8192, 2]
+    assert list(ops.miss_vec_plan(100, 12, 4, 4, 0, 0, True)) == [UNFOLD, 4, 0, 0, 4, 64, 2, 1]  # short rows
+
+
+def test_vec_plan_errors():
+    with pytest.raises(RuntimeError, match=r"miss_vec_plan: need 1 <= r <= n, got r = 5 and n = 4"):
+        ops.miss_vec_plan(1, 4, 5, 4, 0, 0)
+    with pytest.raises(RuntimeError, match=r"miss_vec_plan: rows must be >= 0, got -1"):
+        ops.miss_vec_plan(-1, 4, 2, 4, 0, 0)
+    with pytest.raises(RuntimeError, match=r"miss_vec_plan: elem_size must be > 0 and addresses >= 0"):
+        ops.miss_vec_plan(1, 4, 2, 4, -16, 0)
+
+
+def _simulate_fold(x, r, plan):
+    """The vector fold kernels' index maps (miss_kernels.cuh) run in Python on x [rows, n]: which vectors each lane
+    reads, and how the group kernel's shuffle tree combines lanes."""
+    kind, vec, _, copies, tx, ty, gx, gy = plan
+    rows, n = x.shape
+    nv, rv = n // vec, r // vec
+    xv = x.reshape(rows, nv, vec)
+    y = torch.full((rows, r), float("nan"), dtype=x.dtype)
+    for t in range(rows):
+        if kind == FOLD_VEC_GROUP:
+            active = rv * copies
+            acc = [xv[t, p::active].sum(0) if p < active else torch.zeros(vec, dtype=x.dtype) for p in range(tx)]
+            off = copies // 2
+            while off > 0:  # __shfl_down_sync(width = tx): lanes past the row keep their own value
+                acc = [acc[p] + (acc[p + off * rv] if p + off * rv < tx else acc[p]) for p in range(tx)]
+                off //= 2
+            for p in range(rv):
+                y[t, p * vec:(p + 1) * vec] = acc[p]
+        else:
+            for c in range(rv):
+                y[t, c * vec:(c + 1) * vec] = xv[t, c::rv].sum(0)
+    return y
+
+
+@pytest.mark.parametrize("elem_size", [4, 2])
+def test_vector_fold_index_maps(elem_size):
+    """Every vector fold plan, simulated lane by lane, gives the fold (each vector read once, into its class)."""
+    seen = set()
+    for n, r in _PLAN_SHAPES:
+        if n > 1100:
+            continue
+        plan = list(ops.miss_vec_plan(3, n, r, elem_size, 0, 0))
+        if plan[0] not in (FOLD_VEC_GROUP, FOLD_VEC_COLS):
+            continue
+        seen.add(plan[0])
+        x = _randn((3, n), torch.float64, "cpu", n + r)
+        torch.testing.assert_close(_simulate_fold(x, r, plan), ref_fold(x, r))
+    assert seen == {FOLD_VEC_GROUP, FOLD_VEC_COLS}
+
+
+def _offset_view(shape, dtype, offset, seed):
+    """A contiguous CUDA tensor of `shape` starting `offset` elements into its storage (misaligned for 1)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return _randn((n + offset,), dtype, "cuda", seed)[offset:].view(shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("op", ["miss_fold", "miss_unfold"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,r", [(9, 4096, 64), (300, 64, 8), (5, 16, 16), (3, 40, 8), (7, 2048, 512),
+                                      (4, 600, 260), (2000, 8, 1), (6, 100, 12), (5, 24, 24), (33, 1032, 8)])
+def test_cuda_vector_and_scalar_paths(op, dtype, rows, n, r):
+    """CUDA miss_fold / miss_unfold against the CPU kernels on both sides of the vector switch (aligned, and the
+    same values at a 1-element offset), every fold kernel (vector group / columns, scalar narrow / wide), n or r
+    not a multiple of the vector width, r = 1, many short rows, and non-contiguous / batched inputs."""
+    tol = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+           torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}[dtype]
+    es = torch.empty(0, dtype=dtype).element_size()
+    vectorisable = n % (16 // es) == 0 and r % (16 // es) == 0
+    kinds = set()
+    for offset in (0, 1):
+        if op == "miss_fold":
+            x = _offset_view((rows, n), dtype, offset, 1)
+            plan = list(ops.miss_vec_plan(rows, n, r, es, x.data_ptr(), 0))
+            torch.testing.assert_close(ops.miss_fold(x, r).cpu(), ops.miss_fold(x.cpu(), r), **tol)
+        else:
+            g = _offset_view((rows, r), dtype, offset, 2)
+            plan = list(ops.miss_vec_plan(rows, n, r, es, g.data_ptr(), 0, True))
+            assert torch.equal(ops.miss_unfold(g, n).cpu(), ops.miss_unfold(g.cpu(), n))
+        kinds.add((plan[0], plan[1] > 1))
+        assert (plan[1] > 1) == (offset == 0 and vectorisable)
+    if op == "miss_fold" and vectorisable:
+        assert {k for k, _ in kinds} & {FOLD_VEC_GROUP, FOLD_VEC_COLS} and {k for k, _ in kinds} & {FOLD_NARROW, FOLD_WIDE}
+    if op == "miss_unfold":
+        assert kinds == ({(UNFOLD, True), (UNFOLD, False)} if vectorisable else {(UNFOLD, False)})
+    if op == "miss_fold":
+        xt = _randn((n, rows), dtype, "cuda", 3).t()
+        torch.testing.assert_close(ops.miss_fold(xt, r).cpu(), ops.miss_fold(xt.cpu(), r), **tol)
+    else:
+        g3 = _randn((2, rows, r), dtype, "cuda", 4)
+        assert torch.equal(ops.miss_unfold(g3, n).cpu(), ops.miss_unfold(g3.cpu(), n))

@@ -631,3 +631,123 @@ def test_cuda_malformed_index_skipped(dtype):
     torch.testing.assert_close(y.cpu(), pt.partial_linear(x.cpu(), w.cpu(), None, d[:, [1, 4]].cpu(), good, 1))
     with pytest.raises(RuntimeError, match=r"partial_validate: index must lie in \[0, 40\)"):
         pt.partial_validate(bad, 40)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA launch plan of the gather / scatter-add kernels (partial_plan.h, reachable on CPU as partial_vec_plan):
+# 16-byte accesses of the [tokens, k] buffer when it is 16-byte aligned and k % (16 / elem_size) == 0, and a
+# tx x ty block (tx threads along a row: the power of two covering its accesses, at most 256; ty = 256 / tx rows).
+
+
+def ref_vec_plan(tokens, k, elem_size, address):
+    vec = 16 // elem_size if address % 16 == 0 and k % (16 // elem_size) == 0 else 1
+    units = k // vec
+    tx = 1
+    while tx < 256 and tx < units:
+        tx *= 2
+    ty = 256 // tx
+    return [vec, tx, ty, max(1, min(-(-tokens // ty), 1 << 20)), max(1, min(-(-units // tx), 65535))]
+
+
+@pytest.mark.parametrize("elem_size", [4, 2])
+@pytest.mark.parametrize("k", [1, 3, 4, 7, 8, 16, 24, 100, 256, 1000, 4096, 8192, 3 * 65536 * 8])
+@pytest.mark.parametrize("tokens", [1, 5, 300, 100_000])
+def test_vec_plan_rule(tokens, k, elem_size):
+    for address in (0, 512, 16 * 1001, elem_size, 8, 512 + 2 * elem_size):
+        got = list(ops.partial_vec_plan(tokens, k, elem_size, address))
+        assert got == ref_vec_plan(tokens, k, elem_size, address), (tokens, k, elem_size, address)
+        vec, tx, ty, gx, gy = got
+        assert tx * ty == 256
+        assert (vec > 1) == (address % 16 == 0 and k % (16 // elem_size) == 0)
+        # a block covers its rows: never more threads along a row than the row has accesses (rounded to a power
+        # of two), so small k packs many tokens per block
+        assert tx < 2 * max(1, k // vec)
+        if -(-k // vec) <= 65535 * tx:
+            assert tx * gy >= k // vec  # every access has a thread without striding
+    # the common shapes, spelled out
+    assert list(ops.partial_vec_plan(4096, 8, 2, 0)) == [8, 1, 256, 16, 1]        # bf16 k = 8: one access a token
+    assert list(ops.partial_vec_plan(4096, 16, 4, 0)) == [4, 4, 64, 64, 1]        # fp32 k = 16: 64 tokens a block
+    assert list(ops.partial_vec_plan(4096, 16, 4, 4)) == [1, 16, 16, 256, 1]      # misaligned: scalar
+    assert list(ops.partial_vec_plan(2, 4096, 2, 0)) == [8, 256, 1, 2, 2]         # wide rows: column chunks
+
+
+def test_vec_plan_errors():
+    with pytest.raises(RuntimeError, match=r"partial_vec_plan: tokens and k must be >= 0, got -1 and 4"):
+        ops.partial_vec_plan(-1, 4, 2, 0)
+    with pytest.raises(RuntimeError, match=r"partial_vec_plan: elem_size must be > 0 and address >= 0, got 0 and 0"):
+        ops.partial_vec_plan(1, 4, 0, 0)
+
+
+def _cuda_vec(t2d):
+    """Whether the CUDA kernels vectorise a [tokens, k] buffer like t2d (the plan op on its real address)."""
+    return ops.partial_vec_plan(t2d.shape[0], t2d.shape[1], t2d.element_size(), t2d.data_ptr())[0] > 1
+
+
+def _offset_view(shape, dtype, offset, seed):
+    """A contiguous tensor of `shape` starting `offset` elements into its storage (misaligned for offset 1)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return _randn((n + offset,), dtype, "cuda", seed)[offset:].view(shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("op", ["partial_gather", "partial_scatter_add"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens,features,k", [(7, 40, 16), (300, 64, 8), (5, 40, 15), (1000, 12, 1),
+                                               (3000, 24, 4), (9, 4100, 4096), (4, 33, 24)])
+def test_cuda_vector_and_scalar_paths(op, dtype, tokens, features, k):
+    """CUDA gather / scatter-add equal the CPU kernels (both are exact copies / one fp32 add into zeros) on both
+    sides of the vector switch: an aligned [tokens, k] buffer (vectorised when k % (16 / elem_size) == 0) and the
+    same values at a 1-element offset (scalar), k not a multiple of the vector width, k = 1, many tokens with
+    tiny k, a scattered index, and non-contiguous / batched inputs."""
+    idx = torch.randperm(features, generator=torch.Generator().manual_seed(tokens))[:k].sort().values
+    vw = 16 // torch.empty(0, dtype=dtype).element_size()
+    paths = set()
+    for offset in (0, 1):
+        if op == "partial_gather":
+            x = _offset_view((tokens, features), dtype, offset, 1)
+            g = pt.partial_gather(x, idx.cuda())
+            paths.add(_cuda_vec(g))  # out is fresh (aligned): vectorised iff k % V == 0
+            assert torch.equal(g.cpu(), pt.partial_gather(x.cpu(), idx))
+        else:
+            src = _offset_view((tokens, k), dtype, offset, 2)
+            vec = _cuda_vec(src)
+            assert vec == (offset == 0 and k % vw == 0)
+            paths.add(vec)
+            s = pt.partial_scatter_add(src, idx.cuda(), features)
+            assert torch.equal(s.cpu(), pt.partial_scatter_add(src.cpu(), idx, features))
+    assert paths == ({True} if op == "partial_gather" else {True, False}) if k % vw == 0 else paths == {False}
+    if op == "partial_gather":  # non-contiguous x (a transposed buffer)
+        xt = _randn((features, tokens), dtype, "cuda", 3).t()
+        assert torch.equal(pt.partial_gather(xt, idx.cuda()).cpu(), pt.partial_gather(xt.cpu(), idx))
+    else:  # src with leading dims, and a non-contiguous one
+        s3 = _randn((2, tokens, k), dtype, "cuda", 4)
+        assert torch.equal(pt.partial_scatter_add(s3, idx.cuda(), features).cpu(),
+                           pt.partial_scatter_add(s3.cpu(), idx, features))
+        st = _randn((k, tokens), dtype, "cuda", 5).t()
+        assert torch.equal(pt.partial_scatter_add(st, idx.cuda(), features).cpu(),
+                           pt.partial_scatter_add(st.cpu(), idx, features))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_cuda_partial_linear_general_path_vector_and_scalar(dtype, dim):
+    """partial_linear(_backward) on the general path (scattered index: the gather / scatter-add kernels), k a
+    multiple of the vector width and not, against the CPU ops on the same inputs."""
+    for k in (16, 13):
+        out, inf, T = 48, 40, 37
+        idx = torch.randperm((out, inf)[dim], generator=torch.Generator().manual_seed(k))[:k].sort().values
+        x, w = _randn((T, inf), dtype, "cpu", 1), _randn((out, inf), dtype, "cpu", 2)
+        delta = _randn((k, inf) if dim == 0 else (out, k), torch.float32, "cpu", 3)
+        g = _randn((T, out), dtype, "cpu", 4)
+        saved = x if dim == 0 else x[:, idx].contiguous()
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+        got = pt.partial_linear(x.cuda(), w.cuda(), None, delta.cuda(), idx.cuda(), dim)
+        torch.testing.assert_close(got.cpu(), pt.partial_linear(x, w, None, delta, idx, dim), **tol)
+        got = ops.partial_linear_backward(g.cuda(), saved.cuda(), w.cuda(), delta.cuda(), idx.cuda(), dim,
+                                          [True, True, False])
+        want = ops.partial_linear_backward(g, saved, w, delta, idx, dim, [True, True, False])
+        for a, b in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a.cpu(), b, **tol)

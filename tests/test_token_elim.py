@@ -497,3 +497,123 @@ def test_cuda_malformed_indices_skipped(dtype):
     _, gk1, uk1, _ = ops.token_mlp_partial_save(x.cpu(), wg.cpu(), wu.cpu(), wd.cpu(), 1, ci_good)
     ref = ops.token_mlp_partial_save_backward(x.cpu(), gk1, uk1, ci_good, wg.cpu(), wu.cpu(), wd.cpu())
     torch.testing.assert_close(gx.cpu(), ref, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA launch plan (token_elim_plan.h, reachable on CPU as token_elim_vec_plan): 16-byte accesses when every
+# vectorised buffer is 16-byte aligned and the row width is a multiple of 16 / elem_size, and a tx x ty block
+# (tx threads along a row: the power of two covering its accesses, at most 256; ty = 256 / tx rows).
+
+
+def ref_vec_plan(rows, width, elem_size, addresses):
+    v = 16 // elem_size
+    vec = v if all(a % 16 == 0 for a in addresses) and width % v == 0 else 1
+    units = width // vec
+    tx = 1
+    while tx < 256 and tx < units:
+        tx *= 2
+    ty = 256 // tx
+    return [vec, tx, ty, max(1, min(-(-rows // ty), 1 << 20)), max(1, min(-(-units // tx), 65535))]
+
+
+@pytest.mark.parametrize("elem_size", [4, 2])
+@pytest.mark.parametrize("width", [1, 5, 8, 12, 16, 24, 260, 4096, 11008])
+@pytest.mark.parametrize("rows", [1, 7, 33000, 3_000_000])
+def test_vec_plan_rule(rows, width, elem_size):
+    for addresses in ([0], [0, 512], [0, 4], [16, 32, 2 * elem_size], [8, 0], [0, 0, 0, 0, 0, 0, 0], []):
+        got = list(ops.token_elim_vec_plan(rows, width, elem_size, addresses))
+        assert got == ref_vec_plan(rows, width, elem_size, addresses), (rows, width, elem_size, addresses)
+        vec, tx, ty, gx, gy = got
+        assert tx * ty == 256 and tx < 2 * max(1, width // vec)
+        assert (vec > 1) == (all(a % 16 == 0 for a in addresses) and width % (16 // elem_size) == 0)
+    assert list(ops.token_elim_vec_plan(33000, 1, 4, [0, 0])) == [1, 1, 256, 129, 1]      # F = 1: 256 rows a block
+    assert list(ops.token_elim_vec_plan(4096, 4096, 2, [0, 0])) == [8, 256, 1, 4096, 2]   # bf16 hidden 4096
+    assert list(ops.token_elim_vec_plan(4096, 4096, 2, [0, 2])) == [1, 256, 1, 4096, 16]  # one misaligned buffer
+
+
+def test_vec_plan_errors():
+    with pytest.raises(RuntimeError, match=r"token_elim_vec_plan: rows and width must be >= 0, got 3 and -2"):
+        ops.token_elim_vec_plan(3, -2, 4, [0])
+    with pytest.raises(RuntimeError, match=r"token_elim_vec_plan: at most 7 addresses"):
+        ops.token_elim_vec_plan(3, 2, 4, [0] * 8)
+    with pytest.raises(RuntimeError, match=r"token_elim_vec_plan: addresses must be >= 0, got -16"):
+        ops.token_elim_vec_plan(3, 2, 4, [-16])
+
+
+def _offset_view(shape, dtype, offset, seed):
+    """A contiguous CUDA tensor of `shape` starting `offset` elements into its storage (misaligned for 1)."""
+    n = math.prod(shape)
+    return _randn((n + offset,), dtype, seed, device="cuda")[offset:].view(shape)
+
+
+def _vec(rows, width, *tensors):
+    return ops.token_elim_vec_plan(rows, width, tensors[0].element_size(), [t.data_ptr() for t in tensors])[0] > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("op", ["token_gather", "token_scatter_add"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,K", [((2, 37, 16), 11), ((3, 20, 4, 8), 7), ((2, 9, 15), 5), ((2, 3000, 1), 2500),
+                                     ((1, 600, 8), 600), ((2, 9, 4104), 4), ((2, 40, 12), 33)])
+def test_cuda_vector_and_scalar_paths(op, dtype, shape, K):
+    """CUDA token_gather / token_scatter_add equal the CPU kernels (a copy; one fp32 add, one rounding) on both
+    sides of the vector switch (aligned x / src, and the same values at a 1-element offset), rows not a multiple
+    of the vector width, F = 1 with many rows, 4-D rows, and a non-contiguous x."""
+    B, L = shape[:2]
+    F = math.prod(shape[2:])
+    keep = make_keep(B, L, K, 5)
+    vw = 16 // torch.empty(0, dtype=dtype).element_size()
+    paths = set()
+    for offset in (0, 1):
+        x = _offset_view(shape, dtype, offset, 1)
+        vec = _vec(B * K, F, x, x)
+        assert vec == (offset == 0 and F % vw == 0)
+        paths.add(vec)
+        if op == "token_gather":
+            assert torch.equal(ops.token_gather(x, keep.cuda()).cpu(), ops.token_gather(x.cpu(), keep))
+        else:
+            src = _offset_view((B, K, *shape[2:]), dtype, offset, 2)
+            out = ops.token_scatter_add(x, src, keep.cuda())
+            torch.testing.assert_close(out.cpu(), ops.token_scatter_add(x.cpu(), src.cpu(), keep), atol=0, rtol=0)
+    assert paths == ({True, False} if F % vw == 0 else {False})
+    xt = _randn((B, *shape[2:], L), dtype, 3, device="cuda").movedim(-1, 1)  # non-contiguous x / residual
+    assert not xt.is_contiguous()
+    if op == "token_gather":
+        assert torch.equal(ops.token_gather(xt, keep.cuda()).cpu(), ops.token_gather(xt.cpu(), keep))
+    else:
+        src = _randn((B, K, *shape[2:]), dtype, 4, device="cuda")
+        torch.testing.assert_close(ops.token_scatter_add(xt, src, keep.cuda()).cpu(),
+                                   ops.token_scatter_add(xt.cpu(), src.cpu(), keep), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("op", ["token_mlp_partial_save", "token_mlp_partial_save_backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,H,I,C", [(19, 24, 48, 16), (40, 32, 40, 13), (300, 16, 8, 1), (7, 8, 264, 256)])
+def test_cuda_mlp_vector_and_scalar_paths(op, dtype, T, H, I, C):
+    """The partial-save MLP's elementwise kernels (silu_mul over [T, I], gather_cols to C channels,
+    silu_mul_backward over [T, C]) on CUDA against the CPU ops, with C and I multiples of the vector width and not,
+    and the kept pre-activations of the backward given aligned and at a 1-element offset (scalar path)."""
+    x = _randn((T, H), dtype, 1)
+    wg, wu = _randn((I, H), dtype, 2, H ** -0.5), _randn((I, H), dtype, 3, H ** -0.5)
+    wd = _randn((H, I), dtype, 4, I ** -0.5)
+    ci = torch.randperm(I, generator=torch.Generator().manual_seed(5))[:C].sort().values
+    tol = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
+           torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}[dtype]
+    if op == "token_mlp_partial_save":
+        got = ops.token_mlp_partial_save(x.cuda(), wg.cuda(), wu.cuda(), wd.cuda(), C, ci.cuda())
+        want = ops.token_mlp_partial_save(x, wg, wu, wd, C, ci)
+        for a, b in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a.cpu(), b, **tol)
+        return
+    gy = _randn((T, H), dtype, 6)
+    vw = 16 // x.element_size()
+    for offset in (0, 1):
+        gk, uk, ggk, guk = (_offset_view((T, C), dtype, offset, 7 + i) for i in range(4))
+        assert _vec(1, T * C, gk, uk, ggk, guk) == (offset == 0 and (T * C) % vw == 0)
+        for extra in ((), (ggk, guk)):
+            got = ops.token_mlp_partial_save_backward(gy.cuda(), gk, uk, ci.cuda(), wg.cuda(), wu.cuda(), wd.cuda(),
+                                                      *extra)
+            want = ops.token_mlp_partial_save_backward(gy, gk.cpu(), uk.cpu(), ci, wg, wu, wd,
+                                                       *(e.cpu() for e in extra))
+            torch.testing.assert_close(got.cpu(), want, **tol)

@@ -24,6 +24,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "miss/miss.h"
+#include "miss/miss_plan.h"
 
 namespace peftcore::miss {
 
@@ -151,11 +152,29 @@ at::Tensor miss_unfold_cpu(const at::Tensor& grad, int64_t n) {
   return out.view(with_last_dim(grad, n));
 }
 
+// The CUDA launchers' plan (miss_plan.h), without a GPU.
+std::vector<int64_t> miss_vec_plan(int64_t rows, int64_t n, int64_t r, int64_t elem_size, int64_t x_address,
+                                   int64_t out_address, bool unfold) {
+  constexpr const char* op = "miss_vec_plan";
+  TORCH_CHECK(rows >= 0, op, ": rows must be >= 0, got ", rows);
+  TORCH_CHECK(r >= 1 && r <= n, op, ": need 1 <= r <= n, got r = ", r, " and n = ", n);
+  TORCH_CHECK(elem_size > 0 && x_address >= 0 && out_address >= 0, op,
+              ": elem_size must be > 0 and addresses >= 0, got ", elem_size, ", ", x_address, ", ", out_address);
+  const uint64_t xa = static_cast<uint64_t>(x_address), oa = static_cast<uint64_t>(out_address);
+  const plan::Launch l = unfold ? plan::unfold(rows, r, n, elem_size, xa, oa) : plan::fold(rows, n, r, elem_size, xa, oa);
+  return {l.kind, l.vec, l.width, l.copies, l.rows.tx, l.rows.ty, l.rows.grid_x, l.rows.grid_y};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("miss_fold", &miss_fold_cpu);
   m.impl("miss_unfold", &miss_unfold_cpu);
+}
+
+// Pure host planning (no tensors): one kernel for every backend.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
+  m.impl("miss_vec_plan", &miss_vec_plan);
 }
 
 }  // namespace peftcore::miss

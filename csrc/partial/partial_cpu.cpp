@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "partial/partial.h"
+#include "partial/partial_plan.h"
 
 namespace peftcore::partial {
 
@@ -356,6 +357,16 @@ void partial_validate_impl(const at::Tensor& index, int64_t size, int64_t range_
   validate_index("partial_validate", index, size, range_start);
 }
 
+// The CUDA launchers' plan (partial_plan.h), without a GPU.
+std::vector<int64_t> partial_vec_plan(int64_t tokens, int64_t k, int64_t elem_size, int64_t address) {
+  constexpr const char* op = "partial_vec_plan";
+  TORCH_CHECK(tokens >= 0 && k >= 0, op, ": tokens and k must be >= 0, got ", tokens, " and ", k);
+  TORCH_CHECK(elem_size > 0 && address >= 0, op, ": elem_size must be > 0 and address >= 0, got ", elem_size, " and ",
+              address);
+  const plan::Launch l = plan::rows(tokens, k, elem_size, static_cast<uint64_t>(address));
+  return {l.vec, l.rows.tx, l.rows.ty, l.rows.grid_x, l.rows.grid_y};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
@@ -368,6 +379,11 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
 // Validation is device independent (ATen ops + a host sync), so it is registered once for every backend.
 TORCH_LIBRARY_IMPL(peftcore, CompositeExplicitAutograd, m) {
   m.impl("partial_validate", &partial_validate_impl);
+}
+
+// Pure host planning (no tensors): one kernel for every backend.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
+  m.impl("partial_vec_plan", &partial_vec_plan);
 }
 
 }  // namespace peftcore::partial

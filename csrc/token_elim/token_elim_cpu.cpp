@@ -24,6 +24,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "token_elim/token_elim.h"
+#include "token_elim/token_elim_plan.h"
 #include "token_elim/token_elim_shared.h"
 
 namespace peftcore::token_elim {
@@ -382,6 +383,23 @@ at::Tensor token_block_scores_impl(const at::Tensor& q, const at::Tensor& k, int
   return pooled.sum(at::IntArrayRef{1, 2});
 }
 
+// The CUDA launchers' plan (token_elim_plan.h), without a GPU.
+std::vector<int64_t> token_elim_vec_plan(int64_t rows, int64_t width, int64_t elem_size,
+                                         at::IntArrayRef addresses) {
+  constexpr const char* op = "token_elim_vec_plan";
+  TORCH_CHECK(rows >= 0 && width >= 0, op, ": rows and width must be >= 0, got ", rows, " and ", width);
+  TORCH_CHECK(elem_size > 0, op, ": elem_size must be > 0, got ", elem_size);
+  TORCH_CHECK(addresses.size() <= 7, op, ": at most 7 addresses (the most a kernel vectorises), got ",
+              addresses.size());
+  uint64_t a[7] = {0, 0, 0, 0, 0, 0, 0};  // 0 is aligned: absent buffers do not count
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    TORCH_CHECK(addresses[i] >= 0, op, ": addresses must be >= 0, got ", addresses[i]);
+    a[i] = static_cast<uint64_t>(addresses[i]);
+  }
+  const plan::Launch l = plan::rows(rows, width, elem_size, {a[0], a[1], a[2], a[3], a[4], a[5], a[6]});
+  return {l.vec, l.rows.tx, l.rows.ty, l.rows.grid_x, l.rows.grid_y};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
@@ -393,6 +411,11 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
 
 TORCH_LIBRARY_IMPL(peftcore, CompositeExplicitAutograd, m) {
   m.impl("token_block_scores", &token_block_scores_impl);
+}
+
+// Pure host planning (no tensors): one kernel for every backend.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
+  m.impl("token_elim_vec_plan", &token_elim_vec_plan);
 }
 
 }  // namespace peftcore::token_elim

@@ -22,7 +22,10 @@ float64) and returns ``x``'s dtype.
 
 The MiSS delta is then ``miss_fold(x, r) @ miss`` (an ordinary GEMM; ``miss`` gets its gradient from autograd).
 Dtypes: float32, float16, bfloat16, float64 on CPU; float32, float16, bfloat16 on CUDA. Any leading dims;
-non-contiguous inputs are accepted (copied to contiguous first).
+non-contiguous inputs are accepted (copied to contiguous first). The CUDA kernels move 16 bytes per access when
+the rows are 16-byte aligned (``n`` and ``r`` multiples of 16 / element size), scalar kernels otherwise;
+``torch.ops.peftcore.miss_vec_plan(rows, n, r, elem_size, x_address, out_address, unfold)`` returns the launch
+the CUDA launcher picks (host planning, checked on CPU by the tests).
 """
 from __future__ import annotations
 

@@ -36,6 +36,11 @@ Double backward. :func:`partial_gather` and :func:`partial_scatter_add` are each
 their derivatives of any order are exact (tested with ``gradgradcheck``). ``partial_linear``'s backward op
 ``partial_linear_backward`` refuses to be differentiated again (``create_graph=True`` works for first
 derivatives; a second backward through it raises an error naming the op).
+
+CUDA kernels. The gather / scatter-add kernels move the ``[tokens, k]`` side 16 bytes per access when it is
+16-byte aligned and ``k`` is a multiple of 16 / element size (else one element), with blocks of tokens x columns
+sized to ``k``; ``torch.ops.peftcore.partial_vec_plan(tokens, k, elem_size, address)`` returns the launch the
+CUDA launcher picks (host planning, checked on CPU by the tests).
 """
 from __future__ import annotations
 

@@ -42,6 +42,12 @@ outputs never require grad.
 Selection (:func:`token_topk_blocks`) is a Python helper: ``torch.topk`` over block scores, the first / last
 block forced in, then the kept blocks' token indices in order. A NaN score ranks above every finite one
 (``torch.topk``'s order).
+
+CUDA kernels. The row gather / scatter-add and the MLP's elementwise and channel-gather kernels move 16 bytes per
+access when their buffers are 16-byte aligned and the row width is a multiple of 16 / element size (else one
+element), with blocks of rows x features sized to the width;
+``torch.ops.peftcore.token_elim_vec_plan(rows, width, elem_size, addresses)`` returns the launch the CUDA
+launcher picks (host planning, checked on CPU by the tests).
 """
 from __future__ import annotations
 
