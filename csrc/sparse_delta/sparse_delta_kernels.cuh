@@ -129,15 +129,21 @@ struct Smem {
 };
 
 // Stage x[t0 .. t0+nt, c0 .. c0+ncol) transposed into xs[c*TT + t] (zero for tokens past nt). One thread per
-// column: TT global loads (coalesced along c across the block), one vector store.
+// column: TT global loads (coalesced along c across the block), stored in 16-byte pieces (a piece's loads, then
+// its store, so a 32-token tile does not hold 32 values in registers at once).
 template <typename T, int TT>
 __device__ __forceinline__ void stage_chunk(const T* __restrict__ x, int64_t ld, int64_t t0, int nt, int64_t c0,
                                             int ncol, T* xs) {
+  constexpr int kPiece = int(16 / sizeof(T)) < TT ? int(16 / sizeof(T)) : TT;  // tokens per store
   for (int c = threadIdx.x; c < ncol; c += kThreads) {
-    Vec<T, TT> v;
+    const T* src = x + t0 * ld + c0 + c;
 #pragma unroll
-    for (int t = 0; t < TT; ++t) v.v[t] = t < nt ? x[(t0 + t) * ld + c0 + c] : zero_v<T>();
-    v.store(xs + c * TT);
+    for (int p = 0; p < TT; p += kPiece) {
+      Vec<T, kPiece> v;
+#pragma unroll
+      for (int t = 0; t < kPiece; ++t) v.v[t] = p + t < nt ? src[int64_t(p + t) * ld] : zero_v<T>();
+      v.store(xs + c * TT + p);
+    }
   }
 }
 
