@@ -425,8 +425,10 @@ def test_empty_tokens():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cuda_graph_capture_training_step():
-    """Forward + backward of every CUDA hot-path op inside one CUDA graph: no host sync anywhere."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_cuda_graph_capture_training_step(cached):
+    """Forward + backward of every CUDA hot-path op inside one CUDA graph: no host sync anywhere, with the CSR view
+    built per call (a device sort for grad_x) or passed in (sparse_delta_csr, captured too)."""
     dev = "cuda"
     idx, vals = make_delta(256, 384, 0.02, device=dev)
     w = _randn((256, 384), torch.bfloat16, dev, 1)
@@ -435,7 +437,8 @@ def test_cuda_graph_capture_training_step():
     g = _randn((64, 256), torch.bfloat16, dev, 3)
 
     def step():
-        y = sd.sparse_delta_linear(x, w, None, idx, v, 0.5)
+        csr = sd.sparse_delta_csr(idx, 256, 384) if cached else None
+        y = sd.sparse_delta_linear(x, w, None, idx, v, 0.5, csr=csr)
         gx, gv = torch.autograd.grad(y, (x, v), g)
         top = sd.sparse_delta_topk_grad(g, x.detach(), 10, idx)
         return y.detach(), gx, gv, top[0]
