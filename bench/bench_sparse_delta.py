@@ -1,5 +1,6 @@
 """sparse_delta bench: training step (forward + backward, x needing its gradient) and forward of
 peftcore.sparse_delta_linear at densities 0.1%, 1%, 5% against
+  sparse_delta_csr — the same with the delta's CSR view built once (sparse_delta_csr), as SparseDeltaLinear runs;
   (a) ref_scatter — what SpIEL / SHiRA do: clone + scatter + F.linear, dense weight gradient + gather;
   (b) dense       — a frozen dense linear, the speed of light;
   (c) lora_r16    — LoRA r=16 in plain torch;
@@ -39,10 +40,13 @@ def _step_fns(x, w, idx, vals, g):
     """{method: (forward fn, training-step fn, backward-only fn)}; none leaves a .grad behind."""
     v = vals.detach().clone().requires_grad_(True)
 
+    csr = sd.sparse_delta_csr(idx, *w.shape)  # built once per delta, as SparseDeltaLinear does
     sparse = lambda: sd.sparse_delta_linear(x, w, None, idx, v, 2.0)  # noqa: E731
+    cached = lambda: sd.sparse_delta_linear(x, w, None, idx, v, 2.0, csr=csr)  # noqa: E731
     scatter = lambda: ref_linear_scatter(x, w, None, idx, v, 2.0)  # noqa: E731
     return {
         "sparse_delta": (forward_only(sparse), train_step(sparse, (x, v), g), backward_only(sparse, (x, v), g)),
+        "sparse_delta_csr": (forward_only(cached), train_step(cached, (x, v), g), backward_only(cached, (x, v), g)),
         "ref_scatter": (forward_only(scatter), train_step(scatter, (x, v), g), backward_only(scatter, (x, v), g)),
     }
 

@@ -61,9 +61,10 @@ def close(name, got, ref, dtype):
         failures.append(f"{name}: rel err {err.item():.3e} > {TOL[dtype]:.0e}")
 
 
-def run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32, scale=0.7, seed=0):
+def run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32, scale=0.7, seed=0, with_csr=False):
     gen = torch.Generator().manual_seed(seed)
-    tag = f"T={tokens} out={out} in={inf} nnz={nnz} {str(dtype)[6:]} {str(idx_dtype)[6:]} vals={'f32' if val_is_f32 else 'act'}"
+    tag = (f"T={tokens} out={out} in={inf} nnz={nnz} {str(dtype)[6:]} {str(idx_dtype)[6:]} "
+           f"vals={'f32' if val_is_f32 else 'act'}{' csr' if with_csr else ''}")
     vdt = torch.float32 if val_is_f32 else dtype
     idx, vals = rand_delta(out, inf, nnz, idx_dtype, vdt, gen)
     S = dense(idx, vals, out, inf)
@@ -73,13 +74,15 @@ def run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32, scale=0.7, see
     b = torch.randn(out, generator=gen).to(dev, dtype)
     g = torch.randn(*x.shape[:-1], out, generator=gen).to(dev, dtype)
     xf, gf, Wf = x.float().reshape(-1, inf), g.float().reshape(-1, out), W.float()
+    # with_csr: the delta's CSR view passed to the ops (sparse_delta_csr), else built per call
+    csr = list(ops.sparse_delta_csr(idx, out, inf)) if with_csr else [None] * 4
 
-    y = ops.sparse_delta_linear(x, W, b, idx, vals, scale)
+    y = ops.sparse_delta_linear(x, W, b, idx, vals, scale, *csr)
     close(f"linear {tag}", y.reshape(-1, out), xf @ (Wf + scale * S).t() + b.float(), dtype)
     y = ops.sparse_delta_linear(x, W, None, idx, vals, scale)
     close(f"linear(no bias) {tag}", y.reshape(-1, out), xf @ (Wf + scale * S).t(), dtype)
 
-    gx, gv, gb = ops.sparse_delta_linear_backward(g, x, W, idx, vals, scale, [True, True, True])
+    gx, gv, gb = ops.sparse_delta_linear_backward(g, x, W, idx, vals, scale, [True, True, True], *csr)
     close(f"linear_backward.gx {tag}", gx.reshape(-1, inf), gf @ (Wf + scale * S), dtype)
     ref_gv = scale * (gf.t() @ xf).reshape(-1)[idx.long()]
     close(f"linear_backward.gv {tag}", gv, ref_gv, dtype)
@@ -90,9 +93,11 @@ def run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32, scale=0.7, see
     if e[0].numel() != 0 or e[2].numel() != 0:
         failures.append(f"linear_backward: unrequested outputs not empty ({tag})")
 
-    close(f"spmm {tag}", ops.sparse_delta_spmm(x, idx, vals, out, scale).reshape(-1, out), scale * xf @ S.t(), dtype)
-    close(f"spmm_t {tag}", ops.sparse_delta_spmm_t(g, idx, vals, inf, scale).reshape(-1, inf), scale * gf @ S, dtype)
-    sd = ops.sparse_delta_sddmm(g, x, idx, scale)
+    close(f"spmm {tag}", ops.sparse_delta_spmm(x, idx, vals, out, scale, csr[0]).reshape(-1, out), scale * xf @ S.t(),
+          dtype)
+    close(f"spmm_t {tag}", ops.sparse_delta_spmm_t(g, idx, vals, inf, scale, *csr[1:]).reshape(-1, inf), scale * gf @ S,
+          dtype)
+    sd = ops.sparse_delta_sddmm(g, x, idx, scale, None, csr[0])
     if sd.dtype != torch.float32:
         failures.append(f"sddmm default dtype {sd.dtype} ({tag})")
     close(f"sddmm {tag}", sd, ref_gv, dtype)
@@ -226,9 +231,10 @@ if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_attn"):
 
 cases = [
     # tokens, out, in, nnz
-    (1, 48, 80, 400),      # decode-like: TT=1 tiles, row-chunk split
-    (5, 40, 600, 2000),    # few tokens: spmm_t column chunks, SDDMM token splits
-    (38, 48, 80, 700),     # 3-D x [2, 19, in]: full 16-token tiles + ragged tail
+    (1, 48, 80, 400),      # decode-like: TT=1 tiles, 32-row blocks
+    (5, 40, 600, 2000),    # few tokens: small tiles, SDDMM token splits
+    (38, 48, 80, 700),     # 3-D x [2, 19, in]: full tiles + ragged tail
+    (70, 40, 1100, 900),   # 32-token tiles with a ragged tail, several column chunks (fp32: CW < 1100)
     (3, 16, 24, 0),        # empty delta
     (0, 16, 24, 30),       # zero tokens
 ]
@@ -236,9 +242,11 @@ if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_delta"):
     for tokens, out, inf, nnz in cases:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for idx_dtype in (torch.int32, torch.int64):
-                run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32=(idx_dtype == torch.int64))
-    # `in` wider than a shared-memory tile (fp32, ~240 KB a token): the global-memory fallback paths.
-    run_case(1, 4, 60000, 300, torch.float32, torch.int64, True)
+                run_case(tokens, out, inf, nnz, dtype, idx_dtype, val_is_f32=(idx_dtype == torch.int64),
+                         with_csr=(dtype == torch.bfloat16))
+    # `in` much wider than a column chunk: many chunks, the per-row cursors carried across them (S and Sᵀ walks).
+    run_case(33, 4, 60000, 300, torch.float32, torch.int64, True)
+    run_case(9, 24, 11008, 2600, torch.bfloat16, torch.int32, False, with_csr=True)
 
 _STRUCTURED = os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "structured")
 

@@ -12,15 +12,15 @@
 TORCH_LIBRARY(peftcore, m) {
   // ---- sparse_delta: W + scale*S with S given by sorted unique flat indices r*in+c and values [nnz] ----
   // y = x @ (W + scale*S)^T + bias, never materialising W + scale*S.
-  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices, Tensor values, float scale=1.0) -> Tensor");
+  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices, Tensor values, float scale=1.0, Tensor? row_ptr=None, Tensor? csc_ptr=None, Tensor? csc_idx=None, Tensor? csc_perm=None) -> Tensor");
   // Backward of sparse_delta_linear: (grad_x, grad_values, grad_bias); outputs not asked for in output_mask are empty.
-  m.def("sparse_delta_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor indices, Tensor values, float scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_delta_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor indices, Tensor values, float scale, bool[3] output_mask, Tensor? row_ptr=None, Tensor? csc_ptr=None, Tensor? csc_idx=None, Tensor? csc_perm=None) -> (Tensor, Tensor, Tensor)");
   // y = scale * x @ S^T for x [..., in], S [out_features, in]: the sparse half of the forward.
-  m.def("sparse_delta_spmm(Tensor x, Tensor indices, Tensor values, int out_features, float scale=1.0) -> Tensor");
+  m.def("sparse_delta_spmm(Tensor x, Tensor indices, Tensor values, int out_features, float scale=1.0, Tensor? row_ptr=None) -> Tensor");
   // y = scale * g @ S for g [..., out], S [out, in_features]: the sparse half of grad_x.
-  m.def("sparse_delta_spmm_t(Tensor grad, Tensor indices, Tensor values, int in_features, float scale=1.0) -> Tensor");
+  m.def("sparse_delta_spmm_t(Tensor grad, Tensor indices, Tensor values, int in_features, float scale=1.0, Tensor? csc_ptr=None, Tensor? csc_idx=None, Tensor? csc_perm=None) -> Tensor");
   // SDDMM: out[k] = scale * sum_t grad[t, r_k] * x[t, c_k], fp32 accumulation; the values' gradient.
-  m.def("sparse_delta_sddmm(Tensor grad, Tensor x, Tensor indices, float scale=1.0, ScalarType? out_dtype=None) -> Tensor");
+  m.def("sparse_delta_sddmm(Tensor grad, Tensor x, Tensor indices, float scale=1.0, ScalarType? out_dtype=None, Tensor? row_ptr=None) -> Tensor");
   // In place W += scale*S (unmerge with -scale).
   m.def("sparse_delta_merge_(Tensor(a!) weight, Tensor indices, Tensor values, float scale=1.0) -> ()");
   // Out of place W + scale*S.
@@ -29,6 +29,10 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("sparse_delta_topk_grad(Tensor grad, Tensor x, int k, Tensor? exclude=None) -> (Tensor, Tensor)");
   // Host-side validation (syncs on CUDA): indices 1-D int32/int64, sorted ascending, unique, in [0, out*in).
   m.def("sparse_delta_validate(Tensor indices, int out_features, int in_features) -> ()");
+  // The CSR / CSC view of a delta, (row_ptr, csc_ptr, csc_idx, csc_perm), to pass to the ops above (no host sync).
+  m.def("sparse_delta_csr(Tensor indices, int out_features, int in_features) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The CUDA launchers' tile plan for one kernel, as [tt, rows, cols, splits, smem, grid_x, grid_y, traffic].
+  m.def("sparse_delta_tile_plan(str kernel, int tokens, int in_features, int out_features, int nnz, ScalarType dtype, int smem_optin, int sms, bool deterministic=False) -> int[]");
   // ---- partial: trainable delta on the rows (dim 0) or columns (dim 1) of W picked by a sorted unique int64 index ----
   // y = x @ W_eff^T + bias, W_eff = W with delta ([k,in] / [out,k]) added at index; range_start >= 0: index is [range_start, +k).
   m.def("partial_linear(Tensor x, Tensor weight, Tensor? bias, Tensor delta, Tensor index, int dim, int range_start=-1) -> Tensor");

@@ -39,7 +39,7 @@ def dense_delta(indices, values, out, inn, dtype=None):
     return s.view(out, inn)
 
 
-def ref_linear(x, weight, bias, indices, values, scale=1.0):
+def ref_linear(x, weight, bias, indices, values, scale=1.0, *csr):
     w = weight + scale * dense_delta(indices, values, *weight.shape, dtype=weight.dtype)
     return torch.nn.functional.linear(x, w, bias)
 
@@ -51,11 +51,11 @@ def ref_linear_scatter(x, weight, bias, indices, values, scale=1.0):
     return torch.nn.functional.linear(x, w, bias)
 
 
-def ref_spmm(x, indices, values, out_features, scale=1.0):
+def ref_spmm(x, indices, values, out_features, scale=1.0, row_ptr=None):
     return scale * x @ dense_delta(indices, values, out_features, x.shape[-1], dtype=x.dtype).t()
 
 
-def ref_spmm_t(g, indices, values, in_features, scale=1.0):
+def ref_spmm_t(g, indices, values, in_features, scale=1.0, *csc):
     return scale * g @ dense_delta(indices, values, g.shape[-1], in_features, dtype=g.dtype)
 
 
@@ -70,11 +70,11 @@ def _structural_spmm(x, indices, values, rows, cols, scale, transpose):
     return (scale * out).reshape(*x.shape[:-1], n)
 
 
-def nonfinite_spmm(x, indices, values, out_features, scale=1.0):
+def nonfinite_spmm(x, indices, values, out_features, scale=1.0, row_ptr=None):
     return _structural_spmm(x, indices, values, out_features, x.shape[-1], scale, False)
 
 
-def nonfinite_spmm_t(g, indices, values, in_features, scale=1.0):
+def nonfinite_spmm_t(g, indices, values, in_features, scale=1.0, *csc):
     return _structural_spmm(g, indices, values, g.shape[-1], in_features, scale, True)
 
 
@@ -82,12 +82,12 @@ def _sddmm_out_dtype(g, out_dtype):
     return out_dtype or (torch.float64 if g.dtype == torch.float64 else torch.float32)
 
 
-def ref_sddmm(g, x, indices, scale=1.0, out_dtype=None):
+def ref_sddmm(g, x, indices, scale=1.0, out_dtype=None, row_ptr=None):
     full = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     return (scale * full.reshape(-1)[indices.long()]).to(_sddmm_out_dtype(g, out_dtype))
 
 
-def ref_linear_backward(g, x, weight, indices, values, scale, mask):
+def ref_linear_backward(g, x, weight, indices, values, scale, mask, *csr):
     w = weight + scale * dense_delta(indices, values, *weight.shape, dtype=weight.dtype)
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
     gx = (g2 @ w).view(x.shape) if mask[0] else x.new_empty(0)
@@ -122,6 +122,9 @@ def ref_topk(g, x, k, exclude=None):
 # - values in float32 or in the activations' dtype; int32 and int64 indices.
 # float64 samples stay small for gradcheck but still cross a tile and a thread split (float64 runs the generic
 # loops, whose 64-feature blocks the partial fp32 tile of the 70x96x130 sample crosses).
+# The first and the last config also run with the delta's CSR view passed (sparse_delta_csr, the optional
+# row_ptr / csc_* arguments), so opcheck, gradcheck and compile cover the ops' full signatures.
+_WITH_CSR = (0, 4)
 def _configs(dtype):
     if dtype == torch.float64:
         return [((2, 3), 6, 10, 0.3, torch.int64, ()), ((5,), 7, 9, 0.25, torch.int32, (0, 3)),
@@ -159,20 +162,31 @@ def linear_samples(device, dtype, requires_grad):
             w = _randn((out, inn), dtype, device, 20 + i, scale=inn ** -0.5)
             b = _randn((out,), dtype, device, 30 + i) if (requires_grad or i % 2 == 0) else None
             yield Sample((x, w, b, idx, vals, 0.75), name=f"{batch}x{out}x{inn}@{dens}/{idt}/{vdt}/bias={b is not None}")
+            if i in _WITH_CSR:
+                yield Sample((x, w, b, idx, vals, 0.75, *sd.sparse_delta_csr(idx, out, inn)),
+                             name=f"{batch}x{out}x{inn}@{dens}/{idt}/{vdt}/csr")
 
 
 def spmm_samples(device, dtype, requires_grad):
     for i, (batch, out, inn, dens, idt, empty) in enumerate(_configs(dtype)):
         for vdt in _values_dtypes(dtype):
             idx, vals = make_delta(out, inn, dens, idt, vdt, device, seed=i, empty_rows=empty)
-            yield Sample((_randn((*batch, inn), dtype, device, 10 + i), idx, vals, out, -1.5), name=f"{batch}x{out}x{inn}")
+            x = _randn((*batch, inn), dtype, device, 10 + i)
+            yield Sample((x, idx, vals, out, -1.5), name=f"{batch}x{out}x{inn}")
+            if i in _WITH_CSR:
+                rp = sd.sparse_delta_csr(idx, out, inn)[0]
+                yield Sample((x, idx, vals, out, -1.5, rp), name=f"{batch}x{out}x{inn}/row_ptr")
 
 
 def spmm_t_samples(device, dtype, requires_grad):
     for i, (batch, out, inn, dens, idt, empty) in enumerate(_configs(dtype)):
         for vdt in _values_dtypes(dtype):
             idx, vals = make_delta(out, inn, dens, idt, vdt, device, seed=i, empty_rows=empty)
-            yield Sample((_randn((*batch, out), dtype, device, 10 + i), idx, vals, inn, 0.5), name=f"{batch}x{out}x{inn}")
+            g = _randn((*batch, out), dtype, device, 10 + i)
+            yield Sample((g, idx, vals, inn, 0.5), name=f"{batch}x{out}x{inn}")
+            if i in _WITH_CSR:
+                csc = sd.sparse_delta_csr(idx, out, inn)[1:]
+                yield Sample((g, idx, vals, inn, 0.5, *csc), name=f"{batch}x{out}x{inn}/csc")
 
 
 def sddmm_samples(device, dtype, requires_grad):
@@ -183,15 +197,17 @@ def sddmm_samples(device, dtype, requires_grad):
         yield Sample((g, x, idx, 2.0), name=f"{batch}x{out}x{inn}")
         if i == 0:
             yield Sample((g, x, idx, 1.0, dtype), name="out_dtype")
+        if i in _WITH_CSR:
+            yield Sample((g, x, idx, 2.0, None, sd.sparse_delta_csr(idx, out, inn)[0]), name=f"{batch}x{out}x{inn}/row_ptr")
 
 
 def linear_backward_samples(device, dtype, requires_grad):
     for s in linear_samples(device, dtype, False):
-        x, w, b, idx, vals, scale = s.args
+        x, w, b, idx, vals, scale, *csr = s.args
         g = _randn((*x.shape[:-1], w.shape[0]), dtype, device, 99)
         masks = ([True, True, True], [False, True, False], [True, False, True])
         for mask in masks if x.shape[-1] < 100 else masks[:1]:  # the large sample: all outputs (opcheck time)
-            yield Sample((g, x, w, idx, vals, scale, mask), name=f"{s.name}/{mask}")
+            yield Sample((g, x, w, idx, vals, scale, mask, *csr), name=f"{s.name}/{mask}")
 
 
 def merge_samples(device, dtype, requires_grad):
@@ -409,8 +425,10 @@ def test_empty_tokens():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cuda_graph_capture_training_step():
-    """Forward + backward of every CUDA hot-path op inside one CUDA graph: no host sync anywhere."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_cuda_graph_capture_training_step(cached):
+    """Forward + backward of every CUDA hot-path op inside one CUDA graph: no host sync anywhere, with the CSR view
+    built per call (a device sort for grad_x) or passed in (sparse_delta_csr, captured too)."""
     dev = "cuda"
     idx, vals = make_delta(256, 384, 0.02, device=dev)
     w = _randn((256, 384), torch.bfloat16, dev, 1)
@@ -419,7 +437,8 @@ def test_cuda_graph_capture_training_step():
     g = _randn((64, 256), torch.bfloat16, dev, 3)
 
     def step():
-        y = sd.sparse_delta_linear(x, w, None, idx, v, 0.5)
+        csr = sd.sparse_delta_csr(idx, 256, 384) if cached else None
+        y = sd.sparse_delta_linear(x, w, None, idx, v, 0.5, csr=csr)
         gx, gv = torch.autograd.grad(y, (x, v), g)
         top = sd.sparse_delta_topk_grad(g, x.detach(), 10, idx)
         return y.detach(), gx, gv, top[0]
@@ -893,14 +912,14 @@ def test_cpu_deterministic(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CUDA against the CPU kernels at the shapes where the CUDA kernels branch: token tiles of 1 / 4 / 8 / 16 tokens,
-# 256-row chunks (spmm flush, spmm_t staging), spmm_t column chunks (in > 256 and shared-memory fit), SDDMM token
-# splits; and the deterministic mode (no float atomics): bitwise repeatable and equal to the atomics path up to
-# rounding.
+# CUDA against the CPU kernels at token counts that pick token tiles of 1 / 4 / 8 / 16 / 32 (ragged last tiles),
+# several row blocks and column chunks (in = 1100), SDDMM token splits; and the deterministic mode (no float
+# atomics): bitwise repeatable and equal to the atomics path up to rounding. test_sparse_delta_csr.py adds wider
+# inputs, fp16, nnz = 0 and the CSR view passed.
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-@pytest.mark.parametrize("tokens", [1, 3, 7, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 40, 77])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu_at_tile_shapes(tokens, dtype, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the dense x W^T / g W

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
@@ -29,6 +31,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "sparse_delta/sparse_delta.h"
+#include "sparse_delta/sparse_delta_plan.h"
 
 namespace peftcore::sparse_delta {
 
@@ -103,6 +106,55 @@ at::Tensor dense_forward(const at::Tensor& x2d, const at::Tensor& weight, const 
 at::Tensor row_ptr(const at::Tensor& indices, int64_t out_features, int64_t in_features) {
   auto bounds = at::arange(0, out_features + 1, indices.options().dtype(at::kLong)).mul_(in_features);
   return at::searchsorted(indices.to(at::kLong), bounds);  // int64 [out+1]; no host sync on CUDA
+}
+
+std::vector<at::Tensor> build_csr(const at::Tensor& indices, int64_t out_features, int64_t in_features) {
+  auto idx = indices.to(at::kLong).contiguous();
+  auto lopts = idx.options();
+  auto rp = at::searchsorted(idx, at::arange(0, out_features + 1, lopts).mul_(in_features));
+  const int64_t in = std::max<int64_t>(in_features, 1), out = std::max<int64_t>(out_features, 1);
+  auto r = at::div(idx, in, "floor");
+  auto c = idx - r * in;
+  auto valid = idx.ge(0).logical_and_(idx.lt(out_features * in_features));
+  auto key = at::where(valid, c * out + r, at::Scalar(int64_t(-1)));  // flat index in S^T; -1 sorts before row 0
+  auto [sorted, perm] = at::sort(key, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+  auto cp = at::searchsorted(sorted, at::arange(0, in_features + 1, lopts).mul_(out_features));
+  return {rp, cp, sorted, perm};
+}
+
+namespace {
+void check_csr_tensor(const char* op, const char* name, const at::Tensor& t, int64_t len, const at::Tensor& indices) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, op, ": ", name, " must have shape [", len, "], got ", t.sizes());
+  check_same_device(op, name, t, indices, "the input");  // indices is on the input's device (checked first)
+}
+}  // namespace
+
+void check_row_ptr(const char* op, const std::optional<at::Tensor>& row_ptr, const at::Tensor& indices, int64_t out) {
+  if (given(row_ptr)) check_csr_tensor(op, "row_ptr", *row_ptr, out + 1, indices);
+}
+
+void check_csc(const char* op, const std::optional<at::Tensor>& csc_ptr, const std::optional<at::Tensor>& csc_idx,
+               const std::optional<at::Tensor>& csc_perm, const at::Tensor& indices, int64_t in) {
+  const int n = int(given(csc_ptr)) + int(given(csc_idx)) + int(given(csc_perm));
+  TORCH_CHECK(n == 0 || n == 3, op, ": csc_ptr, csc_idx and csc_perm go together (all or none), got ", n, " of 3");
+  if (n == 0) return;
+  check_csr_tensor(op, "csc_ptr", *csc_ptr, in + 1, indices);
+  check_csr_tensor(op, "csc_idx", *csc_idx, indices.numel(), indices);
+  check_csr_tensor(op, "csc_perm", *csc_perm, indices.numel(), indices);
+}
+
+void match_csr(const char* op, const at::Tensor& indices, int64_t out, int64_t in,
+               const std::optional<at::Tensor>& row_ptr, const std::optional<at::Tensor>& csc_ptr,
+               const std::optional<at::Tensor>& csc_idx, const std::optional<at::Tensor>& csc_perm) {
+  if (!given(row_ptr) && !given(csc_ptr)) return;
+  auto ref = build_csr(indices, out, in);
+  const std::optional<at::Tensor>* got[4] = {&row_ptr, &csc_ptr, &csc_idx, &csc_perm};
+  const char* names[4] = {"row_ptr", "csc_ptr", "csc_idx", "csc_perm"};
+  for (int i = 0; i < 4; ++i)
+    TORCH_CHECK(!given(*got[i]) || at::equal(**got[i], ref[i]), op, ": ", names[i],
+                " does not match indices (build the CSR view with sparse_delta_csr(indices, ", out, ", ", in,
+                ") after every change of indices)");
 }
 
 void validate_indices(const char* op, const at::Tensor& indices, int64_t out_features, int64_t in_features) {
@@ -477,39 +529,45 @@ void check_activation(const char* op, const char* name, const at::Tensor& t) {
 // Ops (CPU).
 
 at::Tensor sparse_delta_spmm_cpu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
-                                 int64_t out_features, double scale) {
+                                 int64_t out_features, double scale, const std::optional<at::Tensor>& row_ptr) {
   constexpr const char* op = "sparse_delta_spmm";
   check_activation(op, "x", x);
   check_delta(op, indices, values, x);
   const int64_t in = last_dim(op, "x", x);
   checked_numel(op, "out_features", out_features, "in_features", in);
+  check_row_ptr(op, row_ptr, indices, out_features);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     auto s = make_csr<at::opmath_type<scalar_t>>(op, indices, &values, out_features, in);
+    match_csr(op, indices, out_features, in, row_ptr, std::nullopt, std::nullopt, std::nullopt);
     spmm_accumulate_cpu<scalar_t>(x2d, s, scale, y2d);
   });
   return y2d.view(with_last_dim(x, out_features));
 }
 
 at::Tensor sparse_delta_spmm_t_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& values,
-                                   int64_t in_features, double scale) {
+                                   int64_t in_features, double scale, const std::optional<at::Tensor>& csc_ptr,
+                                   const std::optional<at::Tensor>& csc_idx, const std::optional<at::Tensor>& csc_perm) {
   constexpr const char* op = "sparse_delta_spmm_t";
   check_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
   const int64_t out = last_dim(op, "grad", grad);
   checked_numel(op, "out_features", out, "in_features", in_features);
+  check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in_features);
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
   PEFTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
     auto s = make_csr<at::opmath_type<scalar_t>>(op, indices, &values, out, in_features);
+    match_csr(op, indices, out, in_features, std::nullopt, csc_ptr, csc_idx, csc_perm);
     backward_cpu<scalar_t>(g2d, at::Tensor(), s, scale, &gx2d, nullptr);
   });
   return gx2d.view(with_last_dim(grad, in_features));
 }
 
 at::Tensor sparse_delta_sddmm_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& indices,
-                                  double scale, std::optional<at::ScalarType> out_dtype) {
+                                  double scale, std::optional<at::ScalarType> out_dtype,
+                                  const std::optional<at::Tensor>& row_ptr) {
   constexpr const char* op = "sparse_delta_sddmm";
   check_activation(op, "grad", grad);
   check_activation(op, "x", x);
@@ -518,10 +576,12 @@ at::Tensor sparse_delta_sddmm_cpu(const at::Tensor& grad, const at::Tensor& x, c
               ": out_dtype must be float32, float16, bfloat16 or float64, got ", *out_dtype);
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
+  check_row_ptr(op, row_ptr, indices, out);
   at::Tensor result;
   PEFTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto s = make_csr<acc_t>(op, indices, nullptr, out, in);
+    match_csr(op, indices, out, in, row_ptr, std::nullopt, std::nullopt, std::nullopt);
     auto gv = at::empty({s.nnz}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     backward_cpu<scalar_t>(g2d, x2d, s, scale, nullptr, &gv);
     result = gv;
@@ -531,16 +591,21 @@ at::Tensor sparse_delta_sddmm_cpu(const at::Tensor& grad, const at::Tensor& x, c
 }
 
 at::Tensor sparse_delta_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                   const at::Tensor& indices, const at::Tensor& values, double scale) {
+                                   const at::Tensor& indices, const at::Tensor& values, double scale,
+                                   const std::optional<at::Tensor>& row_ptr, const std::optional<at::Tensor>& csc_ptr,
+                                   const std::optional<at::Tensor>& csc_idx, const std::optional<at::Tensor>& csc_perm) {
   constexpr const char* op = "sparse_delta_linear";
   check_activation(op, "x", x);
   check_weight(op, weight, bias, x);
   check_delta(op, indices, values, x);
   const int64_t out = weight.size(0), in = weight.size(1);
+  check_row_ptr(op, row_ptr, indices, out);
+  check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = dense_forward(x2d, weight, bias);
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     auto s = make_csr<at::opmath_type<scalar_t>>(op, indices, &values, out, in);
+    match_csr(op, indices, out, in, row_ptr, csc_ptr, csc_idx, csc_perm);
     spmm_accumulate_cpu<scalar_t>(x2d, s, scale, y2d);
   });
   return y2d.view(with_last_dim(x, out));
@@ -548,7 +613,9 @@ at::Tensor sparse_delta_linear_cpu(const at::Tensor& x, const at::Tensor& weight
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
-    const at::Tensor& values, double scale, std::array<bool, 3> mask) {
+    const at::Tensor& values, double scale, std::array<bool, 3> mask, const std::optional<at::Tensor>& row_ptr,
+    const std::optional<at::Tensor>& csc_ptr, const std::optional<at::Tensor>& csc_idx,
+    const std::optional<at::Tensor>& csc_perm) {
   constexpr const char* op = "sparse_delta_linear_backward";
   check_activation(op, "grad_out", grad_out);
   check_weight(op, weight, std::nullopt, x);
@@ -558,11 +625,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
               ", got shape ", grad_out.sizes());
   auto [g2d, x2d] = token_pair(op, "grad_out", grad_out, "x", x);
   TORCH_CHECK(x2d.size(1) == in, op, ": x must have last dim ", in, ", got shape ", x.sizes());
+  check_row_ptr(op, row_ptr, indices, out);
+  check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in);
   at::Tensor gx, gv, gb;
   if (mask[0]) gx = at::mm(g2d, weight);
   PEFTCORE_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto s = make_csr<acc_t>(op, indices, &values, out, in);  // validates the delta even when only grad_bias is asked
+    match_csr(op, indices, out, in, row_ptr, csc_ptr, csc_idx, csc_perm);
     if (!mask[0] && !mask[1]) return;
     at::Tensor gv_acc;
     if (mask[1]) gv_acc = at::empty({s.nnz}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -722,6 +792,37 @@ void sparse_delta_validate_impl(const at::Tensor& indices, int64_t out_features,
   validate_indices("sparse_delta_validate", indices, out_features, in_features);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_delta_csr_impl(const at::Tensor& indices,
+                                                                                 int64_t out_features,
+                                                                                 int64_t in_features) {
+  constexpr const char* op = "sparse_delta_csr";
+  check_index(op, "indices", indices);
+  check_dim(op, "indices", indices, 1);
+  checked_numel(op, "out_features", out_features, "in_features", in_features);
+  auto v = build_csr(indices, out_features, in_features);
+  return {v[0], v[1], v[2], v[3]};
+}
+
+// [tt, rows, cols, splits, smem, grid_x, grid_y, traffic]: the CUDA launchers' plan (sparse_delta_plan.h) for one
+// kernel ("spmm", "spmm_t" or "sddmm"), reachable without a GPU. tt = 0: nothing to launch.
+std::vector<int64_t> sparse_delta_tile_plan(c10::string_view kernel, int64_t tokens, int64_t in_features,
+                                            int64_t out_features, int64_t nnz, at::ScalarType dtype,
+                                            int64_t smem_optin, int64_t sms, bool deterministic) {
+  constexpr const char* op = "sparse_delta_tile_plan";
+  TORCH_CHECK(kernel == "spmm" || kernel == "spmm_t" || kernel == "sddmm", op,
+              ": kernel must be \"spmm\", \"spmm_t\" or \"sddmm\", got \"", std::string(kernel), "\"");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16 (the CUDA kernels' dtypes), got ", dtype);
+  TORCH_CHECK(tokens >= 0 && nnz >= 0 && smem_optin >= 0 && sms >= 0, op,
+              ": tokens, nnz, smem_optin and sms must be >= 0, got ", tokens, ", ", nnz, ", ", smem_optin, ", ", sms);
+  checked_numel(op, "out_features", out_features, "in_features", in_features);
+  const bool t = kernel == "spmm_t";
+  const auto p = plan::plan(kernel == "sddmm" ? plan::kSddmm : plan::kSpmm, tokens, t ? in_features : out_features,
+                            t ? out_features : in_features, nnz, c10::elementSize(dtype), smem_optin, sms,
+                            deterministic);
+  return {p.tt, p.rows, p.cols, p.splits, p.smem, p.grid_x, p.grid_y, p.traffic};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
@@ -738,6 +839,12 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
 // Validation is device independent (ATen ops + a host sync), so it is registered once for every backend.
 TORCH_LIBRARY_IMPL(peftcore, CompositeExplicitAutograd, m) {
   m.impl("sparse_delta_validate", &sparse_delta_validate_impl);
+  m.impl("sparse_delta_csr", &sparse_delta_csr_impl);
+}
+
+// No tensor arguments: a composite kernel serves every call.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
+  m.impl("sparse_delta_tile_plan", &sparse_delta_tile_plan);
 }
 
 }  // namespace peftcore::sparse_delta

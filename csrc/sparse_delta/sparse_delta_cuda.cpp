@@ -3,12 +3,15 @@
 // every op here can be captured in a CUDA graph. sparse_delta_validate is registered for all backends by the
 // CPU file.
 //
-// Validation: shapes, dtypes and devices are checked as on CPU; the *values* of indices / exclude are not (that
-// needs a host sync): the kernels skip every entry outside its row / buffer, so malformed indices give wrong
-// numbers, never an out-of-bounds access, and sparse_delta_validate is the check.
-// Determinism: under torch.use_deterministic_algorithms(True) no float atomics are used: grad_x walks S^T (the
-// forward kernel on S's CSC view, one fixed-order warp reduction per output) and the SDDMM runs one block per
-// row chunk over all tokens.
+// Validation: shapes, dtypes and devices are checked as on CPU; the *values* of indices / exclude / a passed CSR
+// view are not (that needs a host sync): the kernels clamp row pointers to [0, nnz], skip every entry outside its
+// row / buffer and give a csc_perm entry outside [0, nnz) the value 0, so malformed indices or a CSR view that does
+// not belong to them give wrong numbers, never an out-of-bounds access. sparse_delta_validate checks indices; a
+// CSR view is trusted to be sparse_delta_csr(indices, out, in) of the indices passed with it.
+// CSR view: passed by the caller (built once per delta by sparse_delta_csr), else built here per call (row_ptr:
+// one searchsorted; S's CSC for grad_x: a sort and two searchsorteds).
+// Determinism: grad_x is always the forward kernel on S^T (fixed summation order per output, no atomics). Under
+// torch.use_deterministic_algorithms(True) the SDDMM runs one block per row block over all tokens (no atomics).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,90 +35,103 @@ namespace cu = peftcore::sparse_delta::cuda;
 cu::DType kernel_dtype(at::ScalarType t) { return peftcore::kernel_dtype("sparse_delta", t); }
 
 
-// The CSR view of S for one call. Holds the tensors the launch params point into (freed back to the caching
-// allocator after the call, which is safe: later work on the same stream is ordered after the kernels).
+using OptT = std::optional<at::Tensor>;
+
+// The CSR view of S (or S^T) for one call. Holds the tensors the launch params point into (freed back to the
+// caching allocator after the call, which is safe: later work on the same stream is ordered after the kernels).
 struct Delta {
   at::Tensor idx, rp, vals;
   cu::DeltaParams p{};
 };
 
-// `values` may be undefined (SDDMM needs only the structure).
-Delta make_delta(const at::Tensor& indices, const at::Tensor* values, int64_t out, int64_t in, at::ScalarType dtype,
-                 double scale) {
+// M [rows, cols] given by flat indices (r*cols + c) and row pointers; `vals` fp32 or undefined (SDDMM needs only
+// the structure).
+Delta make_view(const at::Tensor& indices, const at::Tensor& rp, const at::Tensor& vals, int64_t rows, int64_t cols,
+                at::ScalarType dtype, double scale) {
   Delta d;
-  checked_numel("sparse_delta", "out_features", out, "in_features", in);
   d.idx = indices.contiguous();
-  d.rp = row_ptr(d.idx, out, in);
-  if (values != nullptr) d.vals = values->to(at::kFloat).contiguous();
+  if (rp.defined()) d.rp = rp.contiguous();
+  d.vals = vals;
   d.p.dtype = kernel_dtype(dtype);
   d.p.index64 = d.idx.scalar_type() == at::kLong;
   d.p.indices = d.idx.const_data_ptr();
-  d.p.row_ptr = d.rp.const_data_ptr<int64_t>();
-  d.p.values = values != nullptr ? d.vals.const_data_ptr<float>() : nullptr;
+  d.p.row_ptr = rp.defined() ? d.rp.const_data_ptr<int64_t>() : nullptr;
+  d.p.values = vals.defined() ? vals.const_data_ptr<float>() : nullptr;
   d.p.nnz = d.idx.numel();
-  d.p.out_features = out;
-  d.p.in_features = in;
+  d.p.out_features = rows;
+  d.p.in_features = cols;
   d.p.scale = static_cast<float>(scale);
   d.p.deterministic = at::globalContext().deterministicAlgorithms();
   return d;
 }
 
-// gx2d [T, in] += scale * g2d [T, out] @ S. Default: the spmm_t kernel (shared-memory float atomics: the summation
-// order may vary between runs). Deterministic mode: gx = g @ S is the forward kernel applied to S^T [in, out],
-// whose CSR is S's CSC, built here on the device (sort by column; no host sync). Entries outside [0, out*in) get
-// index -1, which sorts first and lies in no row of S^T, so they are skipped as the kernels skip them.
-void spmm_t_into(const Delta& d, const at::Tensor& indices, const at::Tensor& values, at::ScalarType dtype,
-                 double scale, const at::Tensor& g2d, at::Tensor& gx2d) {
-  const int64_t out = d.p.out_features, in = d.p.in_features, tokens = g2d.size(0);
-  if (!d.p.deterministic) {
-    cu::spmm_t_accumulate(d.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), tokens, current_stream());
-    return;
+// S [out, in] with its row pointers (given or built); `values` may be null (SDDMM).
+Delta make_delta(const at::Tensor& indices, const at::Tensor* values, int64_t out, int64_t in, at::ScalarType dtype,
+                 double scale, const OptT& row_ptr_arg) {
+  checked_numel("sparse_delta", "out_features", out, "in_features", in);
+  auto rp = given(row_ptr_arg) ? *row_ptr_arg : row_ptr(indices, out, in);
+  at::Tensor vals;
+  if (values != nullptr) vals = values->to(at::kFloat).contiguous();
+  return make_view(indices, rp, vals, out, in, dtype, scale);
+}
+
+// gx2d [T, in] += scale * g2d [T, out] @ S: the forward kernel on S^T [in, out], whose CSR is S's CSC view (given,
+// or built here: a sort, no host sync); S's values are permuted into it by one gather launch.
+void spmm_t_into(const at::Tensor& indices, const at::Tensor& values, int64_t out, int64_t in, at::ScalarType dtype,
+                 double scale, const OptT& csc_ptr, const OptT& csc_idx, const OptT& csc_perm, const at::Tensor& g2d,
+                 at::Tensor& gx2d) {
+  const int64_t tokens = g2d.size(0), nnz = indices.numel();
+  if (tokens == 0 || out == 0 || in == 0 || nnz == 0) return;
+  at::Tensor cp, ci, perm;
+  if (given(csc_ptr)) {
+    cp = *csc_ptr, ci = *csc_idx, perm = csc_perm->contiguous();
+  } else {
+    auto v = build_csr(indices, out, in);
+    cp = v[1], ci = v[2], perm = v[3];
   }
-  if (tokens == 0 || out == 0 || in == 0 || d.p.nnz == 0) return;
-  auto idx = indices.to(at::kLong);
-  auto r = at::div(idx, in, "floor");
-  auto c = idx - r * in;
-  auto valid = idx.ge(0).logical_and_(idx.lt(out * in));
-  auto tidx = at::where(valid, c * out + r, at::Scalar(int64_t(-1)));
-  auto [sorted, perm] = at::sort(tidx, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
-  auto tvals = values.index_select(0, perm);
-  auto dt = make_delta(sorted, &tvals, in, out, dtype, scale);
+  auto vals = values.contiguous();
+  auto tvals = at::empty({nnz}, values.options().dtype(at::kFloat));
+  cu::gather_values(perm.const_data_ptr<int64_t>(), vals.const_data_ptr(), kernel_dtype(vals.scalar_type()), nnz,
+                    tvals.mutable_data_ptr<float>(), current_stream());
+  auto dt = make_view(ci, cp, tvals, in, out, dtype, scale);
   cu::spmm_accumulate(dt.p, g2d.const_data_ptr(), gx2d.mutable_data_ptr(), tokens, current_stream());
 }
 
 // ------------------------------------------------------------------------------------------------------------
 at::Tensor sparse_delta_spmm_cuda(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
-                                  int64_t out_features, double scale) {
+                                  int64_t out_features, double scale, const OptT& row_ptr) {
   constexpr const char* op = "sparse_delta_spmm";
   check_cuda_activation(op, "x", x);
   check_delta(op, indices, values, x);
   const int64_t in = last_dim(op, "x", x);
   checked_numel(op, "out_features", out_features, "in_features", in);
+  check_row_ptr(op, row_ptr, indices, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = at::zeros({x2d.size(0), out_features}, x.options());
-  auto d = make_delta(indices, &values, out_features, in, x.scalar_type(), scale);
+  auto d = make_delta(indices, &values, out_features, in, x.scalar_type(), scale, row_ptr);
   cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), current_stream());
   return y2d.view(with_last_dim(x, out_features));
 }
 
 at::Tensor sparse_delta_spmm_t_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& values,
-                                    int64_t in_features, double scale) {
+                                    int64_t in_features, double scale, const OptT& csc_ptr, const OptT& csc_idx,
+                                    const OptT& csc_perm) {
   constexpr const char* op = "sparse_delta_spmm_t";
   check_cuda_activation(op, "grad", grad);
   check_delta(op, indices, values, grad);
   const int64_t out = last_dim(op, "grad", grad);
   checked_numel(op, "out_features", out, "in_features", in_features);
+  check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in_features);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto g2d = flatten_tokens(op, "grad", grad, out);
   auto gx2d = at::zeros({g2d.size(0), in_features}, grad.options());
-  auto d = make_delta(indices, &values, out, in_features, grad.scalar_type(), scale);
-  spmm_t_into(d, indices, values, grad.scalar_type(), scale, g2d, gx2d);
+  spmm_t_into(indices, values, out, in_features, grad.scalar_type(), scale, csc_ptr, csc_idx, csc_perm, g2d, gx2d);
   return gx2d.view(with_last_dim(grad, in_features));
 }
 
 at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& indices,
-                                   double scale, std::optional<at::ScalarType> out_dtype) {
+                                   double scale, std::optional<at::ScalarType> out_dtype, const OptT& row_ptr) {
   constexpr const char* op = "sparse_delta_sddmm";
   check_cuda_activation(op, "grad", grad);
   check_cuda_activation(op, "x", x);
@@ -125,30 +141,36 @@ at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, 
   const c10::cuda::CUDAGuard guard(grad.device());
   auto [g2d, x2d] = token_pair(op, "grad", grad, "x", x);
   const int64_t out = g2d.size(1), in = x2d.size(1);
-  auto d = make_delta(indices, nullptr, out, in, grad.scalar_type(), scale);
+  check_row_ptr(op, row_ptr, indices, out);
+  auto d = make_delta(indices, nullptr, out, in, grad.scalar_type(), scale, row_ptr);
   auto gv = at::zeros({d.p.nnz}, grad.options().dtype(at::kFloat));
   cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv.mutable_data_ptr<float>(), g2d.size(0), current_stream());
   return gv.to(out_dtype.value_or(at::kFloat));
 }
 
 at::Tensor sparse_delta_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                    const at::Tensor& indices, const at::Tensor& values, double scale) {
+                                    const at::Tensor& indices, const at::Tensor& values, double scale,
+                                    const OptT& row_ptr, const OptT& csc_ptr, const OptT& csc_idx,
+                                    const OptT& csc_perm) {
   constexpr const char* op = "sparse_delta_linear";
   check_cuda_activation(op, "x", x);
   check_weight(op, weight, bias, x);
   check_delta(op, indices, values, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = weight.size(0), in = weight.size(1);
+  check_row_ptr(op, row_ptr, indices, out);
+  check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in);
   auto x2d = flatten_tokens(op, "x", x, in);
   auto y2d = dense_forward(x2d, weight, bias);
-  auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
+  auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale, row_ptr);
   cu::spmm_accumulate(d.p, x2d.const_data_ptr(), y2d.mutable_data_ptr(), x2d.size(0), current_stream());
   return y2d.view(with_last_dim(x, out));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
-    const at::Tensor& values, double scale, std::array<bool, 3> mask) {
+    const at::Tensor& values, double scale, std::array<bool, 3> mask, const OptT& row_ptr, const OptT& csc_ptr,
+    const OptT& csc_idx, const OptT& csc_perm) {
   constexpr const char* op = "sparse_delta_linear_backward";
   check_cuda_activation(op, "grad_out", grad_out);
   check_weight(op, weight, std::nullopt, x);
@@ -159,19 +181,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
               ", got shape ", grad_out.sizes());
   auto [g2d, x2d] = token_pair(op, "grad_out", grad_out, "x", x);
   TORCH_CHECK(x2d.size(1) == in, op, ": x must have last dim ", in, ", got shape ", x.sizes());
+  check_row_ptr(op, row_ptr, indices, out);
+  check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in);
   const int64_t tokens = g2d.size(0);
   at::Tensor gx, gv, gb;
-  if (mask[0] || mask[1]) {
-    auto d = make_delta(indices, &values, out, in, x.scalar_type(), scale);
-    if (mask[0]) {
-      gx = at::mm(g2d, weight).contiguous();  // dense part of grad_x; the sparse part is added in place
-      spmm_t_into(d, indices, values, x.scalar_type(), scale, g2d, gx);
-    }
-    if (mask[1]) {
-      auto gv32 = at::zeros({d.p.nnz}, x.options().dtype(at::kFloat));
-      cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv32.mutable_data_ptr<float>(), tokens, current_stream());
-      gv = gv32.to(values.scalar_type());
-    }
+  if (mask[0]) {
+    gx = at::mm(g2d, weight).contiguous();  // dense part of grad_x; the sparse part is added in place
+    spmm_t_into(indices, values, out, in, x.scalar_type(), scale, csc_ptr, csc_idx, csc_perm, g2d, gx);
+  }
+  if (mask[1]) {
+    auto d = make_delta(indices, nullptr, out, in, x.scalar_type(), scale, row_ptr);
+    auto gv32 = at::zeros({d.p.nnz}, x.options().dtype(at::kFloat));
+    cu::sddmm(d.p, g2d.const_data_ptr(), x2d.const_data_ptr(), gv32.mutable_data_ptr<float>(), tokens, current_stream());
+    gv = gv32.to(values.scalar_type());
   }
   if (mask[2]) gb = g2d.sum(0);
   auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
@@ -185,7 +207,10 @@ void merge_into(const char* op, at::Tensor& weight, const at::Tensor& indices, c
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got strides ", weight.strides());
   check_delta(op, indices, values, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  auto d = make_delta(indices, &values, weight.size(0), weight.size(1), weight.scalar_type(), scale);
+  checked_numel(op, "out_features", weight.size(0), "in_features", weight.size(1));
+  // merge needs no CSR view: one thread per 4 nonzeros, the flat index is the address
+  auto d = make_view(indices, at::Tensor(), values.to(at::kFloat).contiguous(),
+                     weight.size(0), weight.size(1), weight.scalar_type(), scale);
   cu::merge(d.p, weight.mutable_data_ptr(), current_stream());
 }
 

@@ -1,40 +1,40 @@
 // sparse_delta CUDA kernel templates (no torch headers; instantiated in sparse_delta.cu).
 //
-// Notation. Activations are row-major [T, features]; S is [out, in] in CSR form: row_ptr [out+1] (int64), flat
-// indices idx[k] = r*in + c (int32|int64, sorted, unique), values val[k] (fp32). A nonzero whose column
-// c = idx[k] - r*in falls outside [0, in) is skipped, so malformed indices never index out of bounds.
-// All arithmetic is fp32 (DType T is float, __half or __nv_bfloat16; loads convert, stores round once).
+// Notation. Activations are row-major [T, features]. The kernels walk a CSR matrix M [rows, cols]: row_ptr
+// [rows+1] (int64), flat indices idx[k] = r*cols + c (int32|int64, sorted, unique), values val[k] (fp32). M is S
+// [out, in] for spmm / sddmm, and S^T [in, out] for grad_x (its CSR is S's CSC: flat c*out + r, built once per
+// delta by sparse_delta_csr and passed in, or built per call by the glue; values permuted by gather_kernel).
+// Robustness: row_ptr entries are clamped to [0, nnz] and a nonzero whose column c = idx[k] - r*cols falls outside
+// [0, cols) is skipped, so malformed indices or a malformed cached CSR give wrong numbers, never an out-of-bounds
+// access. All arithmetic is fp32 (T is float, __half or __nv_bfloat16; loads convert, stores round once).
 //
-// Every kernel runs 256 threads (8 warps) and works on a *token tile* of TT tokens (TT in {1,4,8,16}, a
-// template parameter, so per-token accumulators live in registers). A warp walks one row r of S at a time, its
-// 32 lanes striding over the row's nonzeros [row_ptr[r], row_ptr[r+1]).
+// Tiling (the sizes come from the host planner, sparse_delta_plan.h, which also gives the L2-traffic estimate).
+// Every kernel runs 256 threads (8 warps) on a tile of TT tokens (TT in {1,4,8,16,32}, a template parameter), a
+// block of R rows of M and, one after the other, column chunks of CW columns: the tile of x restricted to a
+// chunk is staged in shared memory *transposed*, xs[c][0..TT) in T, so TT no longer shrinks with the input width.
+// A warp owns rows rr = warp, warp+8, ... of its block; per row it keeps a cursor (shared memory, int64) into the
+// row's nonzeros. Columns ascend within a row, so the nonzeros of a chunk are the next run from the cursor: the
+// warp loads 32 of them (one per lane, coalesced), a ballot finds how many of those lie before the chunk's end,
+// those are used and the cursor advances; a row costs one extra 32-wide load per chunk, and every nonzero is read
+// once per token tile, whatever the number of chunks.
 //
-//  spmm_kernel     y[t, r] += scale * sum_k val[k] * x[t, c_k]                       (forward, x S^T)
-//    block = (token tile, chunk of rows). The tile of x is staged once in shared memory *transposed*,
-//    xs[c][0..TT) in T, so the gather of one nonzero is one contiguous TT-vector (<= 2 x 16-byte loads); the
-//    tile is reused by every row of the chunk. Each lane accumulates TT partial sums for its nonzeros; the warp
-//    reduces them with a butterfly reduce-scatter (TT + log2(32/TT) shuffles, not TT*5), the row's TT results
-//    go to ys[t][row] (fp32, smem) and every kRowChunk rows the block writes y coalesced along r
-//    (read-modify-write: y already holds x W^T). If even a 1-token tile of x does not fit in shared memory,
-//    the kStaged=false instance reads x straight from global memory (TT = 1).
-//  spmm_t_kernel   gx[t, c] += scale * sum_{k: c_k = c} val[k] * g[t, r_k]               (grad_x, g S)
-//    block = (token tile, chunk of columns [c0, c0+cw)). An fp32 accumulator acc[c - c0][0..TT) (row stride
-//    TT|1 to avoid bank conflicts on the flush) lives in shared memory; g[t, r] for kRowChunk rows is staged
-//    in shared memory (coalesced along r). Every block walks all nonzeros, keeps those in its column chunk and
-//    adds val*g[t, r] with shared-memory atomics (fp32; the summation order inside a block can vary between
-//    runs, so results are deterministic only up to fp32 rounding; under torch.use_deterministic_algorithms the
-//    glue runs spmm_kernel on S^T instead). Finally gx[t, c0..c0+cw) += scale*acc,
-//    coalesced. Column chunks exist both to fit shared memory (large in) and to give few-token inputs more
-//    blocks. No global scratch.
-//  sddmm_kernel    out[k] += scale * sum_t g[t, r_k] * x[t, c_k]                         (values' gradient)
-//    block = (chunk of rows, split of the token tiles). For each token tile: x staged transposed as in spmm
-//    (xs[c][TT]), g staged as gs[t][r - r0] fp32 for the block's rows; one lane owns one nonzero and takes the
-//    TT-long dot product gs[:][r] . xs[c][:], so g[t, r] is loaded once per (tile, row) and reused across the row's
-//    nonzeros. Partial sums go straight to out (fp32): a plain read-modify-write when one block owns all tokens
-//    of the row chunk (deterministic; always so in deterministic mode), atomicAdd when tokens are split across
-//    blocks for parallelism.
-//  merge_kernel    w[r, c_k] += scale * val[k]; one thread per nonzero (r from idx / in; entries outside
-//    [0, out*in) are skipped).
+//  spmm_kernel     y[t, r] += scale * sum_k val[k] * x[t, c_k]       (forward x S^T; grad_x = g S as spmm on S^T)
+//    grid = (token tiles, row blocks). Lane layout: lane = g*TT + t, token t, group g of G = 32/TT: group g takes
+//    nonzeros g, g+G, ... of each 32-batch (column and value broadcast by shuffles), so each lane does one FMA per
+//    nonzero on xs[c][t] (consecutive lanes read consecutive elements). After a row's chunk the G partial sums of
+//    each token are summed with log2(G) xor-shuffles and added to acc[rr][t] (fp32, row stride TT|1, owned by the
+//    warp: no atomics). After the last chunk the block writes y coalesced along r (read-modify-write: y already
+//    holds x W^T or the dense grad_x). Deterministic: a fixed order per output.
+//  sddmm_kernel    out[k] += scale * sum_t g[t, r_k] * x[t, c_k]     (values' gradient)
+//    grid = (row blocks, token splits). Per token tile: g[t, r] for the block's rows is staged in acc[rr][t] (fp32),
+//    cursors reset; per chunk xs staged as above; one lane owns one nonzero of the 32-batch and takes the TT-long
+//    dot product of the row's g (in registers, loaded once per row and chunk) with xs[c][:]. Partial sums go to
+//    out (fp32): a plain read-modify-write when one block owns all token tiles of its rows (always so in
+//    deterministic mode), atomicAdd when tokens are split across blocks.
+//  merge_kernel    w[r, c_k] += scale * val[k]; 4 nonzeros per thread, read with 16-byte loads when the host found
+//    indices and values 16-byte aligned (else 4 scalar loads); the flat index is the address, no division. Entries
+//    outside [0, out*in) are skipped.
+//  gather_kernel   vt[j] = float(val[perm[j]]) (0 for perm[j] outside [0, nnz)): S's values in S^T's order.
 //  abs_kernel / exclude_kernel   out = |tile|, then out[e - flat0] = -1 for every excluded flat position e
 //    that falls in the tile (two launches, no search).
 #pragma once
@@ -48,20 +48,24 @@ namespace peftcore::sparse_delta::cuda::kernels {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowChunk = 256;  // rows of S per flush (spmm) / per g stage (spmm_t)
 
 // The index width is a run-time flag rather than a template parameter: the branch is uniform across the grid
 // (free next to the load it guards) and it halves the number of kernel instances to compile.
 struct Csr {
-  const void* idx;  // int32 or int64 [nnz]
+  const void* idx;  // int32 or int64 [nnz], flat r*cols + c
   bool idx64;
-  const int64_t* row_ptr;
-  const float* val;
-  int64_t out;
-  int64_t in;
+  const int64_t* row_ptr;  // [rows+1]
+  const float* val;        // [nnz] (may be null for sddmm)
+  int64_t nnz;
+  int64_t rows;
+  int64_t cols;
   float scale;
   __device__ __forceinline__ int64_t index(int64_t k) const {
     return idx64 ? static_cast<const int64_t*>(idx)[k] : int64_t(static_cast<const int32_t*>(idx)[k]);
+  }
+  __device__ __forceinline__ int64_t ptr(int64_t r) const {  // row_ptr[r] clamped to [0, nnz]
+    const int64_t v = row_ptr[r];
+    return v < 0 ? 0 : (v > nnz ? nnz : v);
   }
 };
 
@@ -109,230 +113,223 @@ struct Vec {
   }
 };
 
-// Butterfly reduce-scatter of a[0..TT) over the warp: afterwards lane L holds in a[0] the warp-wide sum of
-// a[tok(L)], tok(L) = the top log2(TT) bits of L's 5-bit lane id read MSB-first; lanes whose low 5-log2(TT)
-// bits are zero hold distinct tokens. Costs TT-1 + 5-log2(TT) shuffles.
-template <int TT>
-__device__ __forceinline__ void warp_reduce_scatter(float (&a)[TT], int lane) {
-  int off = 16;
-#pragma unroll
-  for (int n = TT; n > 1; n /= 2) {
-    const int h = n / 2;
-    const bool upper = (lane & off) != 0;
-#pragma unroll
-    for (int i = 0; i < h; ++i) {
-      const float send = upper ? a[i] : a[i + h];
-      const float keep = upper ? a[i + h] : a[i];
-      a[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-    }
-    off >>= 1;
-  }
-  for (; off > 0; off >>= 1) a[0] += __shfl_xor_sync(0xffffffffu, a[0], off);
-}
-
-template <int TT>
-__device__ __forceinline__ int scatter_token(int lane) {
-  int tok = 0, bit = 16;
-#pragma unroll
-  for (int n = TT; n > 1; n /= 2) {
-    tok = tok * 2 + ((lane & bit) ? 1 : 0);
-    bit >>= 1;
-  }
-  return tok;
-}
-template <int TT>
-__device__ __forceinline__ bool scatter_owner(int lane) {
-  constexpr int lowbits = 32 / TT;  // lanes per token group
-  return (lane & (lowbits - 1)) == 0;
-}
-
-// Stage x[t0 .. t0+TT, 0..in) transposed into xs[c*TT + t] (zero for tokens past nt). One thread per column:
-// TT coalesced global loads (along c across the block), one vector store.
+// Shared-memory carve-up common to spmm and sddmm: xs [cw][TT] T | acc [R][TT|1] fp32 | cur [R] int64.
 template <typename T, int TT>
-__device__ __forceinline__ void stage_transposed(const T* __restrict__ x, int64_t ld, int64_t t0, int nt,
-                                                 int64_t cols, T* xs) {
-  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
-    Vec<T, TT> v;
-#pragma unroll
-    for (int t = 0; t < TT; ++t) v.v[t] = t < nt ? x[(t0 + t) * ld + c] : zero_v<T>();
-    v.store(xs + c * TT);
+struct Smem {
+  T* xs;
+  float* acc;
+  int64_t* cur;
+  __device__ __forceinline__ Smem(unsigned char* base, int rows, int cw) {
+    xs = reinterpret_cast<T*>(base);
+    const size_t xs_bytes = (size_t(cw) * TT * sizeof(T) + 15) / 16 * 16;
+    acc = reinterpret_cast<float*>(base + xs_bytes);
+    const size_t acc_bytes = size_t(rows) * (TT | 1) * 4;
+    cur = reinterpret_cast<int64_t*>(base + xs_bytes + (acc_bytes + 15) / 16 * 16);
   }
+};
+
+// Stage x[t0 .. t0+nt, c0 .. c0+ncol) transposed into xs[c*TT + t] (zero for tokens past nt). One thread per
+// column: TT global loads (coalesced along c across the block), stored in 16-byte pieces (a piece's loads, then
+// its store, so a 32-token tile does not hold 32 values in registers at once).
+template <typename T, int TT>
+__device__ __forceinline__ void stage_chunk(const T* __restrict__ x, int64_t ld, int64_t t0, int nt, int64_t c0,
+                                            int ncol, T* xs) {
+  constexpr int kPiece = int(16 / sizeof(T)) < TT ? int(16 / sizeof(T)) : TT;  // tokens per store
+  for (int c = threadIdx.x; c < ncol; c += kThreads) {
+    const T* src = x + t0 * ld + c0 + c;
+#pragma unroll
+    for (int p = 0; p < TT; p += kPiece) {
+      Vec<T, kPiece> v;
+#pragma unroll
+      for (int t = 0; t < kPiece; ++t) v.v[t] = p + t < nt ? src[int64_t(p + t) * ld] : zero_v<T>();
+      v.store(xs + c * TT + p);
+    }
+  }
+}
+
+// One 32-wide batch of row r's nonzeros from cursor k: lane j looks at k + j. Returns (through n) how many
+// leading lanes lie before the chunk end c_hi (a prefix when columns ascend); the caller uses those and advances
+// the cursor by n, and stops the row's walk for this chunk when n < 32. *c_out is the lane's column relative to
+// c0, or -1 when the lane is not used (past n, past the row, or a column below c0: malformed input).
+__device__ __forceinline__ int batch(const Csr& s, int64_t k, int64_t ke, int64_t base, int64_t c0, int64_t c_hi,
+                                     int lane, int* c_out) {
+  const int64_t kj = k + lane;
+  bool in_chunk = false;
+  int cl = -1;
+  if (kj < ke) {
+    const int64_t c = s.index(kj) - base;
+    in_chunk = c < c_hi;
+    if (in_chunk && c >= c0) cl = int(c - c0);
+  }
+  const unsigned ball = __ballot_sync(0xffffffffu, in_chunk);
+  const int n = ball == 0xffffffffu ? 32 : __ffs(~ball) - 1;
+  *c_out = lane < n ? cl : -1;
+  return n;
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// spmm: y[t, r] += scale * sum_k val[k] * x[t, c_k]. grid = (token tiles, row chunks of rows_per_block).
-// smem: xs [in][TT] T (kStaged only), then ys [TT][kRowChunk] fp32.
-template <typename T, int TT, bool kStaged>
+// spmm: y[t, r] += scale * sum_k val[k] * x[t, c_k] on M = s [rows, cols]; x [tokens, cols], y [tokens, rows].
+// grid = (token tiles, row blocks of R).
+template <typename T, int TT>
 __global__ void __launch_bounds__(kThreads, 2) spmm_kernel(Csr s, const T* __restrict__ x, T* __restrict__ y,
-                                                        int64_t tokens, int64_t rows_per_block) {
-  static_assert(kStaged || TT == 1, "the global-memory path runs one token per tile");
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t t0 = int64_t(blockIdx.x) * TT;
-  const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
-  const int64_t r_begin = int64_t(blockIdx.y) * rows_per_block;
-  const int64_t r_end = r_begin + rows_per_block < s.out ? r_begin + rows_per_block : s.out;
-  const int64_t in = s.in;
-  T* xs = reinterpret_cast<T*>(smem);
-  const size_t xs_bytes = kStaged ? ((size_t(in) * TT * sizeof(T) + 15) / 16) * 16 : 0;
-  float* ys = reinterpret_cast<float*>(smem + xs_bytes);
-  if constexpr (kStaged) {
-    stage_transposed<T, TT>(x, in, t0, nt, in, xs);
-    __syncthreads();
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t rc0 = r_begin; rc0 < r_end; rc0 += kRowChunk) {
-    const int nr = int(r_end - rc0 < kRowChunk ? r_end - rc0 : kRowChunk);
-    for (int rr = warp; rr < nr; rr += kWarps) {
-      const int64_t r = rc0 + rr;
-      const int64_t kb = s.row_ptr[r], ke = s.row_ptr[r + 1];
-      const int64_t base = r * in;
-      float acc[TT];
-#pragma unroll
-      for (int t = 0; t < TT; ++t) acc[t] = 0.f;
-      for (int64_t k = kb + lane; k < ke; k += 32) {
-        const int64_t c = s.index(k) - base;
-        if (c < 0 || c >= in) continue;
-        const float v = s.val[k];
-        if constexpr (kStaged) {
-          Vec<T, TT> xv;
-          xv.load(xs + c * TT);
-#pragma unroll
-          for (int t = 0; t < TT; ++t) acc[t] = fmaf(v, to_f(xv.v[t]), acc[t]);
-        } else {
-          acc[0] = fmaf(v, to_f(x[t0 * in + c]), acc[0]);
-        }
-      }
-      warp_reduce_scatter<TT>(acc, lane);
-      if (scatter_owner<TT>(lane)) ys[scatter_token<TT>(lane) * kRowChunk + rr] = acc[0];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < nt * kRowChunk; i += kThreads) {
-      const int t = i / kRowChunk, rr = i % kRowChunk;
-      if (rr < nr) {
-        T& dst = y[(t0 + t) * s.out + rc0 + rr];
-        dst = from_f<T>(fmaf(s.scale, ys[t * kRowChunk + rr], to_f(dst)));
-      }
-    }
-    __syncthreads();
-  }
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// spmm_t: gx[t, c] += scale * sum_{k: c_k = c} val[k] * g[t, r_k]. grid = (token tiles, column chunks of cw).
-// smem: acc [cw][TT|1] fp32, then gs [TT][kRowChunk] fp32 (a warp reads one row's TT values as broadcasts).
-template <typename T, int TT>
-__global__ void __launch_bounds__(kThreads, 2) spmm_t_kernel(Csr s, const T* __restrict__ g, T* __restrict__ gx,
-                                                          int64_t tokens, int64_t cw) {
+                                                        int64_t tokens, int R, int cw) {
   constexpr int TP = TT | 1;
+  constexpr int G = 32 / TT;  // nonzero groups per warp
   extern __shared__ __align__(16) unsigned char smem[];
+  const Smem<T, TT> sm(smem, R, cw);
   const int64_t t0 = int64_t(blockIdx.x) * TT;
   const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
-  const int64_t in = s.in, out = s.out;
-  const int64_t c0 = int64_t(blockIdx.y) * cw;
-  const int64_t ncol = in - c0 < cw ? in - c0 : cw;
-  float* acc = reinterpret_cast<float*>(smem);
-  float* gs = acc + ((cw * TP + 3) / 4) * 4;
-  for (int64_t i = threadIdx.x; i < ncol * TP; i += kThreads) acc[i] = 0.f;
+  const int64_t r0 = int64_t(blockIdx.y) * R;
+  const int nr = int(s.rows - r0 < R ? s.rows - r0 : R);
+  const int64_t cols = s.cols;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t rc0 = 0; rc0 < out; rc0 += kRowChunk) {
-    const int nr = int(out - rc0 < kRowChunk ? out - rc0 : kRowChunk);
-    __syncthreads();  // acc zeroed / previous chunk's gs consumed
-    for (int i = threadIdx.x; i < TT * kRowChunk; i += kThreads) {
-      const int t = i / kRowChunk, rr = i % kRowChunk;
-      gs[t * kRowChunk + rr] = (t < nt && rr < nr) ? to_f(g[(t0 + t) * out + rc0 + rr]) : 0.f;
-    }
+  const int t = lane % TT, g = lane / TT;
+  for (int i = threadIdx.x; i < nr * TP; i += kThreads) sm.acc[i] = 0.f;
+  for (int rr = threadIdx.x; rr < nr; rr += kThreads) sm.cur[rr] = s.ptr(r0 + rr);
+  for (int64_t c0 = 0; c0 < cols; c0 += cw) {
+    const int ncol = int(cols - c0 < cw ? cols - c0 : cw);
+    __syncthreads();  // init visible / previous chunk's xs consumed
+    stage_chunk<T, TT>(x, cols, t0, nt, c0, ncol, sm.xs);
     __syncthreads();
     for (int rr = warp; rr < nr; rr += kWarps) {
-      const int64_t r = rc0 + rr;
-      const int64_t kb = s.row_ptr[r], ke = s.row_ptr[r + 1];
-      const int64_t lo = r * in + c0;  // entries of this row inside the column chunk: lo <= idx < lo + ncol
-      float gr[TT];
-#pragma unroll
-      for (int t = 0; t < TT; ++t) gr[t] = gs[t * kRowChunk + rr];
-      for (int64_t k = kb + lane; k < ke; k += 32) {
-        const int64_t cc = s.index(k) - lo;
-        if (cc < 0 || cc >= ncol) continue;
-        const float v = s.val[k];
-        float* a = acc + cc * TP;
-#pragma unroll
-        for (int t = 0; t < TT; ++t) atomicAdd(a + t, v * gr[t]);
+      const int64_t r = r0 + rr;
+      const int64_t ke = s.ptr(r + 1), base = r * cols, c_hi = c0 + ncol;
+      int64_t k = sm.cur[rr];
+      float a = 0.f;
+      for (;;) {
+        int cl;
+        const int n = batch(s, k, ke, base, c0, c_hi, lane, &cl);
+        const float vl = cl >= 0 ? s.val[k + lane] : 0.f;
+        for (int i0 = 0; i0 < n; i0 += G) {  // uniform trip count: every lane takes part in the shuffles
+          const int i = i0 + g;
+          const int src = i < 32 ? i : 31;
+          const int c = __shfl_sync(0xffffffffu, cl, src);
+          const float v = __shfl_sync(0xffffffffu, vl, src);
+          if (i < n && c >= 0) a = fmaf(v, to_f(sm.xs[c * TT + t]), a);
+        }
+        k += n;
+        if (n < 32) break;
       }
+#pragma unroll
+      for (int off = 16; off >= TT; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
+      if (lane < TT) sm.acc[rr * TP + lane] += a;
+      __syncwarp();
+      if (lane == 0) sm.cur[rr] = k;
     }
   }
   __syncthreads();
-  for (int t = 0; t < nt; ++t) {
-    T* row = gx + (t0 + t) * in + c0;
-    for (int64_t cc = threadIdx.x; cc < ncol; cc += kThreads)
-      row[cc] = from_f<T>(fmaf(s.scale, acc[cc * TP + t], to_f(row[cc])));
+  for (int tt = 0; tt < nt; ++tt) {
+    T* row = y + (t0 + tt) * s.rows + r0;
+    for (int rr = threadIdx.x; rr < nr; rr += kThreads)
+      row[rr] = from_f<T>(fmaf(s.scale, sm.acc[rr * TP + tt], to_f(row[rr])));
   }
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// sddmm: out[k] += scale * sum_t g[t, r_k] * x[t, c_k]. grid = (row chunks of rows_per_block, token splits of
-// tiles_per_split tiles). smem: xs [in][TT] T (kStaged only), then gs [TT][rows_per_block] fp32.
-template <typename T, int TT, bool kStaged>
+// sddmm: out[k] += scale * sum_t g[t, r_k] * x[t, c_k]; g [tokens, rows], x [tokens, cols].
+// grid = (row blocks of R, token splits of tiles_per_split tiles).
+template <typename T, int TT>
 __global__ void __launch_bounds__(kThreads, 2) sddmm_kernel(Csr s, const T* __restrict__ g,
                                                          const T* __restrict__ x, float* __restrict__ out,
-                                                         int64_t tokens, int64_t rows_per_block,
-                                                         int64_t tiles_per_split, bool atomic) {
-  static_assert(kStaged || TT == 1, "the global-memory path runs one token per tile");
+                                                         int64_t tokens, int R, int cw, int64_t tiles_per_split,
+                                                         bool atomic) {
+  constexpr int TP = TT | 1;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t in = s.in, nout = s.out;
-  const int64_t r0 = int64_t(blockIdx.x) * rows_per_block;
-  const int nr = int(nout - r0 < rows_per_block ? nout - r0 : rows_per_block);
+  const Smem<T, TT> sm(smem, R, cw);
+  const int64_t rows = s.rows, cols = s.cols;
+  const int64_t r0 = int64_t(blockIdx.x) * R;
+  const int nr = int(rows - r0 < R ? rows - r0 : R);
   const int64_t ntiles = (tokens + TT - 1) / TT;
   const int64_t tile_b = int64_t(blockIdx.y) * tiles_per_split;
   const int64_t tile_e = tile_b + tiles_per_split < ntiles ? tile_b + tiles_per_split : ntiles;
-  T* xs = reinterpret_cast<T*>(smem);
-  const size_t xs_bytes = kStaged ? ((size_t(in) * TT * sizeof(T) + 15) / 16) * 16 : 0;
-  float* gs = reinterpret_cast<float*>(smem + xs_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t tile = tile_b; tile < tile_e; ++tile) {
     const int64_t t0 = tile * TT;
     const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
-    if (tile != tile_b) __syncthreads();  // previous tile's smem consumed
-    if constexpr (kStaged) stage_transposed<T, TT>(x, in, t0, nt, in, xs);
-    for (int64_t i = threadIdx.x; i < int64_t(TT) * nr; i += kThreads) {
-      const int t = int(i / nr);
-      const int rr = int(i - int64_t(t) * nr);
-      gs[t * nr + rr] = t < nt ? to_f(g[(t0 + t) * nout + r0 + rr]) : 0.f;
-    }
-    __syncthreads();
-    for (int rr = warp; rr < nr; rr += kWarps) {
-      const int64_t r = r0 + rr;
-      const int64_t kb = s.row_ptr[r], ke = s.row_ptr[r + 1];
-      const int64_t base = r * in;
-      float gr[TT];
+    __syncthreads();  // previous tile's acc / cur consumed
+#pragma unroll 1
+    for (int t = 0; t < TT; ++t)
+      for (int rr = threadIdx.x; rr < nr; rr += kThreads)
+        sm.acc[rr * TP + t] = t < nt ? to_f(g[(t0 + t) * rows + r0 + rr]) : 0.f;
+    for (int rr = threadIdx.x; rr < nr; rr += kThreads) sm.cur[rr] = s.ptr(r0 + rr);
+    for (int64_t c0 = 0; c0 < cols; c0 += cw) {
+      const int ncol = int(cols - c0 < cw ? cols - c0 : cw);
+      if (c0 != 0) __syncthreads();  // previous chunk's xs consumed
+      stage_chunk<T, TT>(x, cols, t0, nt, c0, ncol, sm.xs);
+      __syncthreads();
+      for (int rr = warp; rr < nr; rr += kWarps) {
+        const int64_t r = r0 + rr;
+        const int64_t ke = s.ptr(r + 1), base = r * cols, c_hi = c0 + ncol;
+        float gr[TT];
 #pragma unroll
-      for (int t = 0; t < TT; ++t) gr[t] = gs[t * nr + rr];
-      for (int64_t k = kb + lane; k < ke; k += 32) {
-        const int64_t c = s.index(k) - base;
-        if (c < 0 || c >= in) continue;
-        float d = 0.f;
-        if constexpr (kStaged) {
-          Vec<T, TT> xv;
-          xv.load(xs + c * TT);
+        for (int t = 0; t < TT; ++t) gr[t] = sm.acc[rr * TP + t];
+        int64_t k = sm.cur[rr];
+        for (;;) {
+          int cl;
+          const int n = batch(s, k, ke, base, c0, c_hi, lane, &cl);
+          if (cl >= 0) {
+            Vec<T, TT> xv;
+            xv.load(sm.xs + cl * TT);
+            float d = 0.f;
 #pragma unroll
-          for (int t = 0; t < TT; ++t) d = fmaf(gr[t], to_f(xv.v[t]), d);
-        } else {
-          d = gr[0] * to_f(x[t0 * in + c]);
+            for (int t = 0; t < TT; ++t) d = fmaf(gr[t], to_f(xv.v[t]), d);
+            if (atomic) atomicAdd(out + k + lane, s.scale * d);
+            else out[k + lane] += s.scale * d;
+          }
+          k += n;
+          if (n < 32) break;
         }
-        if (atomic) atomicAdd(out + k, s.scale * d);
-        else out[k] += s.scale * d;
+        __syncwarp();
+        if (lane == 0) sm.cur[rr] = k;
       }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------------------
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) merge_kernel(Csr s, int64_t nnz, T* __restrict__ w) {
-  const int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (k >= nnz) return;
-  const int64_t f = s.index(k);
-  if (f < 0 || f >= s.out * s.in) return;
-  T& dst = w[f];
-  dst = from_f<T>(fmaf(s.scale, s.val[k], to_f(dst)));
+// merge: w[f_k] += scale * val[k], 4 consecutive nonzeros per thread (kVec: 16-byte loads of indices / values).
+template <typename T, typename I, bool kVec>
+__global__ void __launch_bounds__(kThreads) merge_kernel(const I* __restrict__ idx, const float* __restrict__ val,
+                                                         int64_t nnz, int64_t numel, float scale, T* __restrict__ w) {
+  const int64_t k0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 4;
+  if (k0 >= nnz) return;
+  I f[4];
+  float v[4];
+  if (kVec && k0 + 4 <= nnz) {
+    if constexpr (sizeof(I) == 4) {
+      const int4 q = *reinterpret_cast<const int4*>(idx + k0);
+      f[0] = q.x, f[1] = q.y, f[2] = q.z, f[3] = q.w;
+    } else {
+      const longlong2 a = reinterpret_cast<const longlong2*>(idx + k0)[0];
+      const longlong2 b = reinterpret_cast<const longlong2*>(idx + k0)[1];
+      f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
+    }
+    const float4 q = *reinterpret_cast<const float4*>(val + k0);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      f[j] = k0 + j < nnz ? idx[k0 + j] : I(-1);
+      v[j] = k0 + j < nnz ? val[k0 + j] : 0.f;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t fj = int64_t(f[j]);
+    if (fj < 0 || fj >= numel) continue;
+    T& dst = w[fj];
+    dst = from_f<T>(fmaf(scale, v[j], to_f(dst)));
+  }
+}
+
+// gather: vt[j] = float(val[perm[j]]), 0 where perm[j] is outside [0, nnz).
+template <typename V>
+__global__ void __launch_bounds__(kThreads) gather_kernel(const int64_t* __restrict__ perm, const V* __restrict__ val,
+                                                          int64_t nnz, float* __restrict__ vt) {
+  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= nnz) return;
+  const int64_t k = perm[j];
+  vt[j] = (k >= 0 && k < nnz) ? to_f(val[k]) : 0.f;
 }
 
 __global__ void __launch_bounds__(kThreads, 2) abs_kernel(const float* __restrict__ tile, int64_t n,

@@ -5,9 +5,18 @@ A delta ``S`` on a weight ``W [out, in]`` is ``(indices, values)``:
 * ``indices`` — 1-D int32 or int64 flat positions ``r * in + c``, sorted ascending and unique;
 * ``values`` — ``[nnz]`` float32, or ``W``'s dtype.
 
-The effective weight is ``W + scale * S``. Every op walks ``S`` through a CSR view built per call (O(nnz + out)),
-so no op ever builds an ``[out, in]`` temporary except ``sparse_delta_merge`` (whose output is one) and the dense
-weight gradient of ``sparse_delta_linear`` when — and only when — ``W.requires_grad`` is set.
+The effective weight is ``W + scale * S``. Every op walks ``S`` through a CSR view (``row_ptr``; grad_x walks
+``S^T`` through ``S``'s CSC view ``csc_ptr, csc_idx, csc_perm``), so no op ever builds an ``[out, in]`` temporary
+except ``sparse_delta_merge`` (whose output is one) and the dense weight gradient of ``sparse_delta_linear`` when —
+and only when — ``W.requires_grad`` is set.
+
+CSR view: :func:`sparse_delta_csr` builds ``(row_ptr, csc_ptr, csc_idx, csc_perm)`` from ``indices`` (ATen ops,
+no host sync). Build it once per delta — whenever its indices change — and pass it to the ops as the optional
+arguments of the same names (``SparseDeltaLinear`` does); an op not given it builds what it needs per call (CUDA:
+``row_ptr`` one launch, the CSC view a sort). On CPU a given view is checked against ``indices`` (an error naming
+the op when it does not match) and the CPU kernels then use their own; on CUDA only its dtype, shape and device are
+checked (no host sync): its values are trusted to be ``sparse_delta_csr`` of the indices passed with it, and a view
+that is not gives wrong numbers, never an out-of-bounds access.
 
 Validation: every op (backward op included) checks dtypes, ranks, shapes, devices and sizes, on every backend and
 in its fake kernel, with messages that start with the op name. On CPU every op also checks the index values
@@ -20,8 +29,9 @@ Autograd: ``sparse_delta_linear``'s backward op refuses double backward (an erro
 sddmm and merge have double backward. ``sparse_delta_merge_`` behaves as an ATen in-place op (version counter,
 leaf / inference-tensor checks). ``sparse_delta_topk_grad``'s outputs are non-differentiable.
 
-Determinism: CPU results are bitwise repeatable. On CUDA, spmm_t and sddmm use float atomics unless
-``torch.use_deterministic_algorithms(True)``, under which they take atomic-free paths.
+Determinism: CPU results are bitwise repeatable; so are CUDA's spmm and spmm_t (a fixed summation order per
+output). On CUDA sddmm uses float atomics unless ``torch.use_deterministic_algorithms(True)``, under which it takes
+an atomic-free path.
 """
 from __future__ import annotations
 
@@ -43,6 +53,8 @@ __all__ = [
     "sparse_delta_merge_",
     "sparse_delta_topk_grad",
     "sparse_delta_validate",
+    "sparse_delta_csr",
+    "sparse_delta_tile_plan",
 ]
 
 
@@ -50,36 +62,65 @@ __all__ = [
 # Documented wrappers (the ops themselves are torch.ops.peftcore.<name>).
 
 
-def sparse_delta_linear(x, weight, bias, indices, values, scale: float = 1.0):
+def sparse_delta_linear(x, weight, bias, indices, values, scale: float = 1.0, csr=None):
     """``y = x @ (weight + scale * S)^T + bias`` for ``x [..., in]``, never materialising ``weight + scale*S``.
 
     Gradients flow to ``x``, ``values`` and ``bias``. ``weight`` is meant to be frozen; if it does require grad,
     its dense gradient ``grad_out^T @ x`` is computed (one GEMM and an ``[out, in]`` buffer, as for any
-    ``nn.Linear``).
+    ``nn.Linear``). ``csr``: ``sparse_delta_csr(indices, out, in)`` (optional, see the module doc).
     """
-    return _lib.sparse_delta_linear(x, weight, bias, indices, values, scale)
+    return _lib.sparse_delta_linear(x, weight, bias, indices, values, scale, *_csr4(csr))
 
 
-def sparse_delta_spmm(x, indices, values, out_features: int, scale: float = 1.0):
-    """``scale * x @ S^T`` for ``x [..., in]`` and ``S [out_features, in]``: the sparse half of the forward."""
-    return _lib.sparse_delta_spmm(x, indices, values, out_features, scale)
+def sparse_delta_spmm(x, indices, values, out_features: int, scale: float = 1.0, row_ptr=None):
+    """``scale * x @ S^T`` for ``x [..., in]`` and ``S [out_features, in]``: the sparse half of the forward.
+
+    ``row_ptr``: the first tensor of ``sparse_delta_csr(indices, out_features, in)`` (optional)."""
+    return _lib.sparse_delta_spmm(x, indices, values, out_features, scale, row_ptr)
 
 
-def sparse_delta_spmm_t(grad, indices, values, in_features: int, scale: float = 1.0):
+def sparse_delta_spmm_t(grad, indices, values, in_features: int, scale: float = 1.0, csr=None):
     """``scale * grad @ S`` for ``grad [..., out]`` and ``S [out, in_features]``: the sparse half of grad_x.
 
-    On CUDA it accumulates with float atomics, except under ``torch.use_deterministic_algorithms(True)``.
+    On CUDA it is the forward kernel on ``S^T`` (S's CSC view from ``csr = sparse_delta_csr(...)`` when given, else
+    built per call): no atomics, a fixed summation order.
     """
-    return _lib.sparse_delta_spmm_t(grad, indices, values, in_features, scale)
+    _, cp, ci, cm = _csr4(csr)
+    return _lib.sparse_delta_spmm_t(grad, indices, values, in_features, scale, cp, ci, cm)
 
 
-def sparse_delta_sddmm(grad, x, indices, scale: float = 1.0, out_dtype: Optional[torch.dtype] = None):
+def sparse_delta_sddmm(grad, x, indices, scale: float = 1.0, out_dtype: Optional[torch.dtype] = None, row_ptr=None):
     """SDDMM ``out[k] = scale * sum_t grad[t, r_k] * x[t, c_k]`` accumulated in fp32 (fp64 for float64 inputs).
 
     This is the gradient of ``values``. Returned in ``out_dtype`` (default float32, float64 for float64 inputs).
     On CUDA tokens are split over blocks with float atomics, except under ``torch.use_deterministic_algorithms``.
     """
-    return _lib.sparse_delta_sddmm(grad, x, indices, scale, out_dtype)
+    return _lib.sparse_delta_sddmm(grad, x, indices, scale, out_dtype, row_ptr)
+
+
+def sparse_delta_csr(indices, out_features: int, in_features: int):
+    """``(row_ptr, csc_ptr, csc_idx, csc_perm)``, all int64 on ``indices``' device: the CSR view of ``S`` and the
+    CSR view of ``S^T`` (``csc_idx`` flat ``c * out + r`` ascending, ``csc_perm[j]`` the position in ``indices`` of
+    its ``j``-th entry). No host sync. Build it when a delta's indices change and pass it to the ops."""
+    return tuple(_lib.sparse_delta_csr(indices, out_features, in_features))
+
+
+def sparse_delta_tile_plan(kernel: str, tokens: int, in_features: int, out_features: int, nnz: int,
+                           dtype: torch.dtype, smem_optin: int, sms: int, deterministic: bool = False):
+    """The CUDA launchers' tile plan for ``kernel`` (``"spmm"``, ``"spmm_t"``, ``"sddmm"``) as
+    ``[tt, rows, cols, splits, smem, grid_x, grid_y, traffic]`` (host code, callable without a GPU); the rule is
+    documented in ``csrc/sparse_delta/sparse_delta_plan.h``."""
+    return list(_lib.sparse_delta_tile_plan(kernel, tokens, in_features, out_features, nnz, dtype, smem_optin, sms,
+                                            deterministic))
+
+
+def _csr4(csr):
+    if csr is None:
+        return (None, None, None, None)
+    csr = tuple(csr)
+    if len(csr) != 4:
+        raise ValueError(f"sparse_delta: csr must be the 4 tensors of sparse_delta_csr, got {len(csr)}")
+    return csr
 
 
 def sparse_delta_merge_(weight, indices, values, scale: float = 1.0) -> None:
@@ -173,6 +214,27 @@ def _check_weight(op, weight, bias, x):
                      lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
 
 
+def _check_csr_tensor(op, name, t, length, indices):
+    torch._check(t.dtype == torch.int64, lambda: f"{op}: {name} must be int64, got {_dt(t.dtype)}")
+    torch._check(t.dim() == 1 and t.shape[0] == length,
+                 lambda: f"{op}: {name} must have shape [{length}], got {_shape(t)}")
+    same_device(op, indices, **{name: t})
+
+
+def _check_row_ptr(op, row_ptr, indices, out_features):
+    if row_ptr is not None:
+        _check_csr_tensor(op, "row_ptr", row_ptr, out_features + 1, indices)
+
+
+def _check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in_features):
+    n = sum(t is not None for t in (csc_ptr, csc_idx, csc_perm))
+    torch._check(n in (0, 3), lambda: f"{op}: csc_ptr, csc_idx and csc_perm go together (all or none), got {n} of 3")
+    if n == 3:
+        _check_csr_tensor(op, "csc_ptr", csc_ptr, in_features + 1, indices)
+        _check_csr_tensor(op, "csc_idx", csc_idx, indices.shape[0], indices)
+        _check_csr_tensor(op, "csc_perm", csc_perm, indices.shape[0], indices)
+
+
 def _check_sizes(op, out_features, in_features):
     torch._check(out_features >= 0 and in_features >= 0, lambda: f"{op}: out_features and in_features must be >= 0, "
                                                                  f"got {out_features} and {in_features}")
@@ -187,17 +249,20 @@ def _check_token_pair(op, a_name, a, b_name, b):
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear")
-def _(x, weight, bias, indices, values, scale=1.0):
+def _(x, weight, bias, indices, values, scale=1.0, row_ptr=None, csc_ptr=None, csc_idx=None, csc_perm=None):
     op = "sparse_delta_linear"
     _check_float(op, "x", x)
     _check_weight(op, weight, bias, x)
     _check_delta(op, indices, values, x)
+    _check_row_ptr(op, row_ptr, indices, weight.shape[0])
+    _check_csc(op, csc_ptr, csc_idx, csc_perm, indices, weight.shape[1])
     _check_activation(op, "x", x, weight.shape[1])
     return x.new_empty(with_last(x, weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_linear_backward")
-def _(grad_out, x, weight, indices, values, scale, output_mask):
+def _(grad_out, x, weight, indices, values, scale, output_mask, row_ptr=None, csc_ptr=None, csc_idx=None,
+      csc_perm=None):
     op = "sparse_delta_linear_backward"
     _check_float(op, "grad_out", grad_out)
     _check_weight(op, weight, None, x)
@@ -206,6 +271,8 @@ def _(grad_out, x, weight, indices, values, scale, output_mask):
                  lambda: f"{op}: grad_out must have last dim {weight.shape[0]}, got shape {_shape(grad_out)}")
     _check_token_pair(op, "grad_out", grad_out, "x", x)
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"{op}: x must have last dim {weight.shape[1]}, got shape {_shape(x)}")
+    _check_row_ptr(op, row_ptr, indices, weight.shape[0])
+    _check_csc(op, csc_ptr, csc_idx, csc_perm, indices, weight.shape[1])
     gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     gv = values.new_empty(values.shape) if output_mask[1] else values.new_empty((0,))
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))
@@ -213,20 +280,22 @@ def _(grad_out, x, weight, indices, values, scale, output_mask):
 
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm")
-def _(x, indices, values, out_features, scale=1.0):
+def _(x, indices, values, out_features, scale=1.0, row_ptr=None):
     op = "sparse_delta_spmm"
     _check_activation(op, "x", x)
     _check_delta(op, indices, values, x)
     _check_sizes(op, out_features, x.shape[-1])
+    _check_row_ptr(op, row_ptr, indices, out_features)
     return x.new_empty(with_last(x, out_features))
 
 
 @torch.library.register_fake("peftcore::sparse_delta_spmm_t")
-def _(grad, indices, values, in_features, scale=1.0):
+def _(grad, indices, values, in_features, scale=1.0, csc_ptr=None, csc_idx=None, csc_perm=None):
     op = "sparse_delta_spmm_t"
     _check_activation(op, "grad", grad)
     _check_delta(op, indices, values, grad)
     _check_sizes(op, grad.shape[-1], in_features)
+    _check_csc(op, csc_ptr, csc_idx, csc_perm, indices, in_features)
     return grad.new_empty(with_last(grad, in_features))
 
 
@@ -237,7 +306,7 @@ def _sddmm_dtype(grad, out_dtype):
 
 
 @torch.library.register_fake("peftcore::sparse_delta_sddmm")
-def _(grad, x, indices, scale=1.0, out_dtype=None):
+def _(grad, x, indices, scale=1.0, out_dtype=None, row_ptr=None):
     op = "sparse_delta_sddmm"
     _check_float(op, "grad", grad)
     _check_float(op, "x", x)
@@ -245,6 +314,7 @@ def _(grad, x, indices, scale=1.0, out_dtype=None):
     torch._check(out_dtype is None or out_dtype in _FLOATS,
                  lambda: f"{op}: out_dtype must be float32, float16, bfloat16 or float64, got {_dt(out_dtype)}")
     _check_token_pair(op, "grad", grad, "x", x)
+    _check_row_ptr(op, row_ptr, indices, grad.shape[-1])
     return grad.new_empty((indices.shape[0],), dtype=_sddmm_dtype(grad, out_dtype))
 
 
@@ -294,50 +364,75 @@ def _(indices, out_features, in_features):
     return None
 
 
+@torch.library.register_fake("peftcore::sparse_delta_csr")
+def _(indices, out_features, in_features):
+    op = "sparse_delta_csr"
+    torch._check(indices.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: indices must be int32 or int64, got {_dt(indices.dtype)}")
+    torch._check(indices.dim() == 1, lambda: f"{op}: indices must be 1-D, got shape {_shape(indices)}")
+    _check_sizes(op, out_features, in_features)
+    n = indices.shape[0]
+    new = lambda *shape: indices.new_empty(shape, dtype=torch.int64)  # noqa: E731
+    return new(out_features + 1), new(in_features + 1), new(n), new(n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd. Every backward calls peftcore ops, so it traces under torch.compile too.
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, indices, values, scale = inputs
-    ctx.save_for_backward(x, weight, indices, values)
+    x, weight, bias, indices, values, scale = inputs[:6]
+    csr = tuple(inputs[6:10]) + (None,) * (10 - len(inputs))
+    ctx.has_csr = tuple(t is not None for t in csr)
+    ctx.save_for_backward(x, weight, indices, values, *(t for t in csr if t is not None))
     ctx.scale = scale
 
 
+def _unpack_csr(ctx, saved):
+    it = iter(saved)
+    return [next(it) if has else None for has in ctx.has_csr]
+
+
 def _linear_backward(ctx, grad):
-    x, weight, indices, values = ctx.saved_tensors
+    x, weight, indices, values, *rest = ctx.saved_tensors
+    csr = _unpack_csr(ctx, rest)
     need_x, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]
-    gx, gv, gb = _lib.sparse_delta_linear_backward(grad, x, weight, indices, values, ctx.scale, [need_x, need_v, need_b])
+    gx, gv, gb = _lib.sparse_delta_linear_backward(grad, x, weight, indices, values, ctx.scale,
+                                                   [need_x, need_v, need_b], *csr)
     gw = None
     if need_w:  # documented: a frozen W never gets here
         gw = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-    return (gx if need_x else None, gw, gb if need_b else None, None, gv if need_v else None, None)
+    return (gx if need_x else None, gw, gb if need_b else None, None, gv if need_v else None, None,
+            None, None, None, None)
 
 
 register_autograd("peftcore::sparse_delta_linear", _linear_backward, setup_context=_linear_setup)
 
 
 def _spmm_setup(ctx, inputs, output):
-    x, indices, values, out_features, scale = inputs
-    ctx.save_for_backward(x, indices, values)
+    x, indices, values, out_features, scale = inputs[:5]
+    row_ptr = inputs[5] if len(inputs) > 5 else None
+    ctx.has_csr = (row_ptr is not None,)
+    ctx.save_for_backward(x, indices, values, *((row_ptr,) if row_ptr is not None else ()))
     ctx.scale = scale
 
 
 def _spmm_backward(ctx, grad):
-    x, indices, values = ctx.saved_tensors
+    x, indices, values, *rest = ctx.saved_tensors
+    (row_ptr,) = _unpack_csr(ctx, rest)
     gx = gv = None
     if ctx.needs_input_grad[0]:
         gx = _lib.sparse_delta_spmm_t(grad, indices, values, x.shape[-1], ctx.scale)
     if ctx.needs_input_grad[2]:
-        gv = _lib.sparse_delta_sddmm(grad, x, indices, ctx.scale, values.dtype)
-    return gx, None, gv, None, None
+        gv = _lib.sparse_delta_sddmm(grad, x, indices, ctx.scale, values.dtype, row_ptr)
+    return gx, None, gv, None, None, None
 
 
 register_autograd("peftcore::sparse_delta_spmm", _spmm_backward, setup_context=_spmm_setup)
 
 
 def _spmm_t_setup(ctx, inputs, output):
-    grad, indices, values, in_features, scale = inputs
+    grad, indices, values, in_features, scale = inputs[:5]
     ctx.save_for_backward(grad, indices, values)
     ctx.scale = scale
 
@@ -349,28 +444,31 @@ def _spmm_t_backward(ctx, gy):
         gg = _lib.sparse_delta_spmm(gy, indices, values, g.shape[-1], ctx.scale)
     if ctx.needs_input_grad[2]:
         gv = _lib.sparse_delta_sddmm(g, gy, indices, ctx.scale, values.dtype)
-    return gg, None, gv, None, None
+    return gg, None, gv, None, None, None, None, None
 
 
 register_autograd("peftcore::sparse_delta_spmm_t", _spmm_t_backward, setup_context=_spmm_t_setup)
 
 
 def _sddmm_setup(ctx, inputs, output):
-    grad, x, indices, scale, out_dtype = inputs
-    ctx.save_for_backward(grad, x, indices)
+    grad, x, indices, scale, out_dtype = inputs[:5]
+    row_ptr = inputs[5] if len(inputs) > 5 else None
+    ctx.has_csr = (row_ptr is not None,)
+    ctx.save_for_backward(grad, x, indices, *((row_ptr,) if row_ptr is not None else ()))
     ctx.scale = scale
 
 
 def _sddmm_backward(ctx, w):
-    g, x, indices = ctx.saved_tensors
+    g, x, indices, *rest = ctx.saved_tensors
+    (row_ptr,) = _unpack_csr(ctx, rest)
     # values must be float32 or the activations' dtype
     w = w if w.dtype in (torch.float32, x.dtype) else w.to(torch.float32)
     gg = gx = None
     if ctx.needs_input_grad[0]:
-        gg = _lib.sparse_delta_spmm(x, indices, w, g.shape[-1], ctx.scale)
+        gg = _lib.sparse_delta_spmm(x, indices, w, g.shape[-1], ctx.scale, row_ptr)
     if ctx.needs_input_grad[1]:
         gx = _lib.sparse_delta_spmm_t(g, indices, w, x.shape[-1], ctx.scale)
-    return gg, gx, None, None, None
+    return gg, gx, None, None, None, None
 
 
 register_autograd("peftcore::sparse_delta_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
@@ -405,3 +503,4 @@ register_autograd("peftcore::sparse_delta_merge", _merge_backward, setup_context
 # sddmm and merge have double backward: their backwards are each other / plain torch.)
 refuse_double_backward("sparse_delta_linear_backward", "sparse_delta_linear")
 non_differentiable("sparse_delta_topk_grad", "its outputs are positions and scores for choosing a delta's support")
+non_differentiable("sparse_delta_csr", "its outputs are integer index structures")

@@ -17,6 +17,13 @@ class SparseDeltaLinear(FrozenLinearAdapter):
     The forward calls ``peftcore.ops.sparse_delta.sparse_delta_linear``, so ``W + scale * S`` is never materialised.
     ``merge()`` adds the delta into ``base_layer.weight`` in place (the forward then is the plain base linear);
     ``unmerge()`` subtracts it again (exact in float32; rounds once more for half-precision weights).
+
+    The delta's CSR view (``sparse_delta_csr``: row pointers and the CSC view for grad_x) is built once per change
+    of ``indices`` and kept in non-persistent buffers, so a training step does not rebuild it (a sort on CUDA).
+    In eager mode every forward checks that ``indices`` is unchanged (same storage and version counter) and rebuilds
+    the view otherwise (an in-place change through ``.data`` is not seen by the version counter: ``set_delta``,
+    ``drop_and_grow``, ``load_sparse_delta`` and ``load_state_dict`` rebuild the view themselves). Under ``torch.compile`` the
+    check is skipped: call :meth:`refresh_csr` after changing ``indices`` in place by other means.
     """
 
     def __init__(
@@ -37,6 +44,29 @@ class SparseDeltaLinear(FrozenLinearAdapter):
         self.register_buffer("indices", indices.contiguous())
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=w.device))
         self.scale = float(scale)
+        self._csr_key = None
+        self.refresh_csr()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_csr())
+
+    _CSR_NAMES = ("_csr_row_ptr", "_csr_csc_ptr", "_csr_csc_idx", "_csr_csc_perm")
+
+    @torch.no_grad()
+    def refresh_csr(self) -> None:
+        """Rebuild the cached CSR view of ``indices`` (see the class doc)."""
+        csr = sd.sparse_delta_csr(self.indices, self.out_features, self.in_features)
+        for name, t in zip(self._CSR_NAMES, csr):
+            self.register_buffer(name, t, persistent=False)
+        self._csr_key = self._indices_key()
+
+    def _indices_key(self):
+        i = self.indices
+        return (i.data_ptr(), i._version, i.device, i.dtype, i.numel())
+
+    def csr(self):
+        """The cached ``(row_ptr, csc_ptr, csc_idx, csc_perm)`` of ``indices`` (rebuilt first when stale, eager)."""
+        if not torch.compiler.is_compiling() and self._csr_key != self._indices_key():
+            self.refresh_csr()
+        return tuple(getattr(self, n) for n in self._CSR_NAMES)
 
     @property
     def nnz(self) -> int:
@@ -44,7 +74,7 @@ class SparseDeltaLinear(FrozenLinearAdapter):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return sd.sparse_delta_linear(
-            x, self.base_layer.weight, self.base_layer.bias, self.indices, self.values, self.scale
+            x, self.base_layer.weight, self.base_layer.bias, self.indices, self.values, self.scale, csr=self.csr()
         )
 
     def add_to_weight(self, sign: float) -> None:
@@ -82,6 +112,7 @@ class SparseDeltaLinear(FrozenLinearAdapter):
             self.indices = indices
             self.values.data = values.clone()
             self.values.grad = None
+        self.refresh_csr()
 
     def extra_repr(self) -> str:
         numel = self.out_features * self.in_features

@@ -149,6 +149,7 @@ def _drop_and_grow_layer(
                 realign(t)
     added = int((~torch.isin(grown, old_idx)).sum())  # before the copy: old_idx may alias layer.indices
     layer.indices.copy_(new_idx.to(layer.indices.dtype))
+    layer.refresh_csr()
     return added
 
 
@@ -431,6 +432,8 @@ def load_sparse_delta(
     if config is not None and not hasattr(model, CONFIG_ATTR):
         commit.set_attr(model, CONFIG_ATTR, config)
     commit.run()
+    for _, layer in sparse_delta_layers(model):  # indices may have been copied in place through .data
+        layer.refresh_csr()
     return model
 
 
