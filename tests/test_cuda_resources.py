@@ -11,9 +11,10 @@ extension with cuobjdump):
     * sparse_attn: the tile planner (sparse_attn_tiles.h, reachable as torch.ops.peftcore.sparse_attn_tile_plan)
       picks per kernel the largest compiled tile whose dynamic shared memory fits the device's opt-in limit;
       every supported head dim must get a plan for every kernel at every named arch;
-    * sparse_delta spmm / spmm_t / sddmm and blockdiag monarch_forward: token tile / column chunk chosen at run
-      time from cudaDevAttrMaxSharedMemoryPerBlockOptin, up to that limit (or a fallback path that needs little
-      or none), so their static shared memory must be 0;
+    * sparse_delta spmm / sddmm (spmm_t runs spmm on the transposed view) and blockdiag monarch_forward: token
+      tile / column chunk chosen at run time from cudaDevAttrMaxSharedMemoryPerBlockOptin (sparse_delta_tile_plan,
+      monarch_forward_plan: host code with CPU tests of their own), within that limit, so their static shared
+      memory must be 0;
     * orthogonal cayley / neumann (+ backward): a fixed number of fp32 b x b tiles, b <= kMaxBlock (64), read from
       orthogonal.cu / orthogonal_launch.h;
     * every other kernel (miss, partial, token_elim, the rest of sparse_delta and sparse_attn's delta kernel):
@@ -50,7 +51,7 @@ _spec.loader.exec_module(cr)
 # Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability.
 OPTIN = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-RUNTIME_FIT = {("sparse_delta", "spmm_kernel"), ("sparse_delta", "spmm_t_kernel"), ("sparse_delta", "sddmm_kernel"),
+RUNTIME_FIT = {("sparse_delta", "spmm_kernel"), ("sparse_delta", "sddmm_kernel"),
                ("blockdiag", "monarch_forward_kernel")}
 ATTN_KIND = {"forward_kernel": 0, "backward_dq_kernel": 1, "backward_dkdv_kernel": 2, "block_pool_kernel": 3}
 # Stack frames the current build has and that are not fixed yet: small arrays of these CUDA-core sparse_attn kernels
