@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(Tr::kThreads) bwd_dkdv_kernel(const Params p) 
     const int valid = static_cast<int>(p.Lq - r0 < kBM ? p.Lq - r0 : kBM);
     const Element* qg = static_cast<const Element*>(p.q) + qrow0 * kD;
     const Element* gg = static_cast<const Element*>(p.grad_out) + qrow0 * kD;
-#pragma unroll 1  // one sub-tile's fragments live at a time
+#pragma unroll 1  // the sub-tiles one after another (addresses in few registers)
     for (int sub = 0; sub < kSubs; ++sub) {
       Tensor gQ = make_tensor(make_gmem_ptr(qg + sub * kSubElems), GLayoutSub{});
       Tensor gG = make_tensor(make_gmem_ptr(gg + sub * kSubElems), GLayoutSub{});
@@ -415,14 +415,14 @@ __global__ void __launch_bounds__(Tr::kThreads) bwd_dkdv_kernel(const Params p) 
     const int64_t r0 = static_cast<int64_t>(entry >> 1) * kBM;
     const bool partial = (entry & 1) != 0;
     const bool* mask = p.mask + (mb * p.mask_h + (p.mask_h > 1 ? hk * G + g : 0)) * p.Qb * p.Kb;
-    int64_t ng = g;
-    int ni = i + 1;
-    while (ng < G && ni >= count_of(ng)) {
-      ng += S;
-      ni = 0;
+    int64_t next_g = g;
+    int next_i = i + 1;
+    while (next_g < G && next_i >= count_of(next_g)) {
+      next_g += S;
+      next_i = 0;
     }
-    if (ng < G) {
-      load_q(ng, entry_of(ng, ni) >> 1, stage ^ 1);
+    if (next_g < G) {
+      load_q(next_g, entry_of(next_g, next_i) >> 1, stage ^ 1);
       cp_async_fence();
       cp_async_wait<1>();
     } else {
@@ -434,6 +434,8 @@ __global__ void __launch_bounds__(Tr::kThreads) bwd_dkdv_kernel(const Params p) 
 #pragma unroll 1  // one sub-tile's fragments live at a time
     for (int sub = 0; sub < kSubs; ++sub) {
       const int64_t q0 = r0 + sub * kSub;  // first query of the sub-tile
+      if (q0 >= p.Lq) break;  // past the last query
+      if (p.causal && c0 > q0 + kSub - 1 + p.off) continue;  // every key after every query: P = 0
       const float* lse_s = sl_ptr + stage * kBM + sub * kSub;
       const float* dlt_s = sd_ptr + stage * kBM + sub * kSub;
       const bool check = check_tile && (q0 + kSub > p.Lq || (p.causal && c0 + kBN - 1 > q0 + p.off) || partial);
@@ -500,8 +502,8 @@ __global__ void __launch_bounds__(Tr::kThreads) bwd_dkdv_kernel(const Params p) 
       }
     }
     __syncthreads();  // every warp is done with this stage before the next pair refills it
-    g = ng;
-    i = ni;
+    g = next_g;
+    i = next_i;
   }
 
   // Every key row of the tile: dK = scale dS^T Q, dV; zeros when nothing kept it.
