@@ -207,13 +207,15 @@ if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_attn"):
                 run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, torch.bfloat16, ms, align=align, smem=smem)
         if D in (64, 128):  # half types take the tensor-core forward by default: the CUDA-core one too
             run_attn_case(B, Hq, Hkv, Lq, Lk, D, bs, causal, torch.float16, ms, align=align, kernel="simt")
-    # The tensor-core forward, forced (an error if it cannot run): 64 x 64 tiles against blocks of 16 / 128 / odd
-    # sizes, lengths off the tile grid, GQA, both alignments, a 99 KB plan; then its device tile lists against the
-    # CPU ones.
+    # The tensor-core forward and backward, forced (an error if they cannot run): 64 x 64 tiles against blocks of
+    # 16 / 128 / odd sizes, lengths off the tile grid, GQA, both alignments, a 99 KB plan, an MQA call at batch 1
+    # whose dk / dv grid splits the group's query heads (fp32 partials and their reduction); then the device tile
+    # lists (the forward's and the backward's transposed ones) against the CPU ones.
     tc_cases = [
         (1, 4, 2, 150, 130, 64, 16, True, (1, 4), "top_left"),
         (1, 2, 1, 70, 200, 128, 128, True, (1, 1), "bottom_right"),
         (2, 2, 2, 129, 65, 128, 24, False, (2, 2), "top_left"),
+        (1, 8, 1, 90, 200, 64, 32, True, (1, 8), "bottom_right"),
     ]
     for B, Hq, Hkv, Lq, Lk, D, bs, causal, ms, align in tc_cases:
         for dtype in (torch.float16, torch.bfloat16):
@@ -222,10 +224,12 @@ if os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "sparse_attn"):
         gen = torch.Generator().manual_seed(1)
         tm = torch.rand(*ms, -(-Lq // bs), -(-Lk // bs), generator=gen) < 0.5
         for tiles in ((64, 64), (128, 32)):
-            want = ops.sparse_attn_tc_tiles(tm, Lq, Lk, bs, causal, align, *tiles)
-            got = ops.sparse_attn_tc_tiles(tm.to(dev), Lq, Lk, bs, causal, align, *tiles)
-            if not all(torch.equal(g.cpu(), w) for g, w in zip(got, want)):
-                failures.append(f"tc_tiles L{Lq}x{Lk} bs{bs} causal={causal} {align} tiles {tiles}: device lists differ")
+            for lists in (ops.sparse_attn_tc_tiles, ops.sparse_attn_tc_tiles_t):
+                want = lists(tm, Lq, Lk, bs, causal, align, *tiles)
+                got = lists(tm.to(dev), Lq, Lk, bs, causal, align, *tiles)
+                if not all(torch.equal(g.cpu(), w) for g, w in zip(got, want)):
+                    failures.append(f"{lists.__name__} L{Lq}x{Lk} bs{bs} causal={causal} {align} tiles {tiles}: "
+                                    "device lists differ")
     os.environ.pop("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", None)
     os.environ.pop("PEFTCORE_SPARSE_ATTN_KERNEL", None)
 

@@ -96,6 +96,10 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("sparse_attn_tc_plan(int head_dim, int smem_limit) -> int[]");
   // The tensor-core forward's kept key tiles per (mask batch, mask head, query tile): (count [Bm, Hm, Mt], entries [Bm, Hm, Mt, Nt]) int32, entry 2 n + partial ascending, -1 after the count.
   m.def("sparse_attn_tc_tiles(Tensor block_mask, int q_len, int k_len, int block_size, bool causal, str causal_align, int tile_m, int tile_n) -> (Tensor, Tensor)");
+  // The tensor-core backward's configuration: [tile_m, tile_n, warps, dq smem bytes, dk/dv smem bytes, dk/dv split over a GQA group's query heads] for head dim D, an opt-in limit, the call's B, Hkv, G = Hq / Hkv, Lk and the device's SM count (zeros: none fits, the CUDA-core backward runs; pure host planning, any build).
+  m.def("sparse_attn_tc_bwd_plan(int head_dim, int smem_limit, int batch, int kv_heads, int group, int k_len, int sm_count) -> int[]");
+  // The tensor-core backward's transposed lists, kept query tiles per (mask batch, mask head, key tile): (count [Bm, Hm, Nt], entries [Bm, Hm, Nt, Mt]) int32, entry 2 m + partial ascending, -1 after the count.
+  m.def("sparse_attn_tc_tiles_t(Tensor block_mask, int q_len, int k_len, int block_size, bool causal, str causal_align, int tile_m, int tile_n) -> (Tensor, Tensor)");
   // ---- token_elim: LeMo / Jenga token elimination (x [B, L, *], keep_index [B, K] int64, rows sorted unique; K static) ----
   // x[b, keep_index[b, j]] for every kept j: [B, K, *]. Backward: token_scatter_add into zeros.
   m.def("token_gather(Tensor x, Tensor keep_index) -> Tensor");

@@ -1248,3 +1248,229 @@ def test_tc_forward_dispatch(device, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(o2, forced[0]) and torch.equal(l2, forced[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor-core backward (float16 / bfloat16, D = 64 / 128 on CUDA): its host plan and transposed kept-tile lists on
+# CPU through sparse_attn_tc_bwd_plan / sparse_attn_tc_tiles_t, then (CUDA only) the device builder against the CPU
+# one and the dq / dk / dv kernels against the CUDA-core backward (PEFTCORE_SPARSE_ATTN_KERNEL=simt) and the CPU
+# kernels.
+
+
+def test_tc_bwd_plan_known_devices():
+    """64 x 64 tiles with 4 warps for D = 64 / 128 on every arch the wheel targets: dq 2 D (2 x 64 + 4 x 64) bytes,
+    dk / dv the same plus 1 KB of lse / Delta (48 / 49 KB at D = 64, 96 / 97 KB at D = 128: under sm_86 / sm_89's 99
+    KB); nothing for other head dims or when one of the two kernels does not fit."""
+    for arch, lim in _TC_ARCHS.items():
+        for D in (64, 128):
+            assert ops.sparse_attn_tc_bwd_plan(D, lim, 4, 8, 4, 4096, 108) == [64, 64, 4, 768 * D, 768 * D + 1024,
+                                                                               1], (arch, D)
+        for D in (16, 32, 96, 256):
+            assert ops.sparse_attn_tc_bwd_plan(D, lim, 1, 1, 1, 64, 108) == [0] * 6, (arch, D)
+    assert ops.sparse_attn_tc_bwd_plan(128, 99328, 1, 1, 1, 64, 1)[:3] == [64, 64, 4]
+    assert ops.sparse_attn_tc_bwd_plan(128, 99327, 1, 1, 1, 64, 1) == [0] * 6  # dk / dv needs 99328
+    assert ops.sparse_attn_tc_bwd_plan(64, 50176, 1, 1, 1, 64, 1)[:3] == [64, 64, 4]
+    assert ops.sparse_attn_tc_bwd_plan(64, 49152, 1, 1, 1, 64, 1) == [0] * 6  # dq fits 48 KB, dk / dv does not
+    for args in ((64, -1, 1, 1, 1, 1, 1), (64, 1, -1, 1, 1, 1, 1), (64, 1, 1, 1, 0, 1, 1), (64, 1, 1, 1, 1, 1, 0)):
+        with pytest.raises(RuntimeError, match="sparse_attn_tc_bwd_plan: "):
+            ops.sparse_attn_tc_bwd_plan(*args)
+
+
+@pytest.mark.parametrize("B,Hkv,G,Lk,sms,want", [
+    (1, 1, 8, 1024, 132, 8),      # MQA, 16 key tiles: 16 CTAs of 264 wanted -> the 8 heads split 8 ways
+    (1, 1, 32, 1024, 132, 17),    # ceil(264 / 16) = 17 splits of 32 heads
+    (1, 8, 4, 1024, 132, 3),      # GQA: 128 CTAs -> ceil(264 / 128) = 3 splits of 4 heads
+    (1, 8, 4, 32768, 132, 1),     # 4096 CTAs: no split
+    (1, 32, 1, 1024, 132, 1),     # MHA never splits
+    (2, 2, 8, 200, 108, 8),       # 16 CTAs, 216 wanted, capped at G = 8
+    (1, 1, 4, 0, 132, 1),         # no key tile
+])
+def test_tc_bwd_splits(B, Hkv, G, Lk, sms, want):
+    """The dk / dv grid's split over a GQA group's query heads: 1 while B Hkv Nt CTAs reach two per SM, else enough
+    splits for that, at most G."""
+    assert ops.sparse_attn_tc_bwd_plan(128, 232448, B, Hkv, G, Lk, sms)[5] == want
+
+
+def _list_states(count, entries, n):
+    """[..., rows, n] int8 from kept-tile lists: 0 skipped, 1 kept, 2 kept and partial; also checks the lists'
+    form (ascending, -1 after the count)."""
+    idx = torch.arange(entries.shape[-1])
+    valid = idx < count.unsqueeze(-1)
+    assert (entries[~valid] == -1).all()
+    e = entries.long().clamp_min(0)
+    tiles = e // 2
+    assert (tiles.diff(dim=-1)[valid[..., 1:]] > 0).all(), "lists must ascend"
+    out = torch.zeros(*entries.shape[:-1], n + 1, dtype=torch.int8)  # column n takes the unused slots
+    out.scatter_(-1, torch.where(valid, tiles, n), (1 + e % 2).to(torch.int8))
+    out = out[..., :n]
+    return out
+
+
+@pytest.mark.parametrize("Lq,Lk,bs,tm,tn,causal,align", list(_tc_tile_cases()))
+def test_tc_tiles_t_are_the_transposed_lists(Lq, Lk, bs, tm, tn, causal, align):
+    """The backward's lists per key tile (sparse_attn_tc_tiles_t) hold exactly the (query tile, partial) pairs of
+    the forward lists that name that key tile, ascending, -1 after the count."""
+    m = _tc_mask(Lq, Lk, bs, Lq + Lk + bs + tm)
+    count, entries = ops.sparse_attn_tc_tiles(m, Lq, Lk, bs, causal, align, tm, tn)
+    count_t, entries_t = ops.sparse_attn_tc_tiles_t(m, Lq, Lk, bs, causal, align, tm, tn)
+    mt, nt = -(-Lq // tm), -(-Lk // tn)
+    assert count_t.shape == (*m.shape[:2], nt) and entries_t.shape == (*m.shape[:2], nt, mt)
+    assert count_t.dtype == torch.int32 and entries_t.dtype == torch.int32
+    fwd = _list_states(count, entries, nt)
+    bwd = _list_states(count_t, entries_t, mt)
+    assert torch.equal(bwd.transpose(-1, -2), fwd)
+    assert count_t.sum() == count.sum()
+
+
+def test_tc_tiles_t_structure_and_opcheck():
+    """Causal: key tile n is kept by query tiles n .. Mt-1 (top-left, square) and by none past the diagonal; an
+    empty mask gives empty lists; errors name the op; opcheck on the real and fake kernels."""
+    L = 256
+    full = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    count, entries = ops.sparse_attn_tc_tiles_t(full, L, L, 64, True, "top_left", 64, 64)
+    assert count[0, 0].tolist() == [4, 3, 2, 1]
+    assert entries[0, 0, 1].tolist() == [2, 4, 6, -1]
+    empty = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    count, entries = ops.sparse_attn_tc_tiles_t(empty, L, L, 64, False, "top_left", 64, 64)
+    assert (count == 0).all() and (entries == -1).all()
+    _err(lambda: ops.sparse_attn_tc_tiles_t(full, 256, 300, 64, False, "top_left", 64, 64),
+         r"sparse_attn_tc_tiles_t: block_mask must have shape \[Bm, Hm, 4, 5\]")
+    _err(lambda: ops.sparse_attn_tc_tiles_t(full, 256, 256, 64, False, "left", 64, 64),
+         r'sparse_attn_tc_tiles_t: causal_align must be "top_left" or "bottom_right", got "left"')
+    for args in ((full, 256, 256, 64, True, "top_left", 64, 64), (_tc_mask(70, 130, 16, 1), 70, 130, 16, True,
+                                                                   "bottom_right", 64, 64),
+                 (torch.ones(1, 2, 1, 0, dtype=torch.bool), 5, 0, 16, False, "top_left", 64, 64)):
+        torch.library.opcheck(ops.sparse_attn_tc_tiles_t, args)
+
+
+@pytest.mark.parametrize("device", _CUDA)
+def test_sparse_attn_tc_tiles_t_cuda_matches_cpu(device):  # the op name maps it in device_check's table
+    """The device builder of the transposed lists against the CPU ones, every case above, plus more query tiles
+    than a warp's 32 lanes."""
+    for Lq, Lk, bs, tm, tn, causal, align in list(_tc_tile_cases()) + [(5000, 100, 16, 64, 64, True, "bottom_right"),
+                                                                      (3000, 3000, 24, 64, 64, False, "top_left")]:
+        m = _tc_mask(Lq, Lk, bs, Lq + Lk + bs + tm)
+        cc, ec = ops.sparse_attn_tc_tiles_t(m, Lq, Lk, bs, causal, align, tm, tn)
+        cg, eg = ops.sparse_attn_tc_tiles_t(m.to(device), Lq, Lk, bs, causal, align, tm, tn)
+        name = f"Lq={Lq} Lk={Lk} bs={bs} tile={tm}x{tn} causal={causal} {align}"
+        assert torch.equal(cg.cpu(), cc), name
+        assert torch.equal(eg.cpu(), ec), name
+
+
+# The forward's configurations plus: MQA at batch 1 with more query heads than key tiles (the dk / dv grid splits
+# the group: fp32 partials and the reduction), an empty mask, a mask per batch and head with blocks of 64 / 128.
+_TC_BWD_CONFIGS = _TC_FWD_CONFIGS + [
+    (1, 8, 1, 90, 200, 64, 32, True, "bottom_right", (1, 8), 0),
+    (1, 16, 2, 300, 130, 128, 64, True, "top_left", (1, 1), None),
+    (2, 2, 1, 129, 191, 128, 128, False, "top_left", (2, 2), None),
+]
+
+
+def _tc_bwd_case(cfg, i, device, dtype, monkeypatch, kernel, empty_mask=False):
+    """(q, k, v, mask, out, lse, grad_out, grad_lse) of one configuration, out / lse from the CUDA-core forward (the
+    same inputs for both backwards), and the backward with `kernel`."""
+    B, Hq, Hkv, Lq, Lk, D, bs, causal, align, _, _ = cfg
+    q, k, v, m = _tc_sample(cfg, i, device, dtype)
+    if empty_mask:
+        m = torch.zeros_like(m)
+    out, lse = _tc_run("simt", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, bs, causal, None, align))
+    go = _randn(out.shape, dtype, 90 + i).to(device)
+    gl = _randn(lse.shape, torch.float32, 95 + i).to(device).masked_fill(torch.isneginf(lse), 0.0)
+    grads = _tc_run(kernel, monkeypatch, lambda: ops.block_sparse_attn_backward(
+        go, gl, q, k, v, out, lse, m, bs, causal, None, [True, True, True], align))
+    return (q, k, v, m, out, lse, go, gl), grads
+
+
+@pytest.mark.parametrize("device", _CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tc_backward_matches_cuda_core_and_cpu(device, dtype, monkeypatch):
+    """The tensor-core backward (forced: =tc) against the CUDA-core backward (=simt) on the same out / lse and the
+    CPU backward in float32 of the same values: dq, dk, dv within the half-precision tolerance (P and dS rounded to
+    the storage dtype before their GEMMs), exact zeros for the rows of queries that see nothing and of keys no
+    query sees, bitwise-repeatable (no atomics, the GQA split reduced in order), and all zeros for an empty mask."""
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-2, rtol=1e-2)
+    for i, cfg in enumerate(_TC_BWD_CONFIGS):
+        B, Hq, Hkv, Lq, Lk, D, bs, causal, align, _, empty = cfg
+        name = f"{dtype} B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} bs{bs} causal={causal} {align}"
+        args, tcg = _tc_bwd_case(cfg, i, device, dtype, monkeypatch, "tc")
+        _, simt = _tc_bwd_case(cfg, i, device, dtype, monkeypatch, "simt")
+        _, again = _tc_bwd_case(cfg, i, device, dtype, monkeypatch, "tc")
+        q, k, v, m, out, lse, go, gl = args
+        cpu = ops.block_sparse_attn_backward(go.cpu().float(), gl.cpu(), q.cpu().float(), k.cpu().float(),
+                                             v.cpu().float(), out.cpu().float(), lse.cpu(), m.cpu(), bs, causal, None,
+                                             [True, True, True], align)
+        for g_name, a, s, c, r in zip("qkv", tcg, simt, cpu, again):
+            assert a.dtype == dtype and a.shape == s.shape, name
+            assert torch.equal(a, r), f"{name} d{g_name}: not repeatable"
+            for what, want in (("simt", s.float().cpu()), ("cpu", c)):
+                torch.testing.assert_close(a.float().cpu(), want, **tol, msg=lambda e: f"{name} d{g_name} vs {what}: {e}")
+        tok = token_mask(m.cpu(), B, Hq, Lq, Lk, bs, causal, align)
+        assert (tcg[0].cpu()[~tok.any(-1)] == 0).all(), f"{name}: dq of rows that see nothing"
+        seen = tok.view(B, Hkv, Hq // Hkv, Lq, Lk).any(2).any(2)
+        assert (tcg[1].cpu()[~seen] == 0).all() and (tcg[2].cpu()[~seen] == 0).all(), f"{name}: unseen keys"
+        if empty is not None:
+            assert (~tok.any(-1)).any(), f"{name}: the sample must have a row that sees nothing"
+        _, zero = _tc_bwd_case(cfg, i, device, dtype, monkeypatch, "tc", empty_mask=True)
+        assert all((g == 0).all() for g in zero), f"{name}: empty mask"
+
+
+@pytest.mark.parametrize("device", _CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("align", ALIGNS)
+def test_tc_backward_nan_like_cuda_core(device, dtype, align, monkeypatch):
+    """NaN in the backward: a NaN key (k) and a NaN query row make NaN the same dq / dk / dv entries on the tensor
+    cores as on the CUDA cores (blocks of 16: partial tiles; causal)."""
+    B, Hq, Hkv, Lq, Lk, D, bs = 1, 2, 1, 150, 170, 64, 16
+    q, k, v = (_randn(s, dtype, i).to(device) for i, s in enumerate(((B, Hq, Lq, D), (B, Hkv, Lk, D),
+                                                                      (B, Hkv, Lk, D))))
+    m = _mask((1, Hq, -(-Lq // bs), -(-Lk // bs)), 5, p=0.6).to(device)
+    k[0, 0, 85, 3] = float("nan")
+    q[0, 1, 40, 1] = float("nan")
+    out, lse = _tc_run("simt", monkeypatch, lambda: ops.block_sparse_attn(q, k, v, m, bs, True, None, align))
+    go = _randn(out.shape, dtype, 7).to(device)
+    run = lambda kern: _tc_run(kern, monkeypatch, lambda: ops.block_sparse_attn_backward(
+        go, None, q, k, v, out, lse, m, bs, True, None, [True, True, True], align))
+    for g_name, a, s in zip("qkv", run("tc"), run("simt")):
+        _same_nan(a.cpu(), s.cpu(), f"{dtype} {align} d{g_name}")
+        assert torch.isnan(a).any(), f"{dtype} {align} d{g_name}: the NaN must reach it"
+
+
+@pytest.mark.parametrize("device", _CUDA)
+def test_tc_backward_dispatch(device, monkeypatch):
+    """auto takes the tensor-core backward for half types at D = 64 / 128 (bitwise =tc), =tc refuses float32 with the
+    reason, a 48 KB shared-memory limit falls back to the CUDA cores, only dq or only dk / dv can be asked, and the
+    tensor-core backward is captured in a CUDA graph (no host sync)."""
+    m = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=device)
+    q = torch.randn(1, 4, 100, 64, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, 70, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = ops.block_sparse_attn(q, k, v, m, 64, True, None)
+    go = torch.randn_like(out)
+    bwd = lambda kern, qq=q, kk=k, vv=v, o=out, g=go, mask=(True, True, True): _tc_run(
+        kern, monkeypatch, lambda: ops.block_sparse_attn_backward(g, None, qq, kk, vv, o, lse, m, 64, True, None,
+                                                                  list(mask)))
+    auto, forced = bwd("auto"), bwd("tc")
+    assert all(torch.equal(a, b) for a, b in zip(auto, forced))
+    only_q, only_kv = bwd("tc", mask=(True, False, False)), bwd("tc", mask=(False, True, True))
+    assert torch.equal(only_q[0], forced[0]) and only_q[1].numel() == 0
+    assert torch.equal(only_kv[1], forced[1]) and torch.equal(only_kv[2], forced[2]) and only_kv[0].numel() == 0
+    qf, kf, vf, of, gf = q.float(), k.float(), v.float(), out.float(), go.float()
+    _err(lambda: bwd("tc", qf, kf, vf, of, gf),
+         r"block_sparse_attn_backward: PEFTCORE_SPARSE_ATTN_KERNEL=tc but the tensor-core backward cannot run: dtype")
+    monkeypatch.setenv("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT", "49152")
+    small = bwd("auto")
+    monkeypatch.delenv("PEFTCORE_SPARSE_ATTN_SMEM_LIMIT")
+    simt = bwd("simt")
+    assert all(torch.equal(a, b) for a, b in zip(small, simt))  # the 48 KB call took the CUDA cores
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        bwd("tc")
+        monkeypatch.setenv("PEFTCORE_SPARSE_ATTN_KERNEL", "tc")
+        with torch.cuda.graph(graph, stream=s):
+            captured = ops.block_sparse_attn_backward(go, None, q, k, v, out, lse, m, 64, True, None,
+                                                      [True, True, True])
+        monkeypatch.delenv("PEFTCORE_SPARSE_ATTN_KERNEL")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(captured, forced))

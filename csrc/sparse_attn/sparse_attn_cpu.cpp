@@ -735,6 +735,49 @@ std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_cpu(const at::Tensor& bl
   return {count, entries};
 }
 
+// The transposed lists of the tensor-core backward (sparse_attn_tc_plan.h build_col), computed on the host: the
+// reference of the CUDA builder.
+std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_t_cpu(const at::Tensor& block_mask, int64_t q_len,
+                                                              int64_t k_len, int64_t block_size, bool causal,
+                                                              c10::string_view causal_align, int64_t tile_m,
+                                                              int64_t tile_n) {
+  constexpr const char* op = "sparse_attn_tc_tiles_t";
+  const tc::TileGeom g = check_tc_tiles_args(op, block_mask, q_len, k_len, block_size, causal, causal_align, tile_m,
+                                             tile_n);
+  const int64_t heads = block_mask.size(0) * block_mask.size(1);
+  auto mc = block_mask.contiguous();
+  auto opts = block_mask.options().dtype(at::kInt);
+  auto count = at::empty({block_mask.size(0), block_mask.size(1), g.Nt}, opts);
+  auto entries = at::empty({block_mask.size(0), block_mask.size(1), g.Nt, g.Mt}, opts);
+  const bool* mp = mc.const_data_ptr<bool>();
+  int32_t* cp = count.mutable_data_ptr<int32_t>();
+  int32_t* ep = entries.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, heads * g.Nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      cp[row] = tc::build_col(mp + (row / g.Nt) * g.Qb * g.Kb, g, row % g.Nt, ep + row * g.Mt);
+  });
+  return {count, entries};
+}
+
+// [tile_m, tile_n, warps, dq smem, dk/dv smem, splits] of the tensor-core backward (sparse_attn_tc_plan.h bwd_plan,
+// bwd_splits; zeros: no compiled configuration fits, the CUDA-core backward runs), without a GPU.
+std::vector<int64_t> sparse_attn_tc_bwd_plan(int64_t head_dim, int64_t smem_limit, int64_t batch, int64_t kv_heads,
+                                             int64_t group, int64_t k_len, int64_t sm_count) {
+  constexpr const char* op = "sparse_attn_tc_bwd_plan";
+  TORCH_CHECK(smem_limit >= 0, op, ": smem_limit must be >= 0, got ", smem_limit);
+  TORCH_CHECK(batch >= 0 && kv_heads >= 0 && k_len >= 0, op, ": batch, kv_heads and k_len must be >= 0, got ", batch,
+              ", ", kv_heads, " and ", k_len);
+  TORCH_CHECK(group >= 1 && sm_count >= 1, op, ": group and sm_count must be >= 1, got ", group, " and ", sm_count);
+  const tc::Config c = tc::bwd_plan(head_dim, smem_limit);
+  if (c.tile_m == 0) return {0, 0, 0, 0, 0, 0};
+  return {c.tile_m,
+          c.tile_n,
+          c.warps,
+          tc::bwd_smem_bytes(tc::kBwdDq, head_dim, c),
+          tc::bwd_smem_bytes(tc::kBwdDkdv, head_dim, c),
+          tc::bwd_splits(batch, kv_heads, group, ceil_div(k_len, c.tile_n), sm_count)};
+}
+
 // [tile rows of forward, dq, dk/dv, pool (0: none fits), then their shared memory bytes]: the CUDA launchers'
 // plan (sparse_attn_tiles.h), reachable without a GPU.
 std::vector<int64_t> sparse_attn_tile_plan(int64_t head_dim, int64_t smem_limit) {
@@ -756,12 +799,14 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("block_sparse_attn_backward", &block_sparse_attn_backward_cpu);
   m.impl("attn_block_pool", &attn_block_pool_cpu);
   m.impl("sparse_attn_tc_tiles", &sparse_attn_tc_tiles_cpu);
+  m.impl("sparse_attn_tc_tiles_t", &sparse_attn_tc_tiles_t_cpu);
 }
 
 // No tensor arguments: a composite kernel serves every call.
 TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) {
   m.impl("sparse_attn_tile_plan", &sparse_attn_tile_plan);
   m.impl("sparse_attn_tc_plan", &sparse_attn_tc_plan);
+  m.impl("sparse_attn_tc_bwd_plan", &sparse_attn_tc_bwd_plan);
 }
 
 }  // namespace peftcore::sparse_attn

@@ -1,7 +1,8 @@
 // sparse_attn CUDA glue: argument checks (shared with the CPU, sparse_attn.h, plus the CUDA limits: head dim 64 /
 // 128 / 256, no float64), the tile plan for the device's opt-in shared memory (sparse_attn_tiles.h), contiguous
 // copies, output allocation and the plain-CUDA launchers of sparse_attn.cu; the choice between the tensor-core
-// forward (sparse_attn_tc*.cu, float16 / bfloat16, D = 64 / 128) and the CUDA-core kernels (forward_tc_config).
+// forward and backward (sparse_attn_tc*.cu, float16 / bfloat16, D = 64 / 128) and the CUDA-core kernels
+// (tc_config).
 // No host sync anywhere: the block mask is read by the kernels, so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -57,12 +58,13 @@ int plan_tile(const char* op, const at::Tensor& q, int kernel, int64_t D) {
   return t;
 }
 
-// Which forward kernel a call takes. PEFTCORE_SPARSE_ATTN_KERNEL: "auto" (or unset) takes the tensor-core forward
-// (sparse_attn_tc_kernels.cuh) for float16 / bfloat16 at head dim 64 / 128 on compute capability >= 8 when one of
-// its configurations fits the opt-in shared memory (smem_limit above), else the CUDA-core kernel; "simt" always
-// takes the CUDA-core kernel (the on-GPU reference of the tests); "tc" takes the tensor-core forward or raises why
-// it cannot. Returns the tensor-core configuration, tile_m = 0 for the CUDA-core kernel.
-tc::Config forward_tc_config(const char* op, const at::Tensor& q, const Dims& d) {
+// Which kernels a call takes. PEFTCORE_SPARSE_ATTN_KERNEL: "auto" (or unset) takes the tensor-core forward
+// (sparse_attn_tc_kernels.cuh) / backward (sparse_attn_tc_bwd_kernels.cuh) for float16 / bfloat16 at head dim 64 /
+// 128 on compute capability >= 8 when one of its configurations fits the opt-in shared memory (smem_limit above),
+// else the CUDA-core kernels; "simt" always takes the CUDA-core kernels (the on-GPU reference of the tests); "tc"
+// takes the tensor-core kernels or raises why they cannot run. Returns the tensor-core configuration, tile_m = 0
+// for the CUDA-core kernels.
+tc::Config tc_config(const char* op, const at::Tensor& q, const Dims& d, bool backward) {
   const char* env = std::getenv("PEFTCORE_SPARSE_ATTN_KERNEL");
   const std::string mode = env != nullptr && *env != '\0' ? env : "auto";
   TORCH_CHECK(mode == "auto" || mode == "simt" || mode == "tc", op,
@@ -81,16 +83,47 @@ tc::Config forward_tc_config(const char* op, const at::Tensor& q, const Dims& d)
     why = "sequence lengths above 2^31 - 256";
   } else {
     const int64_t lim = smem_limit(q);
-    c = tc::plan(d.D, lim);
+    c = backward ? tc::bwd_plan(d.D, lim) : tc::plan(d.D, lim);
     if (c.tile_m == 0)
       why = "no configuration of head dim " + std::to_string(d.D) + " fits " + std::to_string(lim) +
             " bytes of shared memory per block";
     else if (!cu::tc_compiled(kernel_dtype(q.scalar_type()), d.D, c.tile_m, c.tile_n, c.warps))
       why = "not compiled in this build (the CUTLASS / CuTe headers were not found)";
   }
-  TORCH_CHECK(mode != "tc" || why.empty(), op, ": PEFTCORE_SPARSE_ATTN_KERNEL=tc but the tensor-core forward cannot ",
-              "run: ", why);
+  TORCH_CHECK(mode != "tc" || why.empty(), op, ": PEFTCORE_SPARSE_ATTN_KERNEL=tc but the tensor-core ",
+              backward ? "backward" : "forward", " cannot run: ", why);
   return why.empty() ? c : tc::Config{};
+}
+
+// The kept-tile lists of configuration c (device workspace, built on the stream): the forward's per query tile,
+// and with `transposed` also the backward's per key tile. The returned tensors own the memory p points to.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tc_lists(cu::Params& p, const tc::Config& c,
+                                                                    const at::Tensor& q, const Dims& d,
+                                                                    bool forward_lists, bool transposed) {
+  p.tc_tile_m = c.tile_m;
+  p.tc_tile_n = c.tile_n;
+  p.tc_warps = c.warps;
+  p.tc_Mt = ceil_div(d.Lq, c.tile_m);
+  p.tc_Nt = ceil_div(d.Lk, c.tile_n);
+  const auto opts = q.options().dtype(at::kInt);
+  at::Tensor count, entries, count_t, entries_t;
+  if (forward_lists) {
+    const int64_t rows = d.mask_b * d.mask_h * p.tc_Mt;
+    count = at::empty({rows}, opts);
+    entries = at::empty({rows * p.tc_Nt}, opts);
+    p.tc_count = count.mutable_data_ptr<int32_t>();
+    p.tc_entries = entries.mutable_data_ptr<int32_t>();
+    cu::tc_build_tiles(p, current_stream());
+  }
+  if (transposed) {
+    const int64_t rows = d.mask_b * d.mask_h * p.tc_Nt;
+    count_t = at::empty({rows}, opts);
+    entries_t = at::empty({rows * p.tc_Mt}, opts);
+    p.tc_t_count = count_t.mutable_data_ptr<int32_t>();
+    p.tc_t_entries = entries_t.mutable_data_ptr<int32_t>();
+    cu::tc_build_tiles_t(p, current_stream());
+  }
+  return {count, entries, count_t, entries_t};
 }
 
 cu::Params params_of(const Dims& d, bool causal) {
@@ -120,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, c
   const Dims d = check_attn_args(op, q, k, v, &block_mask, block_size, causal, scale, causal_align);
   check_cuda_dims(op, q, d);
   const c10::cuda::CUDAGuard guard(q.device());
-  const tc::Config tcc = forward_tc_config(op, q, d);
+  const tc::Config tcc = tc_config(op, q, d, /*backward=*/false);
   const int tile = tcc.tile_m != 0 ? 0 : plan_tile(op, q, tiles::kForward, d.D);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
   auto out = at::empty({d.B, d.Hq, d.Lq, d.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -138,18 +171,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_cuda(const at::Tensor& q, c
     cu::forward(kernel_dtype(q.scalar_type()), p, current_stream());
     return {out, lse};
   }
-  // Tensor-core forward: the kept-tile lists (device workspace, built on the stream), then the attention kernel.
-  p.tc_tile_m = tcc.tile_m;
-  p.tc_tile_n = tcc.tile_n;
-  p.tc_warps = tcc.warps;
-  p.tc_Mt = ceil_div(d.Lq, tcc.tile_m);
-  p.tc_Nt = ceil_div(d.Lk, tcc.tile_n);
-  const int64_t list_rows = d.mask_b * d.mask_h * p.tc_Mt;
-  auto count = at::empty({list_rows}, q.options().dtype(at::kInt));
-  auto entries = at::empty({list_rows * p.tc_Nt}, q.options().dtype(at::kInt));
-  p.tc_count = count.mutable_data_ptr<int32_t>();
-  p.tc_entries = entries.mutable_data_ptr<int32_t>();
-  cu::tc_build_tiles(p, current_stream());
+  // Tensor-core forward: the kept-tile lists, then the attention kernel.
+  const auto lists = tc_lists(p, tcc, q, d, /*forward_lists=*/true, /*transposed=*/false);
   cu::tc_forward(kernel_dtype(q.scalar_type()), p, current_stream());
   return {out, lse};
 }
@@ -165,17 +188,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cuda(
   check_backward_args(op, d, q, grad_out, grad_lse, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
   const bool want_dq = output_mask[0], want_dkdv = output_mask[1] || output_mask[2];
-  const int tile_dq = want_dq ? plan_tile(op, q, tiles::kDq, d.D) : 0;
-  const int tile_dkdv = want_dkdv ? plan_tile(op, q, tiles::kDkdv, d.D) : 0;
+  const tc::Config tcc = want_dq || want_dkdv ? tc_config(op, q, d, /*backward=*/true) : tc::Config{};
+  const bool use_tc = tcc.tile_m != 0;
+  const int tile_dq = want_dq && !use_tc ? plan_tile(op, q, tiles::kDq, d.D) : 0;
+  const int tile_dkdv = want_dkdv && !use_tc ? plan_tile(op, q, tiles::kDkdv, d.D) : 0;
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = block_mask.contiguous();
   auto gc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
   at::Tensor glc;
   if (grad_lse.has_value() && grad_lse->defined()) glc = grad_lse->contiguous();
   at::Tensor dq = want_dq ? at::empty_like(qc) : at::empty({0}, q.options());
-  // dK / dV rows of a key block no query block keeps are never visited by the kernel: start from zeros.
-  at::Tensor dk = want_dkdv ? at::zeros_like(kc) : at::empty({0}, k.options());
-  at::Tensor dv = want_dkdv ? at::zeros_like(vc) : at::empty({0}, v.options());
+  // dK / dV rows of a key block no query block keeps are never visited by the CUDA-core kernel: start from zeros
+  // there (the tensor-core kernels write every row).
+  at::Tensor dk = !want_dkdv ? at::empty({0}, k.options()) : use_tc ? at::empty_like(kc) : at::zeros_like(kc);
+  at::Tensor dv = !want_dkdv ? at::empty({0}, v.options()) : use_tc ? at::empty_like(vc) : at::zeros_like(vc);
   if (q.numel() > 0 && want_dq && k.numel() == 0) dq.zero_();
+  if (k.numel() > 0 && want_dkdv && q.numel() == 0) {  // no query: nothing reaches k / v
+    dk.zero_();
+    dv.zero_();
+  }
   if (q.numel() > 0 && k.numel() > 0 && (want_dq || want_dkdv)) {
     auto delta = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
     cu::Params p = params_of(d, causal);
@@ -193,7 +223,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_backward_cuda(
     p.dq = want_dq ? dq.mutable_data_ptr() : nullptr;
     p.dk = want_dkdv ? dk.mutable_data_ptr() : nullptr;
     p.dv = want_dkdv ? dv.mutable_data_ptr() : nullptr;
-    cu::backward(kernel_dtype(q.scalar_type()), p, want_dq, want_dkdv, current_stream());
+    if (!use_tc) {
+      cu::backward(kernel_dtype(q.scalar_type()), p, want_dq, want_dkdv, current_stream());
+    } else {
+      // Tensor-core backward: the forward's lists (dq) and the transposed ones (dk / dv), the GQA split of the dk /
+      // dv grid for the device's SM count and its fp32 partials, then the kernels.
+      const auto lists = tc_lists(p, tcc, q, d, want_dq, want_dkdv);
+      at::Tensor part;
+      if (want_dkdv) {
+        p.tc_bwd_splits = tc::bwd_splits(d.B, d.Hkv, d.Hq / d.Hkv, p.tc_Nt, cu::sm_count(q.device().index()));
+        if (p.tc_bwd_splits > 1) {
+          part = at::empty({2, p.tc_bwd_splits, d.B, d.Hkv, d.Lk, d.D}, q.options().dtype(at::kFloat));
+          p.dk_part = part[0].mutable_data_ptr<float>();
+          p.dv_part = part[1].mutable_data_ptr<float>();
+        }
+      }
+      cu::tc_backward(kernel_dtype(q.scalar_type()), p, want_dq, want_dkdv, current_stream());
+    }
   }
   return {dq, output_mask[1] ? dk : at::empty({0}, k.options()), output_mask[2] ? dv : at::empty({0}, v.options())};
 }
@@ -217,20 +263,19 @@ at::Tensor attn_block_pool_cuda(const at::Tensor& q, const at::Tensor& k, int64_
   return pool;
 }
 
-// The tensor-core forward's kept-tile lists, built by the CUDA builder (sparse_attn_tc.cu): the tests compare them
-// with the CPU op's.
-std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_cuda(const at::Tensor& block_mask, int64_t q_len,
-                                                             int64_t k_len, int64_t block_size, bool causal,
-                                                             c10::string_view causal_align, int64_t tile_m,
-                                                             int64_t tile_n) {
-  constexpr const char* op = "sparse_attn_tc_tiles";
+// The tensor-core kept-tile lists, built by the CUDA builders (sparse_attn_tc.cu): the forward's (transposed =
+// false) or the backward's transposed ones; the tests compare them with the CPU ops'.
+std::tuple<at::Tensor, at::Tensor> tc_tiles_cuda(const char* op, bool transposed, const at::Tensor& block_mask,
+                                                 int64_t q_len, int64_t k_len, int64_t block_size, bool causal,
+                                                 c10::string_view causal_align, int64_t tile_m, int64_t tile_n) {
   const tc::TileGeom g = check_tc_tiles_args(op, block_mask, q_len, k_len, block_size, causal, causal_align, tile_m,
                                              tile_n);
   const c10::cuda::CUDAGuard guard(block_mask.device());
   auto mc = block_mask.contiguous();
   auto opts = block_mask.options().dtype(at::kInt);
-  auto count = at::empty({block_mask.size(0), block_mask.size(1), g.Mt}, opts);
-  auto entries = at::empty({block_mask.size(0), block_mask.size(1), g.Mt, g.Nt}, opts);
+  const int64_t per_head = transposed ? g.Nt : g.Mt, len = transposed ? g.Mt : g.Nt;
+  auto count = at::empty({block_mask.size(0), block_mask.size(1), per_head}, opts);
+  auto entries = at::empty({block_mask.size(0), block_mask.size(1), per_head, len}, opts);
   if (count.numel() == 0) return {count, entries};
   cu::Params p;
   p.mask = mc.const_data_ptr<bool>();
@@ -247,10 +292,32 @@ std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_cuda(const at::Tensor& b
   p.tc_tile_n = static_cast<int>(tile_n);
   p.tc_Mt = g.Mt;
   p.tc_Nt = g.Nt;
-  p.tc_count = count.mutable_data_ptr<int32_t>();
-  p.tc_entries = entries.mutable_data_ptr<int32_t>();
-  cu::tc_build_tiles(p, current_stream());
+  if (transposed) {
+    p.tc_t_count = count.mutable_data_ptr<int32_t>();
+    p.tc_t_entries = entries.mutable_data_ptr<int32_t>();
+    cu::tc_build_tiles_t(p, current_stream());
+  } else {
+    p.tc_count = count.mutable_data_ptr<int32_t>();
+    p.tc_entries = entries.mutable_data_ptr<int32_t>();
+    cu::tc_build_tiles(p, current_stream());
+  }
   return {count, entries};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_cuda(const at::Tensor& block_mask, int64_t q_len,
+                                                             int64_t k_len, int64_t block_size, bool causal,
+                                                             c10::string_view causal_align, int64_t tile_m,
+                                                             int64_t tile_n) {
+  return tc_tiles_cuda("sparse_attn_tc_tiles", false, block_mask, q_len, k_len, block_size, causal, causal_align,
+                       tile_m, tile_n);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attn_tc_tiles_t_cuda(const at::Tensor& block_mask, int64_t q_len,
+                                                               int64_t k_len, int64_t block_size, bool causal,
+                                                               c10::string_view causal_align, int64_t tile_m,
+                                                               int64_t tile_n) {
+  return tc_tiles_cuda("sparse_attn_tc_tiles_t", true, block_mask, q_len, k_len, block_size, causal, causal_align,
+                       tile_m, tile_n);
 }
 
 }  // namespace
@@ -260,6 +327,7 @@ TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
   m.impl("block_sparse_attn_backward", &block_sparse_attn_backward_cuda);
   m.impl("attn_block_pool", &attn_block_pool_cuda);
   m.impl("sparse_attn_tc_tiles", &sparse_attn_tc_tiles_cuda);
+  m.impl("sparse_attn_tc_tiles_t", &sparse_attn_tc_tiles_t_cuda);
 }
 
 }  // namespace peftcore::sparse_attn

@@ -41,6 +41,15 @@ struct Params {
   int64_t tc_Mt = 0, tc_Nt = 0;
   int32_t* tc_count = nullptr;
   int32_t* tc_entries = nullptr;
+  // Tensor-core backward: the transposed lists (per (mask batch, mask head, key tile) row, the kept query tiles):
+  // tc_t_count [mask_b * mask_h * Nt] and tc_t_entries [mask_b * mask_h * Nt, Mt] int32 (tc_build_tiles_t); the
+  // dK / dV kernel's split over the query heads of a GQA group (tc_bwd_splits, sparse_attn_tc_plan.h bwd_splits)
+  // and, when it is > 1, its fp32 partial sums dk_part / dv_part [splits, B, Hkv, Lk, D] (device workspace).
+  int32_t* tc_t_count = nullptr;
+  int32_t* tc_t_entries = nullptr;
+  int64_t tc_bwd_splits = 1;
+  float* dk_part = nullptr;
+  float* dv_part = nullptr;
 };
 
 // True when a kernel exists for head dim D.
@@ -66,5 +75,14 @@ bool tc_compiled(DType dtype, int64_t D, int tile_m, int tile_n, int warps);
 void tc_build_tiles(const Params& p, cudaStream_t stream);
 // out, lse from q, k, v and the lists (built first by tc_build_tiles on the same stream).
 void tc_forward(DType dtype, const Params& p, cudaStream_t stream);
+// The device's number of SMs (cudaDevAttrMultiProcessorCount), cached per device.
+int sm_count(int device);
+// The transposed lists p.tc_t_count / p.tc_t_entries from p.mask (one warp per (mask head, key tile) row).
+void tc_build_tiles_t(const Params& p, cudaStream_t stream);
+// Tensor-core backward (sparse_attn_tc_bwd_kernels.cuh), float16 / bfloat16, the configuration in p.tc_*: delta,
+// then dq over the forward lists (when want_dq) and dk, dv over the transposed lists (when want_dkdv; through
+// p.dk_part / p.dv_part and a reduction when p.tc_bwd_splits > 1). Every row of dq / dk / dv is written. The lists
+// come first (tc_build_tiles, tc_build_tiles_t) on the same stream.
+void tc_backward(DType dtype, const Params& p, bool want_dq, bool want_dkdv, cudaStream_t stream);
 
 }  // namespace peftcore::sparse_attn::cuda

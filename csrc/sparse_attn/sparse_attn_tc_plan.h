@@ -58,6 +58,46 @@ constexpr Config plan(int64_t D, int64_t smem_limit) {
   return Config{};
 }
 
+// Backward (sparse_attn_tc_bwd_kernels.cuh): the same tile shapes, two kernels.
+//   dQ    per (query tile, query head, batch) over the forward's lists: Q and dO [tile_m, D] once, K and V
+//         [tile_n, D] in two stages each: 2 D (2 tile_m + 4 tile_n) bytes.
+//   dK dV per (key tile, kv head, batch, split) over the transposed lists: K and V [tile_n, D] once, Q and dO
+//         [tile_m, D] in two stages each, plus lse and Delta (fp32) of the tile's query rows per stage:
+//         2 D (2 tile_n + 4 tile_m) + 16 tile_m bytes.
+// 64 x 64 tiles, 4 warps: 48 / 49 KB at D = 64 and 96 / 97 KB at D = 128, under every target arch's opt-in limit.
+enum BwdKernel : int { kBwdDq = 0, kBwdDkdv = 1 };
+
+constexpr int64_t bwd_smem_bytes(int kernel, int64_t D, const Config& c) {
+  return kernel == kBwdDq ? 2 * D * (2 * c.tile_m + 4 * c.tile_n) : 2 * D * (2 * c.tile_n + 4 * c.tile_m) + 16 * c.tile_m;
+}
+
+// The first compiled backward configuration of head dim D whose two kernels both fit `smem_limit`; tile_m = 0 when
+// none does (the CUDA-core backward runs).
+constexpr Config bwd_plan(int64_t D, int64_t smem_limit) {
+  for (int i = 0; i < kMaxConfigs; ++i) {
+    const Config c = config_candidate(D, i);
+    if (c.tile_m != 0 && bwd_smem_bytes(kBwdDq, D, c) <= smem_limit && bwd_smem_bytes(kBwdDkdv, D, c) <= smem_limit)
+      return c;
+  }
+  return Config{};
+}
+
+// CTAs the dK / dV grid aims for, per SM of the device: two (shared memory lets one to four CTAs of this kernel
+// share an SM, depending on D and the arch), so that no SM idles while others run a long causal column.
+constexpr int64_t kBwdCtasPerSm = 2;
+
+// How many CTAs share the query heads of one (key tile, kv head, batch) in the dK / dV kernel. One CTA per
+// (key tile, kv head, batch) owns its dK / dV rows (no reduction); when that grid (B Hkv Nt CTAs) is smaller than
+// kBwdCtasPerSm x sm_count, the G = Hq / Hkv query heads of a GQA / MQA group are dealt round-robin to up to G
+// CTAs (split s takes heads s, s + splits, ...), which write fp32 partial sums that a second pass adds up in
+// split order (deterministic). MHA (G = 1) and large grids: 1.
+constexpr int64_t bwd_splits(int64_t B, int64_t Hkv, int64_t G, int64_t Nt, int64_t sm_count) {
+  const int64_t ctas = B * Hkv * Nt, target = kBwdCtasPerSm * sm_count;
+  if (ctas <= 0 || G <= 1 || ctas >= target) return 1;
+  const int64_t want = (target + ctas - 1) / ctas;
+  return want < G ? want : G;
+}
+
 // Tile geometry of one call.
 struct TileGeom {
   int64_t Lq = 0, Lk = 0, bs = 1, Qb = 0, Kb = 0;
@@ -122,6 +162,18 @@ inline int32_t build_row(const bool* mask, const TileGeom& g, int64_t m, int32_t
     if (st != kSkip) entries[count++] = encode_entry(n, st);
   }
   for (int64_t i = count; i < g.Nt; ++i) entries[i] = -1;
+  return count;
+}
+
+// One row of the transposed lists (the dK / dV kernel's; host reference of the device builder): the query tiles m
+// for which key tile n is kept, entries 2 m + partial ascending in m, -1 after the count, into entries[0, Mt).
+inline int32_t build_col(const bool* mask, const TileGeom& g, int64_t n, int32_t* entries) {
+  int32_t count = 0;
+  for (int64_t m = 0; m < g.Mt; ++m) {
+    const int st = tile_state(mask, g, m, n);
+    if (st != kSkip) entries[count++] = encode_entry(m, st);
+  }
+  for (int64_t i = count; i < g.Mt; ++i) entries[i] = -1;
   return count;
 }
 

@@ -53,12 +53,14 @@ block ``I`` and the keys of block ``J``, of the (causal if asked) softmax attent
 SeerAttention's ground truth for its gate. Not differentiable (a training target).
 
 CPU kernels are tiled and parallel (BLAS GEMMs on [bs, D] tiles, online softmax); CUDA kernels are
-flash-attention-2 style (not yet verified on a GPU). On CUDA the forward of float16 / bfloat16 at head dim 64 / 128
-runs on tensor cores (CuTe, mma.sync; 64 x 64 tiles over a per-query-tile list of kept key tiles built on the
-device, whatever the block size); float32, head dim 256 and the backward run on CUDA cores.
-``PEFTCORE_SPARSE_ATTN_KERNEL=simt`` forces the CUDA-core forward, ``=tc`` the tensor-core one (or an error saying
-why it cannot run). ``torch.ops.peftcore.sparse_attn_tc_plan(D, smem_bytes)`` and
-``torch.ops.peftcore.sparse_attn_tc_tiles(...)`` expose its configuration and kept-tile lists (CPU and CUDA).
+flash-attention-2 style (not yet verified on a GPU). On CUDA the forward and the backward of float16 / bfloat16 at
+head dim 64 / 128 run on tensor cores (CuTe, mma.sync; 64 x 64 tiles over lists of kept tiles built on the device,
+whatever the block size: per query tile for the forward and dq, per key tile for dk / dv, whose grid also splits a
+GQA group's query heads when it is small); float32 and head dim 256 run on CUDA cores.
+``PEFTCORE_SPARSE_ATTN_KERNEL=simt`` forces the CUDA-core kernels, ``=tc`` the tensor-core ones (or an error saying
+why they cannot run). ``torch.ops.peftcore.sparse_attn_tc_plan(D, smem_bytes)``,
+``sparse_attn_tc_bwd_plan(D, smem_bytes, B, Hkv, G, Lk, sm_count)``, ``sparse_attn_tc_tiles(...)`` and
+``sparse_attn_tc_tiles_t(...)`` expose their configurations and kept-tile lists (CPU and CUDA).
 """
 from __future__ import annotations
 
@@ -256,9 +258,7 @@ def _(q, k, block_size, causal=False, scale=None, causal_align="top_left"):
     return q.new_empty((q.shape[0], q.shape[1], qb, kb), dtype=_stat_dtype(q.dtype))
 
 
-@torch.library.register_fake("peftcore::sparse_attn_tc_tiles")
-def _(block_mask, q_len, k_len, block_size, causal, causal_align, tile_m, tile_n):
-    op = "sparse_attn_tc_tiles"
+def _fake_tc_tiles(op, transposed, block_mask, q_len, k_len, block_size, causal, causal_align, tile_m, tile_n):
     torch._check(causal_align in ("top_left", "bottom_right"),
                  lambda: f'{op}: causal_align must be "top_left" or "bottom_right", got "{causal_align}"')
     torch._check(block_mask.dtype == torch.bool, lambda: f"{op}: block_mask must be bool, got "
@@ -271,9 +271,23 @@ def _(block_mask, q_len, k_len, block_size, causal, causal_align, tile_m, tile_n
     torch._check(block_mask.dim() == 4 and block_mask.shape[2] == qb and block_mask.shape[3] == kb,
                  lambda: f"{op}: block_mask must have shape [Bm, Hm, {qb}, {kb}], got {list(block_mask.shape)}")
     mt, nt = -(-q_len // tile_m), -(-k_len // tile_n)
+    if transposed:
+        mt, nt = nt, mt
     bm, hm = block_mask.shape[:2]
     return (block_mask.new_empty((bm, hm, mt), dtype=torch.int32),
             block_mask.new_empty((bm, hm, mt, nt), dtype=torch.int32))
+
+
+@torch.library.register_fake("peftcore::sparse_attn_tc_tiles")
+def _(block_mask, q_len, k_len, block_size, causal, causal_align, tile_m, tile_n):
+    return _fake_tc_tiles("sparse_attn_tc_tiles", False, block_mask, q_len, k_len, block_size, causal, causal_align,
+                          tile_m, tile_n)
+
+
+@torch.library.register_fake("peftcore::sparse_attn_tc_tiles_t")
+def _(block_mask, q_len, k_len, block_size, causal, causal_align, tile_m, tile_n):
+    return _fake_tc_tiles("sparse_attn_tc_tiles_t", True, block_mask, q_len, k_len, block_size, causal,
+                          causal_align, tile_m, tile_n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
