@@ -133,6 +133,12 @@ def known_stack(row) -> bool:
     return int(row["local"]) == 0 and KNOWN_STACK.get(stack_key(row)) == int(row["stack"])
 
 
+def tcb_match(kernel: str):
+    """(kind "dq" | "dkdv", D, tile_m, tile_n, warps) of a tensor-core backward kernel's name, else None."""
+    m = re.search(r"bwd_(dq|dkdv)_kernel<BwdTraits<\s*\d+,\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*\d+\s*>", kernel)
+    return (m.group(1), *(int(v) for v in m.groups()[1:])) if m else None
+
+
 def violations(rows: list, archs: list) -> list:
     """Every broken rule, as readable lines (empty when the build is fine)."""
     bad = []
@@ -153,6 +159,14 @@ def violations(rows: list, archs: list) -> list:
                 plan = list(torch.ops.peftcore.sparse_attn_tc_plan(D, lim))
                 if plan[:3] == [bm, bn, warps] and static + plan[3] > lim:
                     bad.append(f"{where} on sm_{dev}: {static} B static + {plan[3]} B planned > {lim} B")
+            elif r["family"] == "sparse_attn" and tcb_match(r["kernel"]):
+                # the tensor-core backward: dispatched at this limit only with the config sparse_attn_tc_bwd_plan
+                # picks there (else the CUDA-core backward runs)
+                kind, D, bm, bn, warps = tcb_match(r["kernel"])
+                plan = list(torch.ops.peftcore.sparse_attn_tc_bwd_plan(D, lim, 1, 1, 1, 1, 1))
+                need = plan[3] if kind == "dq" else plan[4]
+                if plan[:3] == [bm, bn, warps] and static + need > lim:
+                    bad.append(f"{where} on sm_{dev}: {static} B static + {need} B planned > {lim} B")
             elif r["family"] == "sparse_attn":
                 plans = attn_plans(lim)
                 parsed = attn_tile_of(r["kernel"])
