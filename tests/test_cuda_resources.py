@@ -54,16 +54,10 @@ OPTIN = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 RUNTIME_FIT = {("sparse_delta", "spmm_kernel"), ("sparse_delta", "sddmm_kernel"),
                ("blockdiag", "monarch_forward_kernel")}
 ATTN_KIND = {"forward_kernel": 0, "backward_dq_kernel": 1, "backward_dkdv_kernel": 2, "block_pool_kernel": 3}
-# Stack frames the current build has and that are not fixed yet: small arrays of these CUDA-core sparse_attn kernels
-# live in local memory (a few STL / LDL in their SASS). Listed, with the bytes recorded, so that the check stays a
-# gate for every other kernel and for any growth; remove an entry when its kernel is fixed or replaced (an entry
-# that matches nothing only warns). Key: (family, kernel with its dtype as *, arch).
-KNOWN_STACK = {
-    # ptxas keeps one loop-carried 64-bit value of the CUDA-core forward at D = 128, 64-row tiles, in local memory
-    # on sm_90 (168 registers; sm_80 code has none). The 64-bit divisions whose register saves gave the other
-    # sparse_attn kernels their frames are gone (32-bit kernels::udiv).
-    ("sparse_attn", "forward_kernel<*, 128, 64>", "sm_90"): 8,
-}
+# Stack frames a build may carry while a kernel is being fixed: (family, kernel with its dtype as *, arch) -> exact
+# bytes, so the check stays a gate for every other kernel and for any growth (an entry that matches nothing only
+# warns). Empty: no kernel has a stack frame or local memory.
+KNOWN_STACK: dict = {}
 ATTN_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 

@@ -177,7 +177,9 @@ __device__ __forceinline__ bool visible(const Params& p, int r, int rows, int c,
 // Forward.
 
 template <typename T, int D, int TILE>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
+// minBlocks = 1: without it ptxas for sm_90 capped the D = 128, 64-row instantiation at 168 registers and spilled
+// 24 bytes (a stack frame); one CTA per SM is what its ~100 KB of shared memory allows there anyway.
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const Params p) {
   using C = Cfg<D, TILE>;
   extern __shared__ float smem[];
   float* Qs = smem;
