@@ -40,6 +40,20 @@ TORCH_LIBRARY(peftcore, m) {
   m.def("partial_scatter_add(Tensor src, Tensor index, int size) -> Tensor");
   // Host-side validation (syncs on CUDA): index 1-D int64, sorted ascending, unique, in [0, size); == [range_start, +k) when range_start >= 0.
   m.def("partial_validate(Tensor index, int size, int range_start=-1) -> ()");
+  // ---- lora: many LoRA adapters over one frozen linear in one batch (layouts in lora/lora.h) ----
+  // y = x W^T + bias + sum_j token_weight[t, j] * scales[i] * (x[t] A_i^T) B_i^T, i = token_adapter[t, j] (-1: none);
+  // a_packed [R, in] / b_packed [out, R] hold every adapter's rows / columns at offsets [N+1]; scales [N] float32.
+  m.def("lora_multi_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a_packed, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight=None) -> Tensor");
+  // Backward of lora_multi_linear (W and bias frozen): (grad_x, grad_a_packed, grad_b_packed, grad_token_weight).
+  m.def("lora_multi_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor a_packed, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Punica's shrink: h [*token_adapter.shape, R], h[t, j, offsets[i] + m] = x[t] . A_i[m], zero elsewhere.
+  m.def("lora_shrink(Tensor x, Tensor a_packed, Tensor offsets, Tensor token_adapter) -> Tensor");
+  // Backward of lora_shrink: (grad_x, grad_a_packed).
+  m.def("lora_shrink_backward(Tensor grad_h, Tensor x, Tensor a_packed, Tensor offsets, Tensor token_adapter, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Punica's expand: delta_y [T, out] = sum_j token_weight[t, j] * scales[i] * h[t, j, cols of i] B_i^T.
+  m.def("lora_expand(Tensor h, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight, int out_features) -> Tensor");
+  // Backward of lora_expand: (grad_h, grad_b_packed, grad_token_weight).
+  m.def("lora_expand_backward(Tensor grad_out, Tensor h, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // ---- blockdiag: block-diagonal and Monarch (two block-diagonal stages + a stride permutation) matmuls ----
   // y[..., j*bo:(j+1)*bo] = x[..., j*bi:(j+1)*bi] @ blocks[j]^T for blocks [nb, bo, bi], x [..., nb*bi].
   m.def("blockdiag_matmul(Tensor x, Tensor blocks) -> Tensor");
