@@ -124,3 +124,77 @@ def test_refusals():
         m(_ids())
     m.eval()
     m(_ids())  # eval mode ignores dropout, as PEFT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MultiLoraLinear / apply_multi_lora / adapter_batch (no PEFT involved).
+
+from peftcore.tuners.lora import MultiLoraLinear, adapter_batch, apply_multi_lora  # noqa: E402
+
+
+def _multi(seed=0):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(12, 10)
+    m = MultiLoraLinear(base, ranks=[2, 5, 3], alphas=[4, 5, 9], names=["x", "y", "z"])
+    with torch.no_grad():
+        m.b_packed.normal_()
+    return m
+
+
+def test_multi_lora_fresh_is_the_base_layer():
+    base = torch.nn.Linear(12, 10)
+    m = MultiLoraLinear(base, ranks=[2, 5], alphas=[4, 5])
+    x = torch.randn(3, 4, 12)
+    with adapter_batch(m, [0, 1, 1]):
+        torch.testing.assert_close(m(x), base(x))
+    assert not base.weight.requires_grad and m.a_packed.requires_grad
+
+
+def test_multi_lora_per_sample_per_token_and_gated():
+    m = _multi()
+    x = torch.randn(3, 4, 12)
+    W, b = m.base_layer.weight, m.base_layer.bias
+
+    def one(xs, name, w=1.0):
+        A, B = m.adapter(name)
+        s = float(m.scales[m.names.index(name)])
+        return w * s * (xs @ A.t()) @ B.t()
+
+    with torch.no_grad():
+        with adapter_batch(m, ["z", None, "x"]):
+            got = m(x)
+        want = torch.stack([x[0] @ W.t() + b + one(x[0], "z"), x[1] @ W.t() + b, x[2] @ W.t() + b + one(x[2], "x")])
+        torch.testing.assert_close(got, want)
+        ta = torch.tensor([[0, 2]] * 12)
+        tw = torch.rand(12, 2)
+        with adapter_batch(m, ta, tw):
+            got = m(x)
+        xf = x.reshape(12, 12)
+        want = xf @ W.t() + b + one(xf, "x", tw[:, :1]) + one(xf, "z", tw[:, 1:])
+        torch.testing.assert_close(got, want.reshape(3, 4, 10))
+    assert m._batch is None
+    torch.testing.assert_close(m(x), m.base_layer(x))  # outside the context: the base layer
+
+
+def test_multi_lora_training_and_gate_gradients():
+    m = _multi()
+    x = torch.randn(6, 12)
+    gate_logits = torch.randn(6, 2, requires_grad=True)
+    with adapter_batch(m, torch.tensor([[0, 1]] * 3 + [[2, 2]] * 3), torch.softmax(gate_logits, 1)):
+        m(x).pow(2).sum().backward()
+    assert m.a_packed.grad is not None and m.b_packed.grad.abs().sum() > 0
+    assert gate_logits.grad is not None and gate_logits.grad.abs().sum() > 0
+
+
+def test_apply_multi_lora_on_llama():
+    model = tiny_llama()
+    apply_multi_lora(model, ["q_proj", "v_proj"], ranks=[4, 8], alphas=[8, 8], names=["en", "de"])
+    layers = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+    assert len(layers) == 4
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        with adapter_batch(model, ["en", "de", None, "en"]):
+            torch.testing.assert_close(model(ids).logits, ref)  # B = 0: still the base model
+    with pytest.raises(ValueError, match=r"apply_multi_lora: no nn.Linear named \['nope'\]"):
+        apply_multi_lora(model, "nope", ranks=[1])

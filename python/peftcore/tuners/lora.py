@@ -27,7 +27,7 @@ from torch import nn
 
 from ..ops import lora as lo
 
-__all__ = ["PeftcoreLoraLinear", "from_peft_lora"]
+__all__ = ["MultiLoraLinear", "PeftcoreLoraLinear", "adapter_batch", "apply_multi_lora", "from_peft_lora"]
 
 
 def _peft_linear():
@@ -150,3 +150,126 @@ def from_peft_lora(peft_model: nn.Module, check: bool = True) -> nn.Module:
     for _, m in layers:
         m.__class__ = _converted_class(type(m))
     return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peftcore's own multi-adapter layer (no PEFT needed).
+
+
+class MultiLoraLinear(nn.Module):
+    """N LoRA adapters of any ranks over one frozen ``nn.Linear``, packed (``a_packed [R, in]``, ``b_packed
+    [out, R]``, trainable; ``offsets``, ``scales`` buffers): ``y = base(x) + Σ_slots w · s_i · (x A_iᵀ) B_iᵀ`` through
+    one :func:`~peftcore.ops.lora.lora_multi_linear` call.
+
+    Which adapter each token uses comes from :func:`adapter_batch` (per sample, per token, or several slots with
+    gate weights); outside it, ``default`` (an adapter index, or ``None`` for the base layer alone). A fresh adapter
+    is PEFT's initialisation: ``A`` Kaiming-uniform, ``B`` zero (the layer starts as the base layer);
+    ``scales = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+    """
+
+    def __init__(self, base: nn.Linear, ranks, alphas=None, names=None, use_rslora: bool = False,
+                 default: Optional[int] = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MultiLoraLinear: base must be nn.Linear, got {type(base).__name__}")
+        ranks = [int(r) for r in ranks]
+        if not ranks or min(ranks) < 0:
+            raise ValueError(f"MultiLoraLinear: ranks must be a non-empty list of ranks >= 0, got {ranks}")
+        alphas = [float(a) for a in (alphas if alphas is not None else ranks)]
+        names = list(names) if names is not None else [str(i) for i in range(len(ranks))]
+        if not (len(alphas) == len(names) == len(ranks)) or len(set(names)) != len(names):
+            raise ValueError(f"MultiLoraLinear: {len(ranks)} ranks, {len(alphas)} alphas and names {names} must match "
+                             "and names be unique")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.names = names
+        dev, dt = base.weight.device, base.weight.dtype
+        As, Bs = [], []
+        for r in ranks:
+            a = torch.empty(r, base.in_features, device=dev, dtype=dt)
+            nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+            As.append(a)
+            Bs.append(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+        scales = [(al / r ** 0.5 if use_rslora else al / r) if r else 0.0 for al, r in zip(alphas, ranks)]
+        a, b, off, sc = lo.pack_adapters(As, Bs, scales)
+        self.a_packed = nn.Parameter(a)
+        self.b_packed = nn.Parameter(b)
+        self.register_buffer("offsets", off)
+        self.register_buffer("scales", sc)
+        self.default = default
+        self._batch = None  # (token_adapter, token_weight) set by adapter_batch
+
+    def adapter(self, i):
+        """``(A_i, B_i)`` views of adapter ``i`` (index or name) in the packed parameters."""
+        i = self.names.index(i) if isinstance(i, str) else int(i)
+        o0, o1 = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.a_packed[o0:o1], self.b_packed[:, o0:o1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self._batch is not None:
+            ta, tw = self._batch
+            ta = _expand_to_tokens(ta, x, T)
+            tw = _expand_to_tokens(tw, x, T) if tw is not None else None
+        elif self.default is not None:
+            ta, tw = torch.full((T,), int(self.default), dtype=torch.int64, device=x.device), None
+        else:
+            return self.base_layer(x)
+        shape = x.shape
+        y = lo.lora_multi_linear(x.reshape(-1, shape[-1]), self.base_layer.weight, self.base_layer.bias,
+                                 self.a_packed, self.b_packed, self.offsets, self.scales, ta, tw)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _expand_to_tokens(t, x, T):
+    """Per-sample [B] / [B, k] assignments (x's first dim the batch) repeated over each sample's tokens; per-token
+    [T] / [T, k] ones as they are."""
+    if t.shape[0] == T:
+        return t
+    B = x.shape[0] if x.dim() > 1 else 1
+    if t.shape[0] != B or T % max(B, 1):
+        raise ValueError(f"MultiLoraLinear: the adapter assignment has {t.shape[0]} rows; expected the batch size {B} "
+                         f"or the token count {T}")
+    return t.repeat_interleave(T // B, 0)
+
+
+def apply_multi_lora(model: nn.Module, target_modules, ranks, alphas=None, names=None, use_rslora=False):
+    """Replace every ``nn.Linear`` whose name ends with one of ``target_modules`` by a :class:`MultiLoraLinear` with
+    these adapters (in place); returns the model."""
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in targets)]
+    if not found:
+        raise ValueError(f"apply_multi_lora: no nn.Linear named {targets} in the model")
+    for name, m in found:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], MultiLoraLinear(m, ranks, alphas, names, use_rslora))
+    return model
+
+
+class adapter_batch:
+    """Context manager: within it, every :class:`MultiLoraLinear` of ``model`` uses these adapters.
+
+    ``adapters``: per sample (a list of names / indices, ``None`` or ``-1`` for the base layer; or an int64 tensor
+    ``[B]`` / ``[B, k]``), or per token (``[T]`` / ``[T, k]``); ``weights`` the matching gate weights (MeteoRA)."""
+
+    def __init__(self, model: nn.Module, adapters, weights=None):
+        self.layers = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+        if not self.layers:
+            raise ValueError("adapter_batch: the model has no MultiLoraLinear layer")
+        self.adapters, self.weights = adapters, weights
+
+    def __enter__(self):
+        for m in self.layers:
+            ta = self.adapters
+            if not isinstance(ta, torch.Tensor):
+                ta = torch.tensor([-1 if a is None else (m.names.index(a) if isinstance(a, str) else int(a))
+                                   for a in ta], dtype=torch.int64)
+            m._batch = (ta.to(m.a_packed.device), self.weights)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m._batch = None
+        return False
