@@ -378,6 +378,16 @@ BAD = [
     ("grad_h shape", "ops.lora_shrink_backward(torch.zeros(4, 4), x, a, off, ta, [True, True])",
      r"lora_shrink_backward: grad_h must have shape \[4, 5\]"),
     ("x int", "ops.lora_shrink(x.long(), a, off, ta)", r"lora_shrink: x must be float32, float16, bfloat16 or float64, got Long"),
+    ("single A shape", "ops.lora_linear_dropout(x, w, None, torch.randn(2, 7), torch.randn(6, 2), 1.0, 0.0, "
+     "torch.empty(0, dtype=torch.long))", r"lora_linear: A must be \[r, 8\], got shape \[2, 7\]"),
+    ("single B shape", "ops.lora_linear_dropout(x, w, None, torch.randn(2, 8), torch.randn(6, 3), 1.0, 0.0, "
+     "torch.empty(0, dtype=torch.long))", r"lora_linear: B must be \[6, 2\] \(out, r\), got shape \[6, 3\]"),
+    ("single seed", "ops.lora_linear_dropout(x, w, None, torch.randn(2, 8), torch.randn(6, 2), 1.0, 0.5, "
+     "torch.empty(0, dtype=torch.long))", r"lora_linear: seed must be one int64 element when dropout_p > 0, got Long"),
+    ("single p", "ops.lora_linear_dropout(x, w, None, torch.randn(2, 8), torch.randn(6, 2), 1.0, -0.5, "
+     "torch.tensor([1]))", r"lora_linear: dropout_p must be in \[0, 1\), got -0.5"),
+    ("single A dtype", "ops.lora_linear_dropout(x, w, None, torch.randn(2, 8).double(), torch.randn(6, 2), 1.0, 0.0, "
+     "torch.empty(0, dtype=torch.long))", r"lora_linear: A has dtype Double but x has Float"),
 ]
 
 
@@ -398,3 +408,105 @@ def test_fake_kernels_check_like_the_kernels(name, code, pattern):
         fenv = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in env.items()}
         with pytest.raises(Exception, match=pattern):
             exec(code, fenv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lora_linear: one adapter, fused, PEFT's dropout on the adapter input with a regenerated mask.
+
+
+def _dropout_mask(x_shape, p, seed):
+    """keep / (1 - p) for the op's mask at these shapes and seed, read through the op itself (W = 0, A = B = I, scale 1:
+    y = drop(ones))."""
+    n = x_shape[-1]
+    ones = torch.ones(x_shape, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    return ops.lora_linear_dropout(ones, torch.zeros(n, n, dtype=torch.float64), None, eye, eye, 1.0, p, seed)
+
+
+def ref_lora_linear_dropout(x, weight, bias, A, B, scale, dropout_p, seed):
+    xd = x * _dropout_mask(x.shape, dropout_p, seed).to(x.dtype) if dropout_p > 0 else x
+    return F.linear(x, weight, bias) + scale * ((xd @ A.t()) @ B.t())
+
+
+def ref_lora_linear_dropout_backward(grad_out, x, weight, A, B, scale, dropout_p, seed, output_mask):
+    xs, a, b = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
+    gs = torch.autograd.grad(ref_lora_linear_dropout(xs, weight, None, a, b, scale, dropout_p, seed), [xs, a, b], grad_out)
+    return tuple(g if m else t.new_empty((0,)) for g, m, t in zip(gs, output_mask, [x, A, B]))
+
+
+def single_samples(device, dtype, requires_grad, p=0.0):
+    for i, (lead, in_f, out_f, r) in enumerate([((2, 5), 12, 7, 3), ((300,), 10, 6, 4), ((0,), 6, 4, 2), ((3,), 8, 9, 0)]):
+        x = _randn((*lead, in_f), dtype, device, 10 + i)
+        w = _randn((out_f, in_f), dtype, device, 20 + i, in_f ** -0.5)
+        A = _randn((r, in_f), dtype, device, 30 + i, in_f ** -0.5)
+        B = _randn((out_f, r), dtype, device, 40 + i)
+        bias = _randn((out_f,), dtype, device, 50 + i) if i % 2 == 0 else None
+        seed = torch.tensor([1234 + i], device=device) if p > 0 else torch.empty(0, dtype=torch.int64, device=device)
+        yield Sample((x, w, bias, A, B, 1.5, p, seed), name=f"cfg{i}")
+
+
+def single_backward_samples(device, dtype, requires_grad, p=0.0):
+    for i, s in enumerate(single_samples(device, dtype, False, p)):
+        x, w, bias, A, B, scale, p_, seed = s.args
+        g = _randn((*x.shape[:-1], w.shape[0]), dtype, device, 60 + i)
+        yield Sample((g, x, w, A, B, scale, p_, seed, [[True, True, True], [False, True, False], [True, False, True]][i % 3]),
+                     name=s.name)
+
+
+SINGLE_CASES = [
+    OpCase("lora_linear_dropout(p=0)", ops.lora_linear_dropout, single_samples, ref_lora_linear_dropout, ALL_DTYPES,
+           grad_args=(0, 3, 4), cuda=False),
+    OpCase("lora_linear_dropout(p=0.3)", ops.lora_linear_dropout, lambda d, t, r: single_samples(d, t, r, 0.3),
+           ref_lora_linear_dropout, ALL_DTYPES, grad_args=(0, 3, 4), cuda=False),
+    OpCase("lora_linear_dropout_backward", ops.lora_linear_dropout_backward, single_backward_samples,
+           ref_lora_linear_dropout_backward, ALL_DTYPES, cuda=False),
+    OpCase("lora_linear_dropout_backward(p=0.3)", ops.lora_linear_dropout_backward,
+           lambda d, t, r: single_backward_samples(d, t, r, 0.3), ref_lora_linear_dropout_backward, ALL_DTYPES,
+           cuda=False),
+]
+(test_single_opcheck, test_single_reference, test_single_gradcheck,
+ test_single_compile) = op_test_suite(SINGLE_CASES)
+
+
+def test_dropout_mask_statistics_and_determinism():
+    p = 0.25
+    m = _dropout_mask((200, 300), p, torch.tensor([7]))
+    kept = m != 0
+    assert abs(1 - kept.double().mean().item() - p) < 0.01
+    torch.testing.assert_close(m[kept], torch.full_like(m[kept], 1 / (1 - p)))
+    assert torch.equal(m, _dropout_mask((200, 300), p, torch.tensor([7])))
+    assert not torch.equal(m, _dropout_mask((200, 300), p, torch.tensor([8])))
+    # independent columns: no two rows alike, no column all kept or all dropped
+    assert kept.any(0).all() and (~kept).any(0).all()
+
+
+def test_lora_linear_training_flag_and_seed():
+    x = _randn((6, 8), torch.float32, "cpu", 1)
+    w = _randn((5, 8), torch.float32, "cpu", 2)
+    A, B = _randn((3, 8), torch.float32, "cpu", 3), _randn((5, 3), torch.float32, "cpu", 4)
+    plain = F.linear(x, w) + 2.0 * ((x @ A.t()) @ B.t())
+    assert torch.equal(lo.lora_linear(x, w, None, A, B, 2.0, 0.5, training=False),
+                       lo.lora_linear(x, w, None, A, B, 2.0, 0.0, training=True))
+    torch.testing.assert_close(lo.lora_linear(x, w, None, A, B, 2.0, 0.5, training=False), plain)
+    torch.manual_seed(3)
+    y1 = lo.lora_linear(x, w, None, A, B, 2.0, 0.5, training=True)
+    torch.manual_seed(3)
+    y2 = lo.lora_linear(x, w, None, A, B, 2.0, 0.5, training=True)
+    assert torch.equal(y1, y2) and not torch.allclose(y1, plain)
+    with pytest.raises(RuntimeError, match=r"lora_linear: dropout_p must be in \[0, 1\), got 1(\.0)?$"):
+        lo.lora_linear(x, w, None, A, B, 2.0, 1.0, training=True)
+
+
+def test_lora_linear_keeps_no_dropped_copy():
+    """The autograd graph saves x, W, A, B and the seed: nothing of x's size besides x itself."""
+    x = _randn((64, 32), torch.float32, "cpu", 1).requires_grad_(True)
+    w = _randn((16, 32), torch.float32, "cpu", 2)
+    A = _randn((4, 32), torch.float32, "cpu", 3).requires_grad_(True)
+    B = _randn((16, 4), torch.float32, "cpu", 4).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lo.lora_linear(x, w, None, A, B, 2.0, 0.3, training=True)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert all(t.data_ptr() == x.data_ptr() for t in big), [tuple(t.shape) for t in big]
+    y.sum().backward()
+    assert x.grad is not None and A.grad is not None

@@ -10,9 +10,15 @@
 // Math in the accumulation type (float32 for half types, float64 for float64); outputs in the inputs' dtypes.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -461,6 +467,168 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_backward_cpu(
                   : (token_weight.has_value() ? at::empty({0}, token_weight->options()) : at::empty({0}, h.options()))};
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// One adapter, fused: y = x W^T + bias + scale * (drop(x) A^T) B^T, drop(x) = x * keep / (1 - p).
+// The dropout mask is a counter-based hash of (seed, flat element index), so the backward regenerates it instead of
+// keeping a dropped copy of x: both passes walk the tokens in chunks of kChunk rows, building the chunk's dropped
+// rows in a temporary that is freed at the end of the chunk.
+
+constexpr int64_t kChunk = 256;
+
+// splitmix64 of the element's counter: uniform 64 bits; keep iff the top 24 bits / 2^24 >= p.
+inline bool keep_element(uint64_t seed, uint64_t e, uint32_t threshold) {
+  uint64_t z = seed + (e + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<uint32_t>(z >> 40) >= threshold;
+}
+
+struct Dropout {
+  bool active = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;  // p * 2^24
+  double inv_keep = 1.0;
+};
+
+Dropout dropout_of(const char* op, double p, const at::Tensor& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  Dropout d;
+  if (p == 0.0) return d;
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+              ": seed must be one int64 element when dropout_p > 0, got ", seed.scalar_type(), " of shape ",
+              seed.sizes());
+  d.active = true;
+  d.seed = static_cast<uint64_t>(seed.to(at::kCPU).item<int64_t>());
+  d.threshold = static_cast<uint32_t>(p * 16777216.0);
+  d.inv_keep = 1.0 / (1.0 - p);
+  return d;
+}
+
+// rows *= keep / (1 - p) in place, rows [n, in] contiguous being rows r0 .. r0+n of the [T, in] input.
+void apply_dropout_(const at::Tensor& rows, int64_t r0, const Dropout& d) {
+  if (!d.active) return;
+  const int64_t n = rows.size(0), in = rows.size(1);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "lora_dropout", [&] {
+    scalar_t* p = rows.mutable_data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(d.inv_keep);
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const uint64_t base = static_cast<uint64_t>(r0 + i) * static_cast<uint64_t>(in);
+        scalar_t* row = p + i * in;
+        for (int64_t c = 0; c < in; ++c)
+          row[c] = keep_element(d.seed, base + c, d.threshold) ? row[c] * scale : scalar_t(0);
+      }
+    });
+  });
+}
+
+// Rows r0 .. r0+n of x2d in the accumulation type (a copy), dropped when d.active.
+at::Tensor dropped_rows(const at::Tensor& x2d, int64_t r0, int64_t n, const Dropout& d, at::ScalarType acc) {
+  auto xs = x2d.narrow(0, r0, n).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  apply_dropout_(xs, r0, d);
+  return xs;
+}
+
+void check_single(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
+                  const at::Tensor& A, const at::Tensor& B) {
+  check_cpu(op, x_name, x);
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_same_dtype(op, "weight", weight, x, x_name);
+  check_same_device(op, "weight", weight, x, x_name);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == weight.size(1), op, ": A must be [r, ", weight.size(1), "], got shape ",
+              A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == weight.size(0) && B.size(1) == A.size(0), op, ": B must be [",
+              weight.size(0), ", ", A.size(0), "] (out, r), got shape ", B.sizes());
+  check_same_dtype(op, "A", A, x, x_name);
+  check_same_dtype(op, "B", B, x, x_name);
+  check_same_device(op, "A", A, x, x_name);
+  check_same_device(op, "B", B, x, x_name);
+}
+
+at::Tensor lora_linear_dropout_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                   const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p,
+                                   const at::Tensor& seed) {
+  constexpr const char* op = "lora_linear";
+  check_single(op, "x", x, weight, A, B);
+  if (bias.has_value()) {
+    check_same_dtype(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [", weight.size(0),
+                "], got ", bias->sizes());
+  }
+  const Dropout d = dropout_of(op, dropout_p, seed);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const auto x2d = flat_tokens(op, "x", x, in);
+  const int64_t T = x2d.size(0);
+  const auto acc = acc_type(x.scalar_type());
+  const auto Aa = A.to(acc), Ba = B.to(acc);
+  auto h = at::empty({T, A.size(0)}, x2d.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < T; r0 += kChunk) {
+    const int64_t n = std::min(kChunk, T - r0);
+    auto hc = h.narrow(0, r0, n);
+    at::mm_out(hc, dropped_rows(x2d, r0, n, d, acc), Aa.t());
+  }
+  auto delta = h.mm(Ba.t()).mul_(scale);
+  auto y = at::linear(x2d, weight, bias);
+  if (y.scalar_type() == acc) y.add_(delta);
+  else y = y.to(acc).add_(delta).to(x.scalar_type());
+  return y.view(with_last(x, out));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_dropout_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, double scale, double dropout_p, const at::Tensor& seed, std::array<bool, 3> mask) {
+  constexpr const char* op = "lora_linear_backward";
+  check_single(op, "x", x, weight, A, B);
+  check_same_dtype(op, "grad_out", grad_out, x, "x");
+  const Dropout d = dropout_of(op, dropout_p, seed);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const auto x2d = flat_tokens(op, "x", x, in);
+  const auto g2d = flat_tokens(op, "grad_out", grad_out, out);
+  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad_out must have x's ", x2d.size(0), " tokens, got shape ",
+              grad_out.sizes());
+  const int64_t T = x2d.size(0), r = A.size(0);
+  const auto acc = acc_type(x.scalar_type());
+  const auto Aa = A.to(acc), Ba = B.to(acc);
+  at::Tensor gx = mask[0] ? g2d.mm(weight).to(acc) : at::Tensor();
+  at::Tensor gA = mask[1] ? at::zeros({r, in}, x2d.options().dtype(acc)) : at::Tensor();
+  at::Tensor gB = mask[2] ? at::zeros({out, r}, x2d.options().dtype(acc)) : at::Tensor();
+  for (int64_t r0 = 0; r0 < T && (mask[0] || mask[1] || mask[2]); r0 += kChunk) {
+    const int64_t n = std::min(kChunk, T - r0);
+    const auto G = g2d.narrow(0, r0, n).to(acc);
+    const auto GB = G.mm(Ba).mul_(scale);  // [n, r]: dL/dh
+    if (mask[0]) {
+      auto gxd = GB.mm(Aa).contiguous();    // dL/d(dropped x)
+      apply_dropout_(gxd, r0, d);           // dL/dx = keep / (1 - p) * dL/d(dropped x): the mask regenerated
+      gx.narrow(0, r0, n).add_(gxd);
+    }
+    if (mask[1] || mask[2]) {
+      const auto xd = dropped_rows(x2d, r0, n, d, acc);
+      if (mask[1]) gA.add_(GB.t().mm(xd));
+      if (mask[2]) gB.add_(G.t().mm(xd.mm(Aa.t())).mul_(scale));
+    }
+  }
+  return {mask[0] ? gx.to(x.scalar_type()).view(x.sizes()) : at::empty({0}, x.options()),
+          mask[1] ? gA.to(A.scalar_type()) : at::empty({0}, A.options()),
+          mask[2] ? gB.to(B.scalar_type()) : at::empty({0}, B.options())};
+}
+
+// lora_linear: draws the dropout seed (a device tensor from the default generator: no host sync) when dropout
+// applies, then runs lora_linear_dropout, whose autograd saves the seed instead of a dropped copy of x.
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p, bool training) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", dropout_p);
+  const bool drop = training && dropout_p > 0.0;
+  const auto opts = x.options().dtype(at::kLong);
+  const at::Tensor seed = drop ? at::randint(std::numeric_limits<int64_t>::max(), {1}, opts) : at::empty({0}, opts);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("peftcore::lora_linear_dropout", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, double, double, const at::Tensor&)>();
+  return op.call(x, weight, bias, A, B, scale, drop ? dropout_p : 0.0, seed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
@@ -470,6 +638,11 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("lora_shrink_backward", &lora_shrink_backward_cpu);
   m.impl("lora_expand", &lora_expand_cpu);
   m.impl("lora_expand_backward", &lora_expand_backward_cpu);
+  m.impl("lora_linear_dropout", &lora_linear_dropout_cpu);
+  m.impl("lora_linear_dropout_backward", &lora_linear_dropout_backward_cpu);
 }
+
+// Composite: autograd and every backend come from lora_linear_dropout.
+TORCH_LIBRARY_IMPL(peftcore, CompositeImplicitAutograd, m) { m.impl("lora_linear", &lora_linear); }
 
 }  // namespace peftcore::lora

@@ -38,8 +38,8 @@ from ._common import check_float, dtype_name, refuse_double_backward, register_a
 
 _lib = torch.ops.peftcore
 
-__all__ = ["lora_multi_linear", "lora_multi_linear_backward", "lora_shrink", "lora_shrink_backward", "lora_expand",
-           "lora_expand_backward", "pack_adapters"]
+__all__ = ["lora_linear", "lora_multi_linear", "lora_multi_linear_backward", "lora_shrink", "lora_shrink_backward",
+           "lora_expand", "lora_expand_backward", "pack_adapters"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,6 +82,15 @@ def lora_expand_backward(grad_out, h, b_packed, offsets, scales, token_adapter, 
     adapter columns)."""
     return _lib.lora_expand_backward(grad_out, h, b_packed, offsets, scales, token_adapter, token_weight,
                                      list(output_mask))
+
+
+def lora_linear(x, weight, bias, A, B, scale: float, dropout_p: float = 0.0, training: bool = False):
+    """One LoRA adapter on a frozen linear, fused: ``x Wᵀ + bias + scale · (drop(x) Aᵀ) Bᵀ``. ``drop`` is PEFT's
+    dropout on the adapter input (keep with probability ``1 - p``, scaled by ``1 / (1 - p)``) when ``training``;
+    ``training=False`` ignores ``dropout_p`` exactly. The mask is a hash of a seed drawn from torch's default
+    generator and the element index, so the backward regenerates it: no dropped copy of ``x`` is kept.
+    Differentiable in ``x``, ``A``, ``B``."""
+    return _lib.lora_linear(x, weight, bias, A, B, float(scale), float(dropout_p), bool(training))
 
 
 def pack_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], scales: Sequence[float]):
@@ -276,6 +285,58 @@ def _(grad_out, h, b_packed, offsets, scales, token_adapter, token_weight, outpu
             else empty(token_weight if token_weight is not None else h))
 
 
+def _check_single(op, x, weight, A, B):
+    check_float(op, "x", x)
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [out, in], got shape {list(weight.shape)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight has dtype {dtype_name(weight.dtype)} but x has "
+                                                  f"{dtype_name(x.dtype)}")
+    torch._check(A.dim() == 2 and A.shape[1] == weight.shape[1],
+                 lambda: f"{op}: A must be [r, {weight.shape[1]}], got shape {list(A.shape)}")
+    torch._check(B.dim() == 2 and B.shape[0] == weight.shape[0] and B.shape[1] == A.shape[0],
+                 lambda: f"{op}: B must be [{weight.shape[0]}, {A.shape[0]}] (out, r), got shape {list(B.shape)}")
+    for name, t in (("A", A), ("B", B)):
+        torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} has dtype {dtype_name(t.dtype)} but x has "
+                                                 f"{dtype_name(x.dtype)}")
+    same_device(op, x, weight=weight, A=A, B=B)
+
+
+def _check_dropout(op, p, seed):
+    torch._check(0.0 <= p < 1.0, lambda: f"{op}: dropout_p must be in [0, 1), got {p}")
+    if p > 0:
+        torch._check(seed.dtype == torch.int64 and seed.numel() == 1,
+                     lambda: f"{op}: seed must be one int64 element when dropout_p > 0, got {dtype_name(seed.dtype)} "
+                             f"of shape {list(seed.shape)}")
+
+
+@torch.library.register_fake("peftcore::lora_linear_dropout")
+def _(x, weight, bias, A, B, scale, dropout_p, seed):
+    op = "lora_linear"
+    _check_single(op, x, weight, A, B)
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias has dtype {dtype_name(bias.dtype)} but x has "
+                                                    f"{dtype_name(x.dtype)}")
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    _check_dropout(op, dropout_p, seed)
+    _tokens(op, "x", x, weight.shape[1])
+    return x.new_empty(with_last(x, weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::lora_linear_dropout_backward")
+def _(grad_out, x, weight, A, B, scale, dropout_p, seed, output_mask):
+    op = "lora_linear_backward"
+    _check_single(op, x, weight, A, B)
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out has dtype {dtype_name(grad_out.dtype)} but x "
+                                                    f"has {dtype_name(x.dtype)}")
+    _check_dropout(op, dropout_p, seed)
+    T = _tokens(op, "x", x, weight.shape[1])
+    torch._check(_tokens(op, "grad_out", grad_out, weight.shape[0]) == T,
+                 lambda: f"{op}: grad_out must have x's {T} tokens, got shape {list(grad_out.shape)}")
+    empty = lambda t: t.new_empty((0,))  # noqa: E731
+    return (x.new_empty(x.shape) if output_mask[0] else empty(x), A.new_empty(A.shape) if output_mask[1] else empty(A),
+            B.new_empty(B.shape) if output_mask[2] else empty(B))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd. Every backward calls peftcore ops, so it traces under torch.compile too. The integer / float32
 # bookkeeping inputs (offsets, scales, token_adapter) and the frozen weight and bias get no gradient.
@@ -345,3 +406,22 @@ def _expand_backward(ctx, grad):
 
 register_autograd("peftcore::lora_expand", _expand_backward, setup_context=_expand_setup)
 refuse_double_backward("lora_expand_backward", "lora_expand")
+
+
+def _single_setup(ctx, inputs, output):
+    x, weight, bias, A, B, scale, dropout_p, seed = inputs
+    _frozen("lora_linear", weight=weight, bias=bias)
+    ctx.scale, ctx.p = scale, dropout_p
+    ctx.save_for_backward(x, weight, A, B, seed)
+
+
+def _single_backward(ctx, grad):
+    x, weight, A, B, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[3], n[4]]
+    gx, gA, gB = _lib.lora_linear_dropout_backward(grad.contiguous(), x, weight, A, B, ctx.scale, ctx.p, seed, mask)
+    return (gx if mask[0] else None, None, None, gA if mask[1] else None, gB if mask[2] else None, None, None, None)
+
+
+register_autograd("peftcore::lora_linear_dropout", _single_backward, setup_context=_single_setup)
+refuse_double_backward("lora_linear_dropout_backward", "lora_linear")
