@@ -168,7 +168,7 @@ class MultiLoraLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, ranks, alphas=None, names=None, use_rslora: bool = False,
-                 default: Optional[int] = None):
+                 default: Optional[int] = None, gate_top_k: int = 0):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MultiLoraLinear: base must be nn.Linear, got {type(base).__name__}")
@@ -199,6 +199,13 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("scales", sc)
         self.default = default
         self._batch = None  # (token_adapter, token_weight) set by adapter_batch
+        # MeteoRA: a trainable gate (in -> N logits) picks each token's top-k adapters, weighted by the softmax of
+        # their logits; gradients reach the gate through token_weight. Used when gate_top_k > 0 and no adapter_batch.
+        self.gate_top_k = int(gate_top_k)
+        if self.gate_top_k:
+            if not 1 <= self.gate_top_k <= len(ranks):
+                raise ValueError(f"MultiLoraLinear: gate_top_k must be in [1, {len(ranks)}], got {gate_top_k}")
+            self.gate = nn.Linear(base.in_features, len(ranks), bias=False, device=dev, dtype=dt)
 
     def adapter(self, i):
         """``(A_i, B_i)`` views of adapter ``i`` (index or name) in the packed parameters."""
@@ -212,6 +219,10 @@ class MultiLoraLinear(nn.Module):
             ta, tw = self._batch
             ta = _expand_to_tokens(ta, x, T)
             tw = _expand_to_tokens(tw, x, T) if tw is not None else None
+        elif self.gate_top_k:
+            logits = self.gate(x.reshape(-1, x.shape[-1]))
+            top, ta = logits.topk(self.gate_top_k, dim=-1)
+            tw = torch.softmax(top, dim=-1)
         elif self.default is not None:
             ta, tw = torch.full((T,), int(self.default), dtype=torch.int64, device=x.device), None
         else:
@@ -234,9 +245,10 @@ def _expand_to_tokens(t, x, T):
     return t.repeat_interleave(T // B, 0)
 
 
-def apply_multi_lora(model: nn.Module, target_modules, ranks, alphas=None, names=None, use_rslora=False):
+def apply_multi_lora(model: nn.Module, target_modules, ranks, alphas=None, names=None, use_rslora=False,
+                     gate_top_k: int = 0):
     """Replace every ``nn.Linear`` whose name ends with one of ``target_modules`` by a :class:`MultiLoraLinear` with
-    these adapters (in place); returns the model."""
+    these adapters (in place; ``gate_top_k > 0`` adds a MeteoRA gate to each); returns the model."""
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and any(n == t or n.endswith("." + t) for t in targets)]
@@ -244,7 +256,8 @@ def apply_multi_lora(model: nn.Module, target_modules, ranks, alphas=None, names
         raise ValueError(f"apply_multi_lora: no nn.Linear named {targets} in the model")
     for name, m in found:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], MultiLoraLinear(m, ranks, alphas, names, use_rslora))
+        setattr(parent, name.rsplit(".", 1)[-1], MultiLoraLinear(m, ranks, alphas, names, use_rslora,
+                                                                 gate_top_k=gate_top_k))
     return model
 
 
