@@ -319,20 +319,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
                   : (token_weight.has_value() ? none(*token_weight) : none(x))};
 }
 
+// Checks shared by lora_shrink and its backward (values included); x2d: x as [T, in].
+Dims shrink_dims(const char* op, const at::Tensor& x, const at::Tensor& a_packed, const at::Tensor& offsets,
+                 const at::Tensor& token_adapter, at::Tensor& x2d) {
+  check_cpu(op, "x", x);
+  TORCH_CHECK(a_packed.dim() == 2, op, ": a_packed must be 2-D [R, in], got shape ", a_packed.sizes());
+  Dims d;
+  d.in = a_packed.size(1);
+  x2d = flat_tokens(op, "x", x, d.in);
+  d.T = x2d.size(0);
+  check_packed(op, d, x, "x", &a_packed, nullptr, offsets, nullptr);
+  check_tokens(op, d, x, "x", token_adapter, std::nullopt);
+  validate_values(op, d, offsets, token_adapter);
+  return d;
+}
+
 // h: token_adapter's shape + [R] (h[t, j, offsets[i] + m] = x[t] . A_i[m] for i = token_adapter[t, j], zero in
 // every other column and for slots without an adapter).
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& a_packed, const at::Tensor& offsets,
                            const at::Tensor& token_adapter) {
   constexpr const char* op = "lora_shrink";
-  check_cpu(op, "x", x);
-  TORCH_CHECK(a_packed.dim() == 2, op, ": a_packed must be 2-D [R, in], got shape ", a_packed.sizes());
-  Dims d;
-  d.in = a_packed.size(1);
-  const auto x2d = flat_tokens(op, "x", x, d.in);
-  d.T = x2d.size(0);
-  check_packed(op, d, x, "x", &a_packed, nullptr, offsets, nullptr);
-  check_tokens(op, d, x, "x", token_adapter, std::nullopt);
-  validate_values(op, d, offsets, token_adapter);
+  at::Tensor x2d;
+  const Dims d = shrink_dims(op, x, a_packed, offsets, token_adapter, x2d);
   const auto g = group_pairs(d, offsets, token_adapter);
   const auto acc = acc_type(x.scalar_type());
   auto h = at::zeros({d.T * d.k, d.R}, x.options());
@@ -351,21 +359,14 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& a_packed, const at::Tensor& offsets,
                                                             const at::Tensor& token_adapter, std::array<bool, 2> mask) {
   constexpr const char* op = "lora_shrink_backward";
-  check_cpu(op, "x", x);
-  TORCH_CHECK(a_packed.dim() == 2, op, ": a_packed must be 2-D [R, in], got shape ", a_packed.sizes());
-  Dims d;
-  d.in = a_packed.size(1);
-  const auto x2d = flat_tokens(op, "x", x, d.in);
-  d.T = x2d.size(0);
-  check_packed(op, d, x, "x", &a_packed, nullptr, offsets, nullptr);
-  check_tokens(op, d, x, "x", token_adapter, std::nullopt);
+  at::Tensor x2d;
+  const Dims d = shrink_dims(op, x, a_packed, offsets, token_adapter, x2d);
   check_same_dtype(op, "grad_h", grad_h, x, "x");
   check_same_device(op, "grad_h", grad_h, x, "x");
   std::vector<int64_t> hshape(token_adapter.sizes().begin(), token_adapter.sizes().end());
   hshape.push_back(d.R);
   TORCH_CHECK(grad_h.sizes() == at::IntArrayRef(hshape), op, ": grad_h must have shape ", at::IntArrayRef(hshape),
               ", got ", grad_h.sizes());
-  validate_values(op, d, offsets, token_adapter);
   const auto g = group_pairs(d, offsets, token_adapter);
   const auto acc = acc_type(x.scalar_type());
   const auto gh = grad_h.reshape({d.T * d.k, d.R});

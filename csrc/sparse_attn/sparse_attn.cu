@@ -31,39 +31,45 @@ using cuda_common::dispatch_dtype;
 
 bool supported_head_dim(int64_t D) { return D == 64 || D == 128 || D == 256; }
 
-int64_t smem_optin(int device) {
+namespace {
+
+// cudaDeviceGetAttribute(attr) of `device`, queried once per device and cached; `what` names it in errors.
+int cached_attribute(int device, cudaDeviceAttr attr, const char* what) {
   static std::mutex mu;
-  static std::vector<int64_t> cache;  // per device; -1 = not queried yet
+  static std::vector<std::vector<int>> cache;  // [attribute slot][device]; -1 = not queried yet
+  static std::vector<cudaDeviceAttr> slots;
   std::lock_guard<std::mutex> lock(mu);
   if (device < 0) throw std::runtime_error("peftcore sparse_attn CUDA: bad device index " + std::to_string(device));
-  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, -1);
-  if (cache[device] < 0) {
-    int v = 0;
-    const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("peftcore sparse_attn CUDA: cannot read the opt-in shared memory of device ") +
-                               std::to_string(device) + ": " + cudaGetErrorString(e));
-    cache[device] = v;
+  size_t slot = 0;
+  while (slot < slots.size() && slots[slot] != attr) ++slot;
+  if (slot == slots.size()) {
+    slots.push_back(attr);
+    cache.emplace_back();
   }
-  return cache[device];
+  auto& values = cache[slot];
+  if (values.size() <= static_cast<size_t>(device)) values.resize(device + 1, -1);
+  if (values[device] < 0) {
+    int v = 0;
+    const cudaError_t e = cudaDeviceGetAttribute(&v, attr, device);
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("peftcore sparse_attn CUDA: cannot read the ") + what + " of device " +
+                               std::to_string(device) + ": " + cudaGetErrorString(e));
+    values[device] = v;
+  }
+  return values[device];
+}
+
+}  // namespace
+
+int64_t smem_optin(int device) {
+  return cached_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin, "opt-in shared memory");
 }
 
 int compute_major(int device) {
-  static std::mutex mu;
-  static std::vector<int> cache;  // per device; -1 = not queried yet
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0) throw std::runtime_error("peftcore sparse_attn CUDA: bad device index " + std::to_string(device));
-  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, -1);
-  if (cache[device] < 0) {
-    int v = 0;
-    const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device);
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("peftcore sparse_attn CUDA: cannot read the compute capability of device ") +
-                               std::to_string(device) + ": " + cudaGetErrorString(e));
-    cache[device] = v;
-  }
-  return cache[device];
+  return cached_attribute(device, cudaDevAttrComputeCapabilityMajor, "compute capability");
 }
+
+int sm_count(int device) { return cached_attribute(device, cudaDevAttrMultiProcessorCount, "SM count"); }
 
 void forward(DType dtype, const Params& p, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) { forward_t<SA_TYPE(tag)>(p, stream); });

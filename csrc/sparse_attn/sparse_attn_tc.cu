@@ -125,23 +125,6 @@ void tc_build_tiles(const Params& p, cudaStream_t stream) { build_lists<false>(p
 
 void tc_build_tiles_t(const Params& p, cudaStream_t stream) { build_lists<true>(p, stream); }
 
-int sm_count(int device) {
-  static std::mutex mu;
-  static std::vector<int> cache;  // per device; -1 = not queried yet
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0) throw std::runtime_error("peftcore sparse_attn CUDA: bad device index " + std::to_string(device));
-  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, -1);
-  if (cache[device] < 0) {
-    int v = 0;
-    const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device);
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("peftcore sparse_attn CUDA: cannot read the SM count of device ") +
-                               std::to_string(device) + ": " + cudaGetErrorString(e));
-    cache[device] = v;
-  }
-  return cache[device];
-}
-
 void tc_forward(DType dtype, const Params& p, cudaStream_t stream) {
   if (!tc_compiled(dtype, p.D, p.tc_tile_m, p.tc_tile_n, p.tc_warps))
     throw std::runtime_error("peftcore sparse_attn CUDA: no tensor-core forward for head dim " + std::to_string(p.D) +

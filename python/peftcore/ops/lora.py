@@ -217,25 +217,26 @@ def _(grad_out, x, weight, a_packed, b_packed, offsets, scales, token_adapter, t
             else empty(token_weight if token_weight is not None else x))
 
 
-@torch.library.register_fake("peftcore::lora_shrink")
-def _(x, a_packed, offsets, token_adapter):
-    op = "lora_shrink"
+def _check_shrink(op, x, a_packed, offsets, token_adapter):
+    """The checks shared by lora_shrink and its backward; returns R."""
     check_float(op, "x", x)
     torch._check(a_packed.dim() == 2, lambda: f"{op}: a_packed must be 2-D [R, in], got shape {list(a_packed.shape)}")
     T = _tokens(op, "x", x, a_packed.shape[1])
     _, R = _check_packed(op, x, "x", a_packed, None, offsets, None, a_packed.shape[1])
     _check_tokens(op, x, "x", T, token_adapter, None)
+    return R
+
+
+@torch.library.register_fake("peftcore::lora_shrink")
+def _(x, a_packed, offsets, token_adapter):
+    R = _check_shrink("lora_shrink", x, a_packed, offsets, token_adapter)
     return x.new_empty((*token_adapter.shape, R))
 
 
 @torch.library.register_fake("peftcore::lora_shrink_backward")
 def _(grad_h, x, a_packed, offsets, token_adapter, output_mask):
     op = "lora_shrink_backward"
-    check_float(op, "x", x)
-    torch._check(a_packed.dim() == 2, lambda: f"{op}: a_packed must be 2-D [R, in], got shape {list(a_packed.shape)}")
-    T = _tokens(op, "x", x, a_packed.shape[1])
-    _, R = _check_packed(op, x, "x", a_packed, None, offsets, None, a_packed.shape[1])
-    _check_tokens(op, x, "x", T, token_adapter, None)
+    R = _check_shrink(op, x, a_packed, offsets, token_adapter)
     torch._check(grad_h.dtype == x.dtype, lambda: f"{op}: grad_h has dtype {dtype_name(grad_h.dtype)} but x has "
                                                   f"{dtype_name(x.dtype)}")
     same_device(op, x, grad_h=grad_h)
