@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import peftcore  # noqa: F401
 from peftcore.ops import lora as lo
-from peftcore.testing import OpCase, Sample, check_double_backward_refused, check_errors_isolated, op_test_suite
+from peftcore.testing import (OpCase, Sample, assert_close_to_reference, check_double_backward_refused,
+                              check_errors_isolated, op_test_suite)
 
 ops = torch.ops.peftcore
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -510,3 +511,26 @@ def test_lora_linear_keeps_no_dropped_copy():
     assert all(t.data_ptr() == x.data_ptr() for t in big), [tuple(t.shape) for t in big]
     y.sum().backward()
     assert x.grad is not None and A.grad is not None
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_cpu_token_and_group_paths_agree(dtype, monkeypatch):
+    """lora_multi_linear's CPU forward has two paths (token loop for small groups, GEMMs per adapter group otherwise,
+    PEFTCORE_LORA_CPU_PATH forces one): both against the reference on every sample, and the auto choice per sample."""
+    for gated in (False, True):
+        for s in multi_samples("cpu", dtype, False, gated=gated):
+            ref_hi = ref_multi_linear(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                        for a in s.args])
+            ref_lo = ref_multi_linear(*s.args)
+            outs = {}
+            for path in ("tokens", "groups"):
+                monkeypatch.setenv("PEFTCORE_LORA_CPU_PATH", path)
+                outs[path] = ops.lora_multi_linear(*s.args)
+                assert_close_to_reference(outs[path], ref_hi, ref_lo if dtype != torch.float64 else None, dtype,
+                                          f"{path} {s.name} {dtype}", None)
+            monkeypatch.setenv("PEFTCORE_LORA_CPU_PATH", "auto")
+            auto = ops.lora_multi_linear(*s.args)
+            assert torch.equal(auto, outs["tokens"]) or torch.equal(auto, outs["groups"])
+    monkeypatch.setenv("PEFTCORE_LORA_CPU_PATH", "fast")
+    with pytest.raises(RuntimeError, match=r'lora_multi_linear: PEFTCORE_LORA_CPU_PATH must be auto, tokens or groups, got "fast"'):
+        ops.lora_multi_linear(*next(iter(multi_samples("cpu", torch.float32, False))).args)
