@@ -9,7 +9,9 @@ step), float32, side by side in one run, every ratio against the frozen linear (
   (g) frozen_linear       — x Wᵀ + b alone.
 Cases: decode (32 requests x 1 token, 32 adapters r=16; 64 x 1, 64 adapters r=8; 32 x 1 over ranks 8..64), prefill
 (8 requests x 128 tokens, 8 adapters r=16), MeteoRA (k=2 adapters per token with gate weights), and a training step
-with 8 adapters in one batch (gradients into x and the adapters) against one LoRA's training step. Peak memory per
+with 8 adapters in one batch (gradients into x and the adapters) against one LoRA's training step. Plus the pieces:
+lora_shrink / lora_expand alone against the gather-einsum halves (decode), and lora_linear (one adapter, PEFT's
+dropout, training step and forward) and the seeded lora_linear_dropout against plain torch LoRA with F.dropout. Peak memory per
 call too. Baselines from tests/test_lora.py where they exist (one reference, not two).
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_lora.py [--quick].
@@ -21,7 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import compare, forward_only, peak_memory, train_step
+from common import compare, forward_only, op_rows, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import lora as lo
@@ -130,7 +132,51 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                              peak_mb=peak_memory(fns[name], device) / 2 ** 20, device=device))
         if case.startswith("prefill"):
             rows += _train_rows(case, d, x, W, bias, As, Bs, scales, a, b, off, sc, ta, device, rounds)
+        if case.startswith("decode 32 x"):
+            rows += _piece_rows(f"{case} d={d} T={T}", x, Apad, Bpad, a, b, off, sc, ta, device, rounds)
+    rows += _single_rows(device, quick, rounds)
     return rows
+
+
+def _piece_rows(case, x, Apad, Bpad, a, b, off, sc, ta, device, rounds):
+    """lora_shrink / lora_expand alone (a server that owns the base GEMM) against vLLM's gather-einsum halves."""
+    h = lo.lora_shrink(x, a, off, ta)
+    hg = torch.einsum("td,trd->tr", x, Apad[ta])
+    pairs = {"lora_shrink": (lambda: lo.lora_shrink(x, a, off, ta),
+                             lambda: torch.einsum("td,trd->tr", x, Apad[ta]), "gather_einsum"),
+             "lora_expand": (lambda: lo.lora_expand(h, b, off, sc, ta),
+                             lambda: 2.0 * torch.einsum("tr,tor->to", hg, Bpad[ta]), "gather_einsum")}
+    return op_rows("lora", case, pairs, device, rounds)
+
+
+def _single_rows(device, quick, rounds):
+    """lora_linear (one adapter, fused, PEFT's dropout p=0.1 in training) against plain torch LoRA with F.dropout:
+    training step (gradients into x, A, B) and eval forward; lora_linear_dropout (the seeded op) alone."""
+    d, T, r = (1024, 256, 16) if quick else (4096, 1024, 16)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(T, d, generator=gen).requires_grad_(True)
+    W, bias = torch.randn(d, d, generator=gen) * d ** -0.5, torch.zeros(d)
+    A = (torch.randn(r, d, generator=gen) * d ** -0.5).requires_grad_(True)
+    B = (torch.randn(d, r, generator=gen) * 0.1).requires_grad_(True)
+    g = torch.randn(T, d, generator=gen)
+    ours = lambda: lo.lora_linear(x, W, bias, A, B, 2.0, 0.1, training=True)  # noqa: E731
+    torch_lora = lambda: F.linear(x, W, bias) + 2.0 * (F.dropout(x, 0.1, True) @ A.t()) @ B.t()  # noqa: E731
+    fns = {("lora_linear", "train_step"): train_step(ours, (x, A, B), g),
+           ("torch_lora_dropout", "train_step"): train_step(torch_lora, (x, A, B), g),
+           ("lora_linear", "forward"): forward_only(lambda: lo.lora_linear(x, W, bias, A, B, 2.0, 0.1)),
+           ("torch_lora_dropout", "forward"): forward_only(lambda: F.linear(x, W, bias) + 2.0 * (x @ A.t()) @ B.t())}
+    times = compare(fns, device, rounds=min(rounds, 5))
+    case = f"one adapter r={r} d={d} T={T} dropout 0.1"
+    rows = [dict(family="lora", op="lora_linear", case=case, method=name, density="", mode=mode, ms=t * 1e3,
+                 ratio=t / times[("torch_lora_dropout", mode)], ratio_to="torch_lora_dropout",
+                 peak_mb=peak_memory(fns[(name, mode)], device) / 2 ** 20, device=device)
+            for (name, mode), t in times.items()]
+    seed = torch.tensor([7])
+    xd, Ad, Bd = x.detach(), A.detach(), B.detach()
+    pairs = {"lora_linear_dropout": (lambda: torch.ops.peftcore.lora_linear_dropout(xd, W, bias, Ad, Bd, 2.0, 0.1, seed),
+                                     lambda: F.linear(xd, W, bias) + 2.0 * (F.dropout(xd, 0.1, True) @ Ad.t()) @ Bd.t(),
+                                     "torch_lora_dropout")}
+    return rows + op_rows("lora", case, pairs, device, rounds)
 
 
 def _train_rows(case, d, x, W, bias, As, Bs, scales, a, b, off, sc, ta, device, rounds):
