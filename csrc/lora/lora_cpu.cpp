@@ -298,6 +298,24 @@ bool token_path(const Groups& g) {
   return used > 0 && static_cast<int64_t>(g.pairs.size()) < kTokenPathMaxGroup * used;
 }
 
+// The base-layer and packed-adapter checks shared by lora_multi_linear and its backward (`ref` is x or grad_out,
+// whose dtype and device the others must have); x2d: x as [T, in].
+Dims linear_dims(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& x,
+                 const at::Tensor& weight, const at::Tensor& a_packed, const at::Tensor& b_packed,
+                 const at::Tensor& offsets, const at::Tensor& scales, at::Tensor& x2d) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_same_dtype(op, "weight", weight, ref, ref_name);
+  check_same_device(op, "weight", weight, ref, ref_name);
+  Dims d;
+  d.in = weight.size(1);
+  x2d = flat_tokens(op, "x", x, d.in);
+  d.T = x2d.size(0);
+  check_packed(op, d, ref, ref_name, &a_packed, &b_packed, offsets, &scales);
+  TORCH_CHECK(d.out == weight.size(0), op, ": b_packed must have ", weight.size(0),
+              " rows (weight's out_features), got shape ", b_packed.sizes());
+  return d;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 at::Tensor lora_multi_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -306,16 +324,8 @@ at::Tensor lora_multi_linear_cpu(const at::Tensor& x, const at::Tensor& weight, 
                                  const std::optional<at::Tensor>& token_weight) {
   constexpr const char* op = "lora_multi_linear";
   check_cpu(op, "x", x);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
-  check_same_dtype(op, "weight", weight, x, "x");
-  check_same_device(op, "weight", weight, x, "x");
-  Dims d;
-  d.in = weight.size(1);
-  const auto x2d = flat_tokens(op, "x", x, d.in);
-  d.T = x2d.size(0);
-  check_packed(op, d, x, "x", &a_packed, &b_packed, offsets, &scales);
-  TORCH_CHECK(d.out == weight.size(0), op, ": b_packed must have ", weight.size(0),
-              " rows (weight's out_features), got shape ", b_packed.sizes());
+  at::Tensor x2d;
+  Dims d = linear_dims(op, x, "x", x, weight, a_packed, b_packed, offsets, scales, x2d);
   if (bias.has_value()) {
     check_same_dtype(op, "bias", *bias, x, "x");
     check_same_device(op, "bias", *bias, x, "x");
@@ -342,18 +352,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
   check_cpu(op, "grad_out", grad_out);
   check_same_dtype(op, "x", x, grad_out, "grad_out");
   check_same_device(op, "x", x, grad_out, "grad_out");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
-  check_same_dtype(op, "weight", weight, grad_out, "grad_out");
-  check_same_device(op, "weight", weight, grad_out, "grad_out");
-  Dims d;
-  d.in = weight.size(1);
-  const auto x2d = flat_tokens(op, "x", x, d.in);
-  d.T = x2d.size(0);
+  at::Tensor x2d;
+  Dims d = linear_dims(op, grad_out, "grad_out", x, weight, a_packed, b_packed, offsets, scales, x2d);
   const auto g2d = flat_tokens(op, "grad_out", grad_out, weight.size(0));
   TORCH_CHECK(g2d.size(0) == d.T, op, ": grad_out must have x's ", d.T, " tokens, got shape ", grad_out.sizes());
-  check_packed(op, d, grad_out, "grad_out", &a_packed, &b_packed, offsets, &scales);
-  TORCH_CHECK(d.out == weight.size(0), op, ": b_packed must have ", weight.size(0),
-              " rows (weight's out_features), got shape ", b_packed.sizes());
   check_tokens(op, d, x, "x", token_adapter, token_weight);
   TORCH_CHECK(!mask[3] || token_weight.has_value(), op,
               ": output_mask asks for grad_token_weight but token_weight is None");

@@ -68,8 +68,7 @@ def _token_adapter(x, names, adapter_names, active, device):
             raise ValueError(f"PeftcoreLoraLinear: adapter_names has {len(adapter_names)} entries but the input's batch "
                              f"dim is {lead[0] if lead else None}")
         ids = torch.tensor([names.index(a) if a in names else -1 for a in adapter_names], dtype=torch.int64)
-        per_sample = T // max(len(adapter_names), 1)
-        return ids.repeat_interleave(per_sample).to(device)
+        return _expand_to_tokens(ids, x, T).to(device)
     slots = [names.index(a) for a in active if a in names]
     return torch.tensor(slots, dtype=torch.int64).expand(T, len(slots)).contiguous().to(device)
 
