@@ -1,5 +1,5 @@
 """lora bench: many LoRA adapters over one frozen 4096 x 4096 linear in one batch (serving forward and training
-step), float32, side by side in one run, every ratio against the frozen linear (the floor):
+step), float32 on CPU (bfloat16 on CUDA), side by side in one run, every ratio against the frozen linear (the floor):
   (a) lora_multi_linear   — peftcore, packed adapters of any ranks;
   (b) one_lora            — one LoRA for every token in plain torch (what a single-adapter batch costs);
   (c) peft_mixed_batch    — HF PEFT's mixed-adapter batch, model(x, adapter_names=[...]) (loops over adapters);
@@ -40,9 +40,14 @@ def sizes(device: str, quick: bool):
     return cases[:2] + cases[3:4] if quick else cases
 
 
-def _adapters(d, ranks, gen):
-    As = [torch.randn(r, d, generator=gen) * d ** -0.5 for r in ranks]
-    Bs = [torch.randn(d, r, generator=gen) * r ** -0.5 for r in ranks]
+def _dtype(device: str):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _adapters(d, ranks, gen, device="cpu"):
+    dt = _dtype(device)
+    As = [(torch.randn(r, d, generator=gen) * d ** -0.5).to(device, dt) for r in ranks]
+    Bs = [(torch.randn(d, r, generator=gen) * r ** -0.5).to(device, dt) for r in ranks]
     return As, Bs, [2.0] * len(ranks)
 
 
@@ -65,22 +70,21 @@ def _peft_model(base, As, Bs, scales):
 
 
 def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
-    if device != "cpu":
-        print("bench_lora: CUDA kernels not written yet; CPU only")
-        return []
     rows = []
+    dt = _dtype(device)
+    tol = dict(atol=1e-3, rtol=1e-3) if dt == torch.float32 else dict(atol=1e-1, rtol=5e-2)
     for case, d, nreq, per, N, ranks, k in sizes(device, quick):
         gen = torch.Generator().manual_seed(0)
         T = nreq * per
-        lin = torch.nn.Linear(d, d)
+        lin = torch.nn.Linear(d, d).to(device, dt)
         W, bias = lin.weight.detach(), lin.bias.detach()
-        x = torch.randn(T, d, generator=gen)
-        As, Bs, scales = _adapters(d, ranks, gen)
+        x = torch.randn(T, d, generator=gen).to(device, dt)
+        As, Bs, scales = _adapters(d, ranks, gen, device)
         a, b, off, sc = lo.pack_adapters(As, Bs, scales)
-        req = torch.arange(nreq).repeat_interleave(per) % N  # request r uses adapter r % N, tokens contiguous
+        req = (torch.arange(nreq).repeat_interleave(per) % N).to(device)  # request r: adapter r % N, contiguous
         if k == 2:
             ta = torch.stack([req, (req + 1) % N], 1)
-            tw = torch.softmax(torch.randn(T, 2, generator=gen), 1)
+            tw = torch.softmax(torch.randn(T, 2, generator=gen), 1).to(device, dt)
         else:
             ta, tw = req, None
         ours = lambda: lo.lora_multi_linear(x, W, bias, a, b, off, sc, ta, tw)  # noqa: E731
@@ -111,7 +115,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                 return F.linear(x, W, bias) + 2.0 * torch.einsum("tr,tor->to", h, Bpad[ta])
             fns["gather_einsum"] = forward_only(gather_einsum)
             try:
-                model = _peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), As, Bs, scales)
+                model = _peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)).to(device, dt), As, Bs, scales)
                 model.base_model.model[0].base_layer.weight.data.copy_(W)
                 model.base_model.model[0].base_layer.bias.data.copy_(bias)
                 names = [f"ad{int(i)}" for i in ta]
@@ -122,7 +126,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
             ap, bp, offp, scp = lo.pack_adapters(list(Apad), list(Bpad), scales)
             fns["padded_ranks"] = forward_only(lambda: lo.lora_multi_linear(x, W, bias, ap, bp, offp, scp, ta, tw))
         with torch.no_grad():
-            torch.testing.assert_close(ours(), loop(), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(ours(), loop(), **tol)
         # prefill-sized calls take ~0.5 s each on 2 cores: fewer rounds keep the family within ~2 minutes
         times = compare(fns, device, rounds=rounds if T <= 256 else min(rounds, 5))
         base = times["frozen_linear"]
@@ -154,11 +158,13 @@ def _single_rows(device, quick, rounds):
     training step (gradients into x, A, B) and eval forward; lora_linear_dropout (the seeded op) alone."""
     d, T, r = (1024, 256, 16) if quick else (4096, 1024, 16)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(T, d, generator=gen).requires_grad_(True)
-    W, bias = torch.randn(d, d, generator=gen) * d ** -0.5, torch.zeros(d)
-    A = (torch.randn(r, d, generator=gen) * d ** -0.5).requires_grad_(True)
-    B = (torch.randn(d, r, generator=gen) * 0.1).requires_grad_(True)
-    g = torch.randn(T, d, generator=gen)
+    dt = _dtype(device)
+    on = lambda t: t.to(device, dt)  # noqa: E731
+    x = on(torch.randn(T, d, generator=gen)).requires_grad_(True)
+    W, bias = on(torch.randn(d, d, generator=gen) * d ** -0.5), on(torch.zeros(d))
+    A = on(torch.randn(r, d, generator=gen) * d ** -0.5).requires_grad_(True)
+    B = on(torch.randn(d, r, generator=gen) * 0.1).requires_grad_(True)
+    g = on(torch.randn(T, d, generator=gen))
     ours = lambda: lo.lora_linear(x, W, bias, A, B, 2.0, 0.1, training=True)  # noqa: E731
     torch_lora = lambda: F.linear(x, W, bias) + 2.0 * (F.dropout(x, 0.1, True) @ A.t()) @ B.t()  # noqa: E731
     fns = {("lora_linear", "train_step"): train_step(ours, (x, A, B), g),
@@ -171,7 +177,7 @@ def _single_rows(device, quick, rounds):
                  ratio=t / times[("torch_lora_dropout", mode)], ratio_to="torch_lora_dropout",
                  peak_mb=peak_memory(fns[(name, mode)], device) / 2 ** 20, device=device)
             for (name, mode), t in times.items()]
-    seed = torch.tensor([7])
+    seed = torch.tensor([7], device=device)
     xd, Ad, Bd = x.detach(), A.detach(), B.detach()
     pairs = {"lora_linear_dropout": (lambda: torch.ops.peftcore.lora_linear_dropout(xd, W, bias, Ad, Bd, 2.0, 0.1, seed),
                                      lambda: F.linear(xd, W, bias) + 2.0 * (F.dropout(xd, 0.1, True) @ Ad.t()) @ Bd.t(),
@@ -185,7 +191,7 @@ def _train_rows(case, d, x, W, bias, As, Bs, scales, a, b, off, sc, ta, device, 
     xg = x.clone().requires_grad_(True)
     ag, bg = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     A0, B0 = As[0].clone().requires_grad_(True), Bs[0].clone().requires_grad_(True)
-    g = torch.randn(x.shape[0], W.shape[0], generator=torch.Generator().manual_seed(1))
+    g = torch.randn(x.shape[0], W.shape[0], generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
     ours = lambda: lo.lora_multi_linear(xg, W, bias, ag, bg, off, sc, ta)  # noqa: E731
     one = lambda: F.linear(xg, W, bias) + 2.0 * ((xg @ A0.t()) @ B0.t())  # noqa: E731
     frozen = lambda: F.linear(xg, W, bias)  # noqa: E731

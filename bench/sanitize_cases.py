@@ -1,6 +1,6 @@
-"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal, sparse_attn, token_elim), on small shapes, for
-compute-sanitizer runs on a GPU machine (memcheck over everything; racecheck over the attention kernels:
-PEFTCORE_SANITIZE_ONLY=sparse_attn; PEFTCORE_SANITIZE_ONLY=sparse_delta or =structured for the others alone).
+"""Every CUDA op once (sparse_delta, miss, partial, blockdiag, orthogonal, sparse_attn, token_elim, lora), on small
+shapes, for compute-sanitizer runs on a GPU machine (memcheck over everything; racecheck over the attention kernels:
+PEFTCORE_SANITIZE_ONLY=sparse_attn; PEFTCORE_SANITIZE_ONLY=sparse_delta, =structured or =lora for the others alone).
 
 Covers float32 / float16 / bfloat16 activations, int32 / int64 indices, float32 and activation-dtype values,
 forward and backward ops, and shapes that reach each launch path: a few tokens (row/column chunk splits,
@@ -439,6 +439,54 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16) if _STRUCTURED else 
         torch.cuda.synchronize()
     q, k = rnd(2, 4, 200, 64, dtype=dtype, seed=32), rnd(2, 2, 200, 64, dtype=dtype, seed=33)
     vs_cpu("token_block_scores", ops.token_block_scores, (q, k, 64, True, None), dtype)
+
+# lora: every op on both CUDA paths (gathered; grouped tensor-core tiles for fp16 / bf16), tiles of 64 pairs with a
+# partial last one, rank 70 (two rank passes), in / out / R off the vector widths, k = 2, and malformed ids and
+# offsets (not checked on CUDA: skipped, never outside a buffer).
+_LORA = os.environ.get("PEFTCORE_SANITIZE_ONLY", "") in ("", "lora")
+for dtype in (torch.float32, torch.float16, torch.bfloat16) if _LORA else ():
+    for path in ("gathered", "grouped") if dtype != torch.float32 else ("gathered",):
+        os.environ["PEFTCORE_LORA_CUDA_PATH"] = path
+        for T, k, inf, out, ranks in [(70, 0, 40, 24, (3, 70, 5)), (9, 2, 64, 72, (8, 16)), (0, 0, 8, 8, (2,))]:
+            x, w = rnd(T, inf, dtype=dtype, seed=40), rnd(out, inf, dtype=dtype, seed=41, scale=0.2)
+            a = rnd(sum(ranks), inf, dtype=dtype, seed=42, scale=0.2)
+            b = rnd(out, sum(ranks), dtype=dtype, seed=43, scale=0.2)
+            off = torch.tensor([0, *ranks]).cumsum(0)
+            sc = torch.linspace(0.5, 1.5, len(ranks))
+            gen = torch.Generator().manual_seed(44)
+            ta = (torch.arange(T) * len(ranks) // max(T, 1)) if k == 0 else torch.randint(-1, len(ranks), (T, k),
+                                                                                             generator=gen)
+            tw = None if k == 0 else rnd(T, k, dtype=dtype, seed=45)
+            g = rnd(T, out, dtype=dtype, seed=46)
+            h = ops.lora_shrink(x.float(), a.float(), off, ta).to(dtype)
+            gh = rnd(*h.shape, dtype=dtype, seed=47)
+            name = f"lora[{path}] T={T} k={k}"
+            vs_cpu(f"lora_multi_linear {name}", ops.lora_multi_linear, (x, w, None, a, b, off, sc, ta, tw), dtype)
+            vs_cpu(f"lora_multi_linear_backward {name}", ops.lora_multi_linear_backward,
+                   (g, x, w, a, b, off, sc, ta, tw, [True, True, True, tw is not None]), dtype)
+            vs_cpu(f"lora_shrink {name}", ops.lora_shrink, (x, a, off, ta), dtype)
+            vs_cpu(f"lora_shrink_backward {name}", ops.lora_shrink_backward, (gh, x, a, off, ta, [True, True]), dtype)
+            vs_cpu(f"lora_expand {name}", ops.lora_expand, (h, b, off, sc, ta, tw, out), dtype)
+            vs_cpu(f"lora_expand_backward {name}", ops.lora_expand_backward,
+                   (g, h, b, off, sc, ta, tw, [True, True, tw is not None]), dtype)
+        if dev == "cuda":
+            x, w = rnd(80, 16, dtype=dtype).to(dev), rnd(8, 16, dtype=dtype).to(dev)
+            a, b = rnd(6, 16, dtype=dtype).to(dev), rnd(8, 6, dtype=dtype).to(dev)
+            bad_ta = torch.tensor([5, -3, 0, 1, 10**12] * 16, device=dev)
+            bad_off = torch.tensor([0, 2, 600], device=dev)
+            sc = torch.ones(2, device=dev)
+            ops.lora_multi_linear(x, w, None, a, b, bad_off, sc, bad_ta)
+            ops.lora_multi_linear_backward(x[:, :8].contiguous(), x, w, a, b, bad_off, sc, bad_ta, None,
+                                           [True, True, True, False])
+            torch.cuda.synchronize()
+    os.environ.pop("PEFTCORE_LORA_CUDA_PATH", None)
+    for T, inf, out, r in [(7, 24, 20, 4), (0, 8, 8, 2)]:
+        x, w = rnd(T, inf, dtype=dtype, seed=50), rnd(out, inf, dtype=dtype, seed=51, scale=0.2)
+        A, B = rnd(r, inf, dtype=dtype, seed=52), rnd(out, r, dtype=dtype, seed=53)
+        seed = torch.tensor([99])
+        vs_cpu(f"lora_linear_dropout T={T}", ops.lora_linear_dropout, (x, w, None, A, B, 1.5, 0.3, seed), dtype)
+        vs_cpu(f"lora_linear_dropout_backward T={T}", ops.lora_linear_dropout_backward,
+               (rnd(T, out, dtype=dtype, seed=54), x, w, A, B, 1.5, 0.3, seed, [True, True, True]), dtype)
 
 if dev == "cuda":
     torch.cuda.synchronize()

@@ -49,6 +49,9 @@ TORCH_LIBRARY(peftcore, m) {
   // ---- lora: many LoRA adapters over one frozen linear in one batch (layouts in lora/lora.h) ----
   // y = x W^T + bias + sum_j token_weight[t, j] * scales[i] * (x[t] A_i^T) B_i^T, i = token_adapter[t, j] (-1: none);
   // a_packed [R, in] / b_packed [out, R] hold every adapter's rows / columns at offsets [N+1]; scales [N] float32.
+  // Raises unless offsets start at 0, never decrease and end at R, and adapter ids are in [-1, N) (host sync:
+  // the CUDA ops never read values on the host; the CPU ops check on every call).
+  m.def("lora_validate(Tensor offsets, Tensor token_adapter, int R) -> ()");
   m.def("lora_multi_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a_packed, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight=None) -> Tensor");
   // Backward of lora_multi_linear (W and bias frozen): (grad_x, grad_a_packed, grad_b_packed, grad_token_weight).
   m.def("lora_multi_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor a_packed, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -213,9 +213,6 @@ CASES = [
     OpCase("lora_expand_backward", ops.lora_expand_backward, expand_backward_samples, ref_expand_backward,
            ALL_DTYPES),
 ]
-for _c in CASES:
-    _c.cuda = False  # CUDA kernels not written yet
-
 test_opcheck, test_reference, test_gradcheck, test_compile = op_test_suite(CASES)
 
 
@@ -456,14 +453,13 @@ def single_backward_samples(device, dtype, requires_grad, p=0.0):
 
 SINGLE_CASES = [
     OpCase("lora_linear_dropout(p=0)", ops.lora_linear_dropout, single_samples, ref_lora_linear_dropout, ALL_DTYPES,
-           grad_args=(0, 3, 4), cuda=False),
+           grad_args=(0, 3, 4)),
     OpCase("lora_linear_dropout(p=0.3)", ops.lora_linear_dropout, lambda d, t, r: single_samples(d, t, r, 0.3),
-           ref_lora_linear_dropout, ALL_DTYPES, grad_args=(0, 3, 4), cuda=False),
+           ref_lora_linear_dropout, ALL_DTYPES, grad_args=(0, 3, 4)),
     OpCase("lora_linear_dropout_backward", ops.lora_linear_dropout_backward, single_backward_samples,
-           ref_lora_linear_dropout_backward, ALL_DTYPES, cuda=False),
+           ref_lora_linear_dropout_backward, ALL_DTYPES),
     OpCase("lora_linear_dropout_backward(p=0.3)", ops.lora_linear_dropout_backward,
-           lambda d, t, r: single_backward_samples(d, t, r, 0.3), ref_lora_linear_dropout_backward, ALL_DTYPES,
-           cuda=False),
+           lambda d, t, r: single_backward_samples(d, t, r, 0.3), ref_lora_linear_dropout_backward, ALL_DTYPES),
 ]
 (test_single_opcheck, test_single_reference, test_single_gradcheck,
  test_single_compile) = op_test_suite(SINGLE_CASES)
@@ -534,3 +530,207 @@ def test_cpu_token_and_group_paths_agree(dtype, monkeypatch):
     monkeypatch.setenv("PEFTCORE_LORA_CPU_PATH", "fast")
     with pytest.raises(RuntimeError, match=r'lora_multi_linear: PEFTCORE_LORA_CPU_PATH must be auto, tokens or groups, got "fast"'):
         ops.lora_multi_linear(*next(iter(multi_samples("cpu", torch.float32, False))).args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lora_validate: the value checks the CUDA ops leave out (host sync), registered for every backend.
+
+
+def test_validate_accepts_and_refuses():
+    off = torch.tensor([0, 2, 2, 5])
+    lo.lora_validate(off, torch.tensor([[0, 2], [-1, 1]]), 5)
+    with pytest.raises(RuntimeError, match=r"lora_validate: token_adapter values must be in \[-1, N\) with N = 3.*got 3"):
+        lo.lora_validate(off, torch.tensor([0, 3]), 5)
+    with pytest.raises(RuntimeError, match=r"lora_validate: token_adapter values .* got -2"):
+        lo.lora_validate(off, torch.tensor([-2]), 5)
+    with pytest.raises(RuntimeError, match=r"lora_validate: offsets must end at R = 6"):
+        lo.lora_validate(off, torch.tensor([0]), 6)
+    with pytest.raises(RuntimeError, match=r"lora_validate: offsets must not decrease"):
+        lo.lora_validate(torch.tensor([0, 3, 2, 5]), torch.tensor([0]), 5)
+    with pytest.raises(RuntimeError, match=r"lora_validate: offsets must start at 0"):
+        lo.lora_validate(torch.tensor([1, 3]), torch.tensor([0]), 3)
+    with pytest.raises(RuntimeError, match=r"lora_validate: offsets must be 1-D int64"):
+        lo.lora_validate(torch.tensor([0.0, 3.0]), torch.tensor([0]), 3)
+    with pytest.raises(RuntimeError, match=r"lora_validate: token_adapter must be int64"):
+        lo.lora_validate(off, torch.tensor([0], dtype=torch.int32), 5)
+
+
+def test_validate_opcheck_and_compile():
+    off, ta = torch.tensor([0, 2, 5]), torch.tensor([0, 1, -1])
+    torch.library.opcheck(ops.lora_validate, (off, ta, 5))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(off, ta, x):
+        ops.lora_validate(off, ta, 5)
+        return x + 1
+
+    torch.testing.assert_close(f(off, ta, torch.zeros(2)), torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: both paths (gathered CUDA-core kernels; grouped tensor-core tiles for fp16 / bf16) against the CPU kernels,
+# across every tile and vector switch of lora_kernels.cuh / lora_tc.cu, bad values skipped without a sync, CUDA
+# graph capture, and the dropout mask equal to the CPU's.
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2, rtol=3e-2),
+        torch.bfloat16: dict(atol=2e-1, rtol=5e-2)}
+
+# (T, k, in, out, ranks, kind): crosses 64-pair tiles (several per adapter, a partial last one), ranks above 64 (two
+# rank passes of the grouped shrink, two K steps of its expand), in / out not multiples of 8 or 64 (scalar loads,
+# partial column tiles), R not a multiple of 8 (unaligned B rows), offsets not multiples of 8, k = 2, 1-D ids.
+CUDA_SHAPES = [
+    (300, 0, 136, 200, (16, 8, 24), "runs"),
+    (300, 0, 136, 200, (16, 8, 24), "scattered"),
+    (150, 0, 77, 67, (3, 70, 5), "runs"),
+    (129, 2, 64, 130, (8, 16, 64, 1), "repeat"),
+    (40, 0, 4096, 4096, (16,) * 8, "scattered"),
+    (7, 0, 24, 40, (2, 0, 9), "scattered"),
+]
+
+
+def _cuda_args(shape, dtype, seed):
+    T, k, in_f, out_f, ranks, kind = shape
+    x = _randn((T, in_f), dtype, "cpu", seed)
+    w = _randn((out_f, in_f), dtype, "cpu", seed + 1, in_f ** -0.5)
+    bias = _randn((out_f,), dtype, "cpu", seed + 2)
+    a, b, off, sc = _pack(ranks, in_f, out_f, dtype, "cpu", seed + 3)
+    ta = _adapters(T, k, len(ranks), kind, seed + 4)
+    tw = _randn(tuple(ta.shape), dtype, "cpu", seed + 5) if k else None
+    return x, w, bias, a, b, off, sc, ta, tw
+
+
+def _to(dev, *ts):
+    return tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in ts)
+
+
+@cuda_only
+@pytest.mark.parametrize("path", ["gathered", "grouped", "auto"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"T{s[0]}k{s[1]}in{s[2]}out{s[3]}{s[5]}")
+def test_cuda_paths_match_cpu(shape, dtype, path, monkeypatch):
+    if path == "grouped" and dtype == torch.float32:
+        pytest.skip("the grouped path is fp16 / bf16 (tensor cores)")
+    monkeypatch.setenv("PEFTCORE_LORA_CUDA_PATH", path)
+    args = _cuda_args(shape, dtype, 7)
+    x, w, bias, a, b, off, sc, ta, tw = args
+    want = ops.lora_multi_linear(*args)
+    got = ops.lora_multi_linear(*_to("cuda", *args))
+    torch.testing.assert_close(got.cpu(), want, **_TOL[dtype])
+    h_want = ops.lora_shrink(x, a, off, ta)
+    h_got = ops.lora_shrink(*_to("cuda", x, a, off, ta))
+    torch.testing.assert_close(h_got.cpu(), h_want, **_TOL[dtype])
+    d_want = ops.lora_expand(h_want, b, off, sc, ta, tw, b.shape[0])
+    d_got = ops.lora_expand(*_to("cuda", h_want, b, off, sc, ta, tw), b.shape[0])
+    torch.testing.assert_close(d_got.cpu(), d_want, **_TOL[dtype])
+    g = _randn((x.shape[0], w.shape[0]), dtype, "cpu", 99)
+    mask = [True, True, True, tw is not None]
+    gw = ops.lora_multi_linear_backward(g, x, w, a, b, off, sc, ta, tw, mask)
+    gg = ops.lora_multi_linear_backward(*_to("cuda", g, x, w, a, b, off, sc, ta, tw), mask)
+    for name, u, v in zip(("x", "a", "b", "tw"), gg, gw):
+        torch.testing.assert_close(u.cpu(), v, **_TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+    sw = ops.lora_shrink_backward(h_want, x, a, off, ta, [True, True])
+    sg = ops.lora_shrink_backward(*_to("cuda", h_want, x, a, off, ta), [True, True])
+    ew = ops.lora_expand_backward(g, h_want, b, off, sc, ta, tw, [True, True, tw is not None])
+    eg = ops.lora_expand_backward(*_to("cuda", g, h_want, b, off, sc, ta, tw), [True, True, tw is not None])
+    for u, v in list(zip(sg, sw)) + list(zip(eg, ew)):
+        torch.testing.assert_close(u.cpu(), v, **_TOL[dtype])
+
+
+@cuda_only
+@pytest.mark.parametrize("path", ["gathered", "grouped"])
+def test_cuda_unaligned_views(path, monkeypatch):
+    """x / a_packed / b_packed starting one element past a 16-byte boundary take the scalar loads."""
+    monkeypatch.setenv("PEFTCORE_LORA_CUDA_PATH", path)
+    x, w, bias, a, b, off, sc, ta, tw = _cuda_args((200, 0, 64, 72, (8, 16), "runs"), torch.float16, 3)
+    want = ops.lora_multi_linear(x, w, bias, a, b, off, sc, ta)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        v = buf[1:].view(t.shape)
+        v.copy_(t)
+        return v
+
+    got = ops.lora_multi_linear(shifted(x), w.cuda(), bias.cuda(), shifted(a), shifted(b), off.cuda(), sc.cuda(),
+                                ta.cuda())
+    torch.testing.assert_close(got.cpu(), want, **_TOL[torch.float16])
+
+
+@cuda_only
+@pytest.mark.parametrize("path", ["gathered", "grouped"])
+def test_cuda_bad_values_skipped_without_sync(path, monkeypatch):
+    """Ids outside [-1, N) and adapters whose offsets are out of range add nothing on CUDA (no host read, no
+    out-of-bounds access); lora_validate reports them."""
+    monkeypatch.setenv("PEFTCORE_LORA_CUDA_PATH", path)
+    x, w, bias, a, b, off, sc, ta, tw = _to("cuda", *_cuda_args((130, 0, 32, 24, (4, 8), "scattered"),
+                                                                  torch.float16, 5))
+    bad = ta.clone()
+    bad[::3] = 7
+    bad[1::5] = -9
+    y = ops.lora_multi_linear(x, w, bias, a, b, off, sc, bad)
+    ok = bad.where((bad >= -1) & (bad < 2), torch.full_like(bad, -1))
+    torch.testing.assert_close(y, ops.lora_multi_linear(x, w, bias, a, b, off, sc, ok))
+    bad_off = torch.tensor([0, 4, 99], device="cuda")  # adapter 1 reaches past R = 12
+    y = ops.lora_multi_linear(x, w, bias, a, b, bad_off, sc, ta)
+    only0 = ta.where(ta == 0, torch.full_like(ta, -1))
+    torch.testing.assert_close(y, ops.lora_multi_linear(x, w, bias, a, b, off, sc, only0))
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match=r"lora_validate: token_adapter values"):
+        lo.lora_validate(off, bad, a.shape[0])
+
+
+@cuda_only
+@pytest.mark.parametrize("path", ["gathered", "grouped"])
+def test_cuda_graph_capture_training_step(path, monkeypatch):
+    """Forward + backward inside one CUDA graph: no host sync anywhere (the pair sort included)."""
+    monkeypatch.setenv("PEFTCORE_LORA_CUDA_PATH", path)
+    x, w, bias, a, b, off, sc, ta, tw = _to("cuda", *_cuda_args((256, 0, 64, 48, (8, 16), "runs"), torch.bfloat16, 9))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def step():
+        a.grad = b.grad = None
+        y = ops.lora_multi_linear(x, w, bias, a, b, off, sc, ta)
+        y.float().square().sum().backward()
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ops.lora_multi_linear(*_to("cpu", x, w, bias, a.detach(), b.detach(), off, sc, ta))
+    torch.testing.assert_close(y.cpu(), want, **_TOL[torch.bfloat16])
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_dropout_mask_equals_cpu(dtype):
+    """The same seed drops the same elements on both backends (one hash, lora_dropout.h)."""
+    x, w, _, A, B = (_randn(s, dtype, "cpu", i) for i, s in enumerate([(70, 33), (20, 33), (20,), (4, 33), (20, 4)]))
+    seed = torch.tensor([4242])
+    want = ops.lora_linear_dropout(x, w, None, A, B, 2.0, 0.3, seed)
+    got = ops.lora_linear_dropout(*_to("cuda", x, w, None, A, B), 2.0, 0.3, seed.cuda())
+    torch.testing.assert_close(got.cpu(), want, **_TOL[dtype])
+    g = _randn((70, 20), dtype, "cpu", 9)
+    gw = ops.lora_linear_dropout_backward(g, x, w, A, B, 2.0, 0.3, seed, [True, True, True])
+    gg = ops.lora_linear_dropout_backward(*_to("cuda", g, x, w, A, B), 2.0, 0.3, seed.cuda(), [True, True, True])
+    for u, v in zip(gg, gw):
+        torch.testing.assert_close(u.cpu(), v, **_TOL[dtype])
+
+
+def test_cuda_path_env_refused_on_cpu_build_or_bad_value(monkeypatch):
+    """A bad PEFTCORE_LORA_CUDA_PATH is an error naming the op (checked where CUDA runs; on CPU the variable is not
+    read)."""
+    monkeypatch.setenv("PEFTCORE_LORA_CUDA_PATH", "fastest")
+    x, w, bias, a, b, off, sc, ta, tw = _cuda_args((4, 0, 8, 6, (2,), "runs"), torch.float32, 1)
+    ops.lora_multi_linear(x, w, bias, a, b, off, sc, ta)  # CPU: unaffected
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"lora_multi_linear: PEFTCORE_LORA_CUDA_PATH must be auto"):
+            ops.lora_multi_linear(*_to("cuda", x, w, bias, a, b, off, sc, ta))

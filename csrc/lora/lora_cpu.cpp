@@ -27,6 +27,7 @@
 
 #include "checks.h"
 #include "lora/lora.h"
+#include "lora/lora_dropout.h"
 
 namespace peftcore::lora {
 
@@ -100,6 +101,156 @@ void validate_values(const char* op, const Dims& d, const at::Tensor& offsets, c
   for (int64_t p = 0, n = ta.numel(); p < n; ++p)
     TORCH_CHECK(a[p] >= -1 && a[p] < d.N, op, ": token_adapter values must be in [-1, N) with N = ", d.N,
                 " adapters (-1: no adapter), got ", a[p], " at flat position ", p);
+}
+
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
+  s.back() = last;
+  return s;
+}
+
+at::Tensor flat_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
+  TORCH_CHECK(t.size(-1) == features, op, ": ", name, " must have last dim ", features, ", got shape ", t.sizes());
+  return t.reshape({-1, features}).contiguous();
+}
+
+// The base-layer and packed-adapter checks shared by lora_multi_linear and its backward (`ref` is x or grad_out,
+// whose dtype and device the others must have); x2d: x as [T, in].
+Dims linear_dims(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& x,
+                 const at::Tensor& weight, const at::Tensor& a_packed, const at::Tensor& b_packed,
+                 const at::Tensor& offsets, const at::Tensor& scales, at::Tensor& x2d) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_same_dtype(op, "weight", weight, ref, ref_name);
+  check_same_device(op, "weight", weight, ref, ref_name);
+  Dims d;
+  d.in = weight.size(1);
+  x2d = flat_tokens(op, "x", x, d.in);
+  d.T = x2d.size(0);
+  check_packed(op, d, ref, ref_name, &a_packed, &b_packed, offsets, &scales);
+  TORCH_CHECK(d.out == weight.size(0), op, ": b_packed must have ", weight.size(0),
+              " rows (weight's out_features), got shape ", b_packed.sizes());
+  return d;
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out) {
+  if (!bias.has_value()) return;
+  check_same_dtype(op, "bias", *bias, x, "x");
+  check_same_device(op, "bias", *bias, x, "x");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape [", out, "], got ",
+              bias->sizes());
+}
+
+Dims shrink_shapes(const char* op, const at::Tensor& x, const at::Tensor& a_packed, const at::Tensor& offsets,
+                   const at::Tensor& token_adapter, at::Tensor& x2d) {
+  TORCH_CHECK(a_packed.dim() == 2, op, ": a_packed must be 2-D [R, in], got shape ", a_packed.sizes());
+  Dims d;
+  d.in = a_packed.size(1);
+  x2d = flat_tokens(op, "x", x, d.in);
+  d.T = x2d.size(0);
+  check_packed(op, d, x, "x", &a_packed, nullptr, offsets, nullptr);
+  check_tokens(op, d, x, "x", token_adapter, std::nullopt);
+  return d;
+}
+
+Dims expand_shapes(const char* op, const at::Tensor& h, const at::Tensor& b_packed, const at::Tensor& offsets,
+                   const at::Tensor& scales, const at::Tensor& token_adapter,
+                   const std::optional<at::Tensor>& token_weight, int64_t out_features) {
+  Dims d;
+  TORCH_CHECK(token_adapter.dim() >= 1, op, ": token_adapter must be [T] or [T, k], got shape ",
+              token_adapter.sizes());
+  d.T = token_adapter.size(0);
+  check_packed(op, d, h, "h", nullptr, &b_packed, offsets, &scales);
+  TORCH_CHECK(out_features == d.out, op, ": out_features must equal b_packed.size(0) = ", d.out, ", got ",
+              out_features);
+  check_tokens(op, d, h, "h", token_adapter, token_weight);
+  std::vector<int64_t> hshape(token_adapter.sizes().begin(), token_adapter.sizes().end());
+  hshape.push_back(d.R);
+  TORCH_CHECK(h.sizes() == at::IntArrayRef(hshape), op, ": h must have shape ", at::IntArrayRef(hshape),
+              " (token_adapter's shape + [R]), got ", h.sizes());
+  return d;
+}
+
+void check_single_shapes(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_same_dtype(op, "weight", weight, x, x_name);
+  check_same_device(op, "weight", weight, x, x_name);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == weight.size(1), op, ": A must be [r, ", weight.size(1), "], got shape ",
+              A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == weight.size(0) && B.size(1) == A.size(0), op, ": B must be [",
+              weight.size(0), ", ", A.size(0), "] (out, r), got shape ", B.sizes());
+  check_same_dtype(op, "A", A, x, x_name);
+  check_same_dtype(op, "B", B, x, x_name);
+  check_same_device(op, "A", A, x, x_name);
+  check_same_device(op, "B", B, x, x_name);
+}
+
+uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(p * 16777216.0); }
+
+void check_dropout(const char* op, double p, const at::Tensor& seed, const at::Tensor& x) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  if (p == 0.0) return;
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+              ": seed must be one int64 element when dropout_p > 0, got ", seed.scalar_type(), " of shape ",
+              seed.sizes());
+  TORCH_CHECK(seed.device() == x.device() || seed.device().is_cpu(), op, ": seed must be on x's device (",
+              x.device(), ") or the CPU, got ", seed.device());
+}
+
+at::Tensor linear_dropout_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                                  double scale, const DropoutRows& drop, int64_t chunk) {
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const auto x2d = flat_tokens(op, "x", x, in);
+  const int64_t T = x2d.size(0);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto Aa = A.to(acc), Ba = B.to(acc);
+  auto h = at::empty({T, A.size(0)}, x2d.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < T; r0 += chunk) {
+    const int64_t n = std::min(chunk, T - r0);
+    auto hc = h.narrow(0, r0, n);
+    at::mm_out(hc, drop.dropped(x2d, r0, n, acc), Aa.t());
+  }
+  auto delta = h.mm(Ba.t()).mul_(scale);
+  auto y = at::linear(x2d, weight, bias);
+  if (y.scalar_type() == acc) y.add_(delta);
+  else y = y.to(acc).add_(delta).to(x.scalar_type());
+  return y.view(with_last(x, out));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_dropout_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, double scale, const DropoutRows& drop, std::array<bool, 3> mask, int64_t chunk) {
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const auto x2d = flat_tokens(op, "x", x, in);
+  const auto g2d = flat_tokens(op, "grad_out", grad_out, out);
+  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad_out must have x's ", x2d.size(0), " tokens, got shape ",
+              grad_out.sizes());
+  const int64_t T = x2d.size(0), r = A.size(0);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto Aa = A.to(acc), Ba = B.to(acc);
+  at::Tensor gx = mask[0] ? g2d.mm(weight).to(acc) : at::Tensor();
+  at::Tensor gA = mask[1] ? at::zeros({r, in}, x2d.options().dtype(acc)) : at::Tensor();
+  at::Tensor gB = mask[2] ? at::zeros({out, r}, x2d.options().dtype(acc)) : at::Tensor();
+  for (int64_t r0 = 0; r0 < T && (mask[0] || mask[1] || mask[2]); r0 += chunk) {
+    const int64_t n = std::min(chunk, T - r0);
+    const auto G = g2d.narrow(0, r0, n).to(acc);
+    const auto GB = G.mm(Ba).mul_(scale);  // [n, r]: dL/dh
+    if (mask[0]) {
+      auto gxd = GB.mm(Aa).contiguous();    // dL/d(dropped x)
+      drop.mask_(gxd, r0);                  // dL/dx = keep / (1 - p) * dL/d(dropped x): the mask regenerated
+      gx.narrow(0, r0, n).add_(gxd);
+    }
+    if (mask[1] || mask[2]) {
+      const auto xd = drop.dropped(x2d, r0, n, acc);
+      if (mask[1]) gA.add_(GB.t().mm(xd));
+      if (mask[2]) gB.add_(G.t().mm(xd.mm(Aa.t())).mul_(scale));
+    }
+  }
+  return {mask[0] ? gx.to(x.scalar_type()).view(x.sizes()) : at::empty({0}, x.options()),
+          mask[1] ? gA.to(A.scalar_type()) : at::empty({0}, A.options()),
+          mask[2] ? gB.to(B.scalar_type()) : at::empty({0}, B.options())};
 }
 
 namespace {
@@ -178,18 +329,6 @@ at::Tensor pair_weights(const std::optional<at::Tensor>& tw_flat, const Group& G
   return tw_flat->index_select(0, G.pairs).to(acc).mul_(static_cast<double>(scale));
 }
 
-std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
-  s.back() = last;
-  return s;
-}
-
-at::Tensor flat_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features) {
-  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
-  TORCH_CHECK(t.size(-1) == features, op, ": ", name, " must have last dim ", features, ", got shape ", t.sizes());
-  return t.reshape({-1, features}).contiguous();
-}
-
 void check_cpu(const char* op, const char* name, const at::Tensor& t) {
   check_float(op, name, t);
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", t.device());
@@ -205,11 +344,13 @@ const float* scale_ptr(const at::Tensor& scales, at::Tensor& holder) {
   return holder.const_data_ptr<float>();
 }
 
-// sum_j w * s * (x A^T) B^T for every token: [T, out] in the accumulation type.
-at::Tensor multi_delta(const Dims& d, const at::Tensor& x2d, const at::Tensor& a_packed, const at::Tensor& b_packed,
-                       const Groups& g, const at::Tensor& scales, const std::optional<at::Tensor>& tw) {
+// sum_j w * s * (x A^T) B^T for every token, added into `target` [T, out] (the accumulation type: a fresh zero
+// delta, or the output itself when it already has that dtype). A group whose tokens are one contiguous run adds its
+// GEMM straight into its rows (addmm_ on the view: no [n, out] temporary); others index_add a temporary.
+void multi_delta(const Dims& d, const at::Tensor& x2d, const at::Tensor& a_packed, const at::Tensor& b_packed,
+                 const Groups& g, const at::Tensor& scales, const std::optional<at::Tensor>& tw,
+                 const at::Tensor& target) {
   const auto acc = acc_type(x2d.scalar_type());
-  auto delta = at::zeros({d.T, d.out}, x2d.options().dtype(acc));
   at::Tensor sh;
   const float* s = scale_ptr(scales, sh);
   for (int64_t i = 0; i < d.N; ++i) {
@@ -218,9 +359,9 @@ at::Tensor multi_delta(const Dims& d, const at::Tensor& x2d, const at::Tensor& a
     const auto A = a_packed.narrow(0, G.off, G.r).to(acc);  // [r, in]
     const auto B = b_packed.narrow(1, G.off, G.r).to(acc);  // [out, r]
     const auto H = rows(x2d, G, acc).mm(A.t()).mul_(pair_weights(tw, G, s[i], acc).unsqueeze(1));
-    add_rows(delta, G, H.mm(B.t()));
+    if (G.run) target.narrow(0, G.first_token, G.n).addmm_(H, B.t());
+    else target.index_add_(0, G.tokens, H.mm(B.t()));
   }
-  return delta;
 }
 
 // The same sum token by token, for small groups (decode: one token per request, scattered adapters). A group of a
@@ -298,24 +439,6 @@ bool token_path(const Groups& g) {
   return used > 0 && static_cast<int64_t>(g.pairs.size()) < kTokenPathMaxGroup * used;
 }
 
-// The base-layer and packed-adapter checks shared by lora_multi_linear and its backward (`ref` is x or grad_out,
-// whose dtype and device the others must have); x2d: x as [T, in].
-Dims linear_dims(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& x,
-                 const at::Tensor& weight, const at::Tensor& a_packed, const at::Tensor& b_packed,
-                 const at::Tensor& offsets, const at::Tensor& scales, at::Tensor& x2d) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
-  check_same_dtype(op, "weight", weight, ref, ref_name);
-  check_same_device(op, "weight", weight, ref, ref_name);
-  Dims d;
-  d.in = weight.size(1);
-  x2d = flat_tokens(op, "x", x, d.in);
-  d.T = x2d.size(0);
-  check_packed(op, d, ref, ref_name, &a_packed, &b_packed, offsets, &scales);
-  TORCH_CHECK(d.out == weight.size(0), op, ": b_packed must have ", weight.size(0),
-              " rows (weight's out_features), got shape ", b_packed.sizes());
-  return d;
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 
 at::Tensor lora_multi_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -326,21 +449,24 @@ at::Tensor lora_multi_linear_cpu(const at::Tensor& x, const at::Tensor& weight, 
   check_cpu(op, "x", x);
   at::Tensor x2d;
   Dims d = linear_dims(op, x, "x", x, weight, a_packed, b_packed, offsets, scales, x2d);
-  if (bias.has_value()) {
-    check_same_dtype(op, "bias", *bias, x, "x");
-    check_same_device(op, "bias", *bias, x, "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d.out, op, ": bias must have shape [", d.out, "], got ",
-                bias->sizes());
-  }
+  check_bias(op, bias, x, d.out);
   check_tokens(op, d, x, "x", token_adapter, token_weight);
   validate_values(op, d, offsets, token_adapter);
   const auto g = group_pairs(d, offsets, token_adapter);
   auto y = at::linear(x2d, weight, bias);
-  const auto delta = token_path(g) ? multi_delta_tokens(d, x2d, a_packed, b_packed, offsets, scales, token_adapter,
-                                                        flat_weight(token_weight))
-                                   : multi_delta(d, x2d, a_packed, b_packed, g, scales, flat_weight(token_weight));
-  if (y.scalar_type() == delta.scalar_type()) y.add_(delta);
-  else y = y.to(delta.scalar_type()).add_(delta).to(x.scalar_type());
+  const auto acc = acc_type(x.scalar_type());
+  if (token_path(g)) {
+    const auto delta = multi_delta_tokens(d, x2d, a_packed, b_packed, offsets, scales, token_adapter,
+                                          flat_weight(token_weight));
+    if (y.scalar_type() == acc) y.add_(delta);
+    else y = y.to(acc).add_(delta).to(x.scalar_type());
+  } else if (y.scalar_type() == acc) {
+    multi_delta(d, x2d, a_packed, b_packed, g, scales, flat_weight(token_weight), y);
+  } else {
+    auto y32 = y.to(acc);
+    multi_delta(d, x2d, a_packed, b_packed, g, scales, flat_weight(token_weight), y32);
+    y = y32.to(x.scalar_type());
+  }
   return y.view(with_last(x, d.out));
 }
 
@@ -403,13 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
 Dims shrink_dims(const char* op, const at::Tensor& x, const at::Tensor& a_packed, const at::Tensor& offsets,
                  const at::Tensor& token_adapter, at::Tensor& x2d) {
   check_cpu(op, "x", x);
-  TORCH_CHECK(a_packed.dim() == 2, op, ": a_packed must be 2-D [R, in], got shape ", a_packed.sizes());
-  Dims d;
-  d.in = a_packed.size(1);
-  x2d = flat_tokens(op, "x", x, d.in);
-  d.T = x2d.size(0);
-  check_packed(op, d, x, "x", &a_packed, nullptr, offsets, nullptr);
-  check_tokens(op, d, x, "x", token_adapter, std::nullopt);
+  const Dims d = shrink_shapes(op, x, a_packed, offsets, token_adapter, x2d);
   validate_values(op, d, offsets, token_adapter);
   return d;
 }
@@ -463,23 +583,12 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cpu(const at::Tensor& gr
           mask[1] ? ga.to(a_packed.scalar_type()) : at::empty({0}, a_packed.options())};
 }
 
-// Checks shared by lora_expand and its backward; h [*token_adapter.shape, R].
+// Checks shared by lora_expand and its backward (values included); h [*token_adapter.shape, R].
 Dims expand_dims(const char* op, const at::Tensor& h, const at::Tensor& b_packed, const at::Tensor& offsets,
                  const at::Tensor& scales, const at::Tensor& token_adapter,
                  const std::optional<at::Tensor>& token_weight, int64_t out_features) {
   check_cpu(op, "h", h);
-  Dims d;
-  TORCH_CHECK(token_adapter.dim() >= 1, op, ": token_adapter must be [T] or [T, k], got shape ",
-              token_adapter.sizes());
-  d.T = token_adapter.size(0);
-  check_packed(op, d, h, "h", nullptr, &b_packed, offsets, &scales);
-  TORCH_CHECK(out_features == d.out, op, ": out_features must equal b_packed.size(0) = ", d.out, ", got ",
-              out_features);
-  check_tokens(op, d, h, "h", token_adapter, token_weight);
-  std::vector<int64_t> hshape(token_adapter.sizes().begin(), token_adapter.sizes().end());
-  hshape.push_back(d.R);
-  TORCH_CHECK(h.sizes() == at::IntArrayRef(hshape), op, ": h must have shape ", at::IntArrayRef(hshape),
-              " (token_adapter's shape + [R]), got ", h.sizes());
+  const Dims d = expand_shapes(op, h, b_packed, offsets, scales, token_adapter, token_weight, out_features);
   validate_values(op, d, offsets, token_adapter);
   return d;
 }
@@ -551,20 +660,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_backward_cpu(
 
 // ---------------------------------------------------------------------------------------------------------------
 // One adapter, fused: y = x W^T + bias + scale * (drop(x) A^T) B^T, drop(x) = x * keep / (1 - p).
-// The dropout mask is a counter-based hash of (seed, flat element index), so the backward regenerates it instead of
-// keeping a dropped copy of x: both passes walk the tokens in chunks of kChunk rows, building the chunk's dropped
-// rows in a temporary that is freed at the end of the chunk.
+// The dropout mask is a counter-based hash of (seed, flat element index) (lora_dropout.h), so the backward
+// regenerates it instead of keeping a dropped copy of x: both passes walk the tokens in chunks of rows, building
+// the chunk's dropped rows in a temporary that is freed at the end of the chunk. The chunk loop is shared with the
+// CUDA glue (lora.h: linear_dropout_forward / _backward); each backend brings its mask kernel.
 
 constexpr int64_t kChunk = 256;
-
-// splitmix64 of the element's counter: uniform 64 bits; keep iff the top 24 bits / 2^24 >= p.
-inline bool keep_element(uint64_t seed, uint64_t e, uint32_t threshold) {
-  uint64_t z = seed + (e + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<uint32_t>(z >> 40) >= threshold;
-}
 
 struct Dropout {
   bool active = false;
@@ -573,21 +674,17 @@ struct Dropout {
   double inv_keep = 1.0;
 };
 
-Dropout dropout_of(const char* op, double p, const at::Tensor& seed) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+Dropout dropout_of(double p, const at::Tensor& seed) {
   Dropout d;
   if (p == 0.0) return d;
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
-              ": seed must be one int64 element when dropout_p > 0, got ", seed.scalar_type(), " of shape ",
-              seed.sizes());
   d.active = true;
   d.seed = static_cast<uint64_t>(seed.to(at::kCPU).item<int64_t>());
-  d.threshold = static_cast<uint32_t>(p * 16777216.0);
+  d.threshold = dropout_threshold(p);
   d.inv_keep = 1.0 / (1.0 - p);
   return d;
 }
 
-// rows *= keep / (1 - p) in place, rows [n, in] contiguous being rows r0 .. r0+n of the [T, in] input.
+// rows *= keep / (1 - p) in place, rows [n, in] contiguous (accumulation type) being rows r0 .. r0+n of the input.
 void apply_dropout_(const at::Tensor& rows, int64_t r0, const Dropout& d) {
   if (!d.active) return;
   const int64_t n = rows.size(0), in = rows.size(1);
@@ -605,27 +702,21 @@ void apply_dropout_(const at::Tensor& rows, int64_t r0, const Dropout& d) {
   });
 }
 
-// Rows r0 .. r0+n of x2d in the accumulation type (a copy), dropped when d.active.
-at::Tensor dropped_rows(const at::Tensor& x2d, int64_t r0, int64_t n, const Dropout& d, at::ScalarType acc) {
-  auto xs = x2d.narrow(0, r0, n).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  apply_dropout_(xs, r0, d);
-  return xs;
+DropoutRows cpu_dropout_rows(const Dropout& d) {
+  DropoutRows f;
+  f.dropped = [d](const at::Tensor& x2d, int64_t r0, int64_t n, at::ScalarType acc) {
+    auto xs = x2d.narrow(0, r0, n).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    apply_dropout_(xs, r0, d);
+    return xs;
+  };
+  f.mask_ = [d](const at::Tensor& rows, int64_t r0) { apply_dropout_(rows, r0, d); };
+  return f;
 }
 
 void check_single(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
                   const at::Tensor& A, const at::Tensor& B) {
   check_cpu(op, x_name, x);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
-  check_same_dtype(op, "weight", weight, x, x_name);
-  check_same_device(op, "weight", weight, x, x_name);
-  TORCH_CHECK(A.dim() == 2 && A.size(1) == weight.size(1), op, ": A must be [r, ", weight.size(1), "], got shape ",
-              A.sizes());
-  TORCH_CHECK(B.dim() == 2 && B.size(0) == weight.size(0) && B.size(1) == A.size(0), op, ": B must be [",
-              weight.size(0), ", ", A.size(0), "] (out, r), got shape ", B.sizes());
-  check_same_dtype(op, "A", A, x, x_name);
-  check_same_dtype(op, "B", B, x, x_name);
-  check_same_device(op, "A", A, x, x_name);
-  check_same_device(op, "B", B, x, x_name);
+  check_single_shapes(op, x_name, x, weight, A, B);
 }
 
 at::Tensor lora_linear_dropout_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -633,28 +724,10 @@ at::Tensor lora_linear_dropout_cpu(const at::Tensor& x, const at::Tensor& weight
                                    const at::Tensor& seed) {
   constexpr const char* op = "lora_linear";
   check_single(op, "x", x, weight, A, B);
-  if (bias.has_value()) {
-    check_same_dtype(op, "bias", *bias, x, "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [", weight.size(0),
-                "], got ", bias->sizes());
-  }
-  const Dropout d = dropout_of(op, dropout_p, seed);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const auto x2d = flat_tokens(op, "x", x, in);
-  const int64_t T = x2d.size(0);
-  const auto acc = acc_type(x.scalar_type());
-  const auto Aa = A.to(acc), Ba = B.to(acc);
-  auto h = at::empty({T, A.size(0)}, x2d.options().dtype(acc));
-  for (int64_t r0 = 0; r0 < T; r0 += kChunk) {
-    const int64_t n = std::min(kChunk, T - r0);
-    auto hc = h.narrow(0, r0, n);
-    at::mm_out(hc, dropped_rows(x2d, r0, n, d, acc), Aa.t());
-  }
-  auto delta = h.mm(Ba.t()).mul_(scale);
-  auto y = at::linear(x2d, weight, bias);
-  if (y.scalar_type() == acc) y.add_(delta);
-  else y = y.to(acc).add_(delta).to(x.scalar_type());
-  return y.view(with_last(x, out));
+  check_bias(op, bias, x, weight.size(0));
+  check_dropout(op, dropout_p, seed, x);
+  return linear_dropout_forward(op, x, weight, bias, A, B, scale, cpu_dropout_rows(dropout_of(dropout_p, seed)),
+                                kChunk);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_dropout_backward_cpu(
@@ -663,36 +736,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_dropout_backward_cpu(
   constexpr const char* op = "lora_linear_backward";
   check_single(op, "x", x, weight, A, B);
   check_same_dtype(op, "grad_out", grad_out, x, "x");
-  const Dropout d = dropout_of(op, dropout_p, seed);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const auto x2d = flat_tokens(op, "x", x, in);
-  const auto g2d = flat_tokens(op, "grad_out", grad_out, out);
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), op, ": grad_out must have x's ", x2d.size(0), " tokens, got shape ",
-              grad_out.sizes());
-  const int64_t T = x2d.size(0), r = A.size(0);
-  const auto acc = acc_type(x.scalar_type());
-  const auto Aa = A.to(acc), Ba = B.to(acc);
-  at::Tensor gx = mask[0] ? g2d.mm(weight).to(acc) : at::Tensor();
-  at::Tensor gA = mask[1] ? at::zeros({r, in}, x2d.options().dtype(acc)) : at::Tensor();
-  at::Tensor gB = mask[2] ? at::zeros({out, r}, x2d.options().dtype(acc)) : at::Tensor();
-  for (int64_t r0 = 0; r0 < T && (mask[0] || mask[1] || mask[2]); r0 += kChunk) {
-    const int64_t n = std::min(kChunk, T - r0);
-    const auto G = g2d.narrow(0, r0, n).to(acc);
-    const auto GB = G.mm(Ba).mul_(scale);  // [n, r]: dL/dh
-    if (mask[0]) {
-      auto gxd = GB.mm(Aa).contiguous();    // dL/d(dropped x)
-      apply_dropout_(gxd, r0, d);           // dL/dx = keep / (1 - p) * dL/d(dropped x): the mask regenerated
-      gx.narrow(0, r0, n).add_(gxd);
-    }
-    if (mask[1] || mask[2]) {
-      const auto xd = dropped_rows(x2d, r0, n, d, acc);
-      if (mask[1]) gA.add_(GB.t().mm(xd));
-      if (mask[2]) gB.add_(G.t().mm(xd.mm(Aa.t())).mul_(scale));
-    }
-  }
-  return {mask[0] ? gx.to(x.scalar_type()).view(x.sizes()) : at::empty({0}, x.options()),
-          mask[1] ? gA.to(A.scalar_type()) : at::empty({0}, A.options()),
-          mask[2] ? gB.to(B.scalar_type()) : at::empty({0}, B.options())};
+  check_same_device(op, "grad_out", grad_out, x, "x");
+  check_dropout(op, dropout_p, seed, x);
+  return linear_dropout_backward(op, grad_out, x, weight, A, B, scale,
+                                 cpu_dropout_rows(dropout_of(dropout_p, seed)), mask, kChunk);
 }
 
 // lora_linear: draws the dropout seed (a device tensor from the default generator: no host sync) when dropout
@@ -710,7 +757,24 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   return op.call(x, weight, bias, A, B, scale, drop ? dropout_p : 0.0, seed);
 }
 
+void lora_validate_impl(const at::Tensor& offsets, const at::Tensor& token_adapter, int64_t R) {
+  constexpr const char* op = "lora_validate";
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) >= 1, op,
+              ": offsets must be 1-D int64 with N+1 >= 1 entries, got ", offsets.scalar_type(), " of shape ",
+              offsets.sizes());
+  TORCH_CHECK(token_adapter.scalar_type() == at::kLong, op, ": token_adapter must be int64, got ",
+              token_adapter.scalar_type());
+  TORCH_CHECK(R >= 0, op, ": R must be >= 0, got ", R);
+  Dims d;
+  d.N = offsets.size(0) - 1;
+  d.R = R;
+  validate_values(op, d, offsets, token_adapter);
+}
+
 }  // namespace
+
+// Validation is device independent (reads the values on the host), so it is registered once for every backend.
+TORCH_LIBRARY_IMPL(peftcore, CompositeExplicitAutograd, m) { m.impl("lora_validate", &lora_validate_impl); }
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("lora_multi_linear", &lora_multi_linear_cpu);

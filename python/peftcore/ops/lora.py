@@ -24,8 +24,25 @@ GEMMs on its group — decode batches (scattered adapters, one token each: Punic
 ``B_i`` is read once per call, never copied per token. Math in float32 for half types (float64 for float64).
 Values are checked on every CPU call (offsets, adapter ids in ``[-1, N)``).
 
-Dtypes: float32, float16, bfloat16 and float64 (CPU). CUDA kernels: not yet written (the ops raise PyTorch's
-"no kernel for CUDA" error there).
+CUDA kernels (not yet verified on a GPU: compiled for sm_80 / sm_90, no spills): no host sync anywhere, so every op
+can be captured in a CUDA graph. Two paths, chosen from shapes alone (``PEFTCORE_LORA_CUDA_PATH=auto|gathered|
+grouped`` forces one):
+
+* gathered (decode, any pair order; Punica's BGMV): the shrink runs one CTA per (token, slot) pair, a warp per rank
+  row reducing ``x[t] · A_i[m]`` with 16-byte loads; the expand one thread per (token, output column) summing the
+  token's slots over ``B_i``'s row (16-byte loads when aligned). Every pair reads its adapter's bytes once.
+* grouped (prefill; SGMV): the pairs are sorted by adapter on the device (a stable sort and a searchsorted), cut in
+  tiles of 64 pairs of one adapter, and both halves run on tensor cores (CuTe, ``mma.sync`` m16n8k16, fp32
+  accumulation): ``X_tile · A_iᵀ`` and ``H_tile · B_iᵀ``, so an adapter's ``A_i`` / ``B_i`` is read once per 64
+  pairs. float16 / bfloat16 only; taken when ``T · k >= 16 N``. With ``k > 1`` the expand stays gathered.
+
+The backward is shared by both paths: gathered kernels for the gradients of ``x`` and of ``token_weight``, and
+per-adapter reductions over the sorted pairs for those of ``a_packed`` / ``b_packed`` (deterministic, no atomics).
+``lora_linear`` runs cuBLAS GEMMs in row chunks with the dropout mask regenerated on the device (the same hash as
+the CPU, so the same seed drops the same elements). Values are never read on the host on CUDA: a slot whose id is
+outside ``[-1, N)`` or whose adapter's offsets are out of range adds nothing; :func:`lora_validate` checks them.
+
+Dtypes: float32, float16, bfloat16 and float64 (CPU only).
 """
 from __future__ import annotations
 
@@ -39,7 +56,7 @@ from ._common import check_float, dtype_name, refuse_double_backward, register_a
 _lib = torch.ops.peftcore
 
 __all__ = ["lora_linear", "lora_multi_linear", "lora_multi_linear_backward", "lora_shrink", "lora_shrink_backward",
-           "lora_expand", "lora_expand_backward", "pack_adapters"]
+           "lora_expand", "lora_expand_backward", "lora_validate", "pack_adapters"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +110,14 @@ def lora_linear(x, weight, bias, A, B, scale: float, dropout_p: float = 0.0, tra
     return _lib.lora_linear(x, weight, bias, A, B, float(scale), float(dropout_p), bool(training))
 
 
+def lora_validate(offsets, token_adapter, R: int) -> None:
+    """Raise unless ``offsets`` starts at 0, never decreases and ends at ``R``, and every ``token_adapter`` id is in
+    ``[-1, N)``. The CUDA ops never read these values on the host (no sync, CUDA-graph capturable): a slot whose
+    adapter id or offsets are invalid adds nothing there. This is their check; it syncs on CUDA: call it when the
+    adapters are packed and when a batch's ids come from an untrusted source, not in every step."""
+    _lib.lora_validate(offsets, token_adapter, int(R))
+
+
 def pack_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], scales: Sequence[float]):
     """``(a_packed, b_packed, offsets, scales)`` from per-adapter ``A_i [r_i, in]``, ``B_i [out, r_i]`` and scales
     (copies; ranks may differ and may be 0)."""
@@ -111,6 +136,18 @@ def pack_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], scales
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fake kernels (shapes and dtypes only) for torch.compile / meta tensors; the checks and messages of lora_cpu.cpp.
+
+
+@torch.library.register_fake("peftcore::lora_validate")
+def _(offsets, token_adapter, R):
+    op = "lora_validate"
+    torch._check(offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.shape[0] >= 1,
+                 lambda: f"{op}: offsets must be 1-D int64 with N+1 >= 1 entries, got {dtype_name(offsets.dtype)} of "
+                         f"shape {list(offsets.shape)}")
+    torch._check(token_adapter.dtype == torch.int64,
+                 lambda: f"{op}: token_adapter must be int64, got {dtype_name(token_adapter.dtype)}")
+    torch._check(R >= 0, lambda: f"{op}: R must be >= 0, got {R}")
+    return None
 
 
 def _check_packed(op, ref, ref_name, a_packed, b_packed, offsets, scales, in_features=None):
