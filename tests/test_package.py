@@ -1,4 +1,5 @@
-"""The package surface outside the ops: list_ops names every op of the namespace."""
+"""The package surface outside the ops: list_ops names every op of the namespace, and an extension built against
+another torch is refused at import with a message naming both versions."""
 import os
 import re
 import subprocess
@@ -40,3 +41,24 @@ def test_list_ops_before_any_lookup():
     listed, looked_up = map(int, out.stdout.split())
     assert listed == len(_schemas()) and looked_up < listed
 
+
+def test_recorded_torch_version_is_the_extension_s():
+    from peftcore import _build_torch
+    assert _build_torch.TORCH_VERSION == peftcore._C.torch_version() == peftcore.build_info()["torch_built"]
+    assert _build_torch.TORCH_VERSION == str(torch.__version__)
+
+
+def test_import_with_another_torch_says_so():
+    """A torch other than the one built against: ImportError naming both versions, before _C is loaded."""
+    code = ("import sys, torch; torch.__version__ = '0.0.1+other'\n"
+            "try:\n    import peftcore\nexcept ImportError as e:\n"
+            "    print('loaded _C' if 'peftcore._C' in sys.modules else 'no _C'); print(e)\n"
+            "else:\n    print('imported')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, msg = out.stdout.split("\n", 1)
+    assert first == "no _C", out.stdout
+    built = peftcore._C.torch_version()
+    assert f"built against torch {built}, found torch 0.0.1+other" in msg
+    assert "works only with the torch it was built against" in msg
+    assert "scripts/setup.sh" in msg and f"torch=={built.split('+')[0]}" in msg
