@@ -164,6 +164,10 @@ def test_bash_parser():
 @pytest.mark.parametrize("block", BASH, ids=_id)
 def test_bash_block_names_what_exists(block):
     path, line, _, code, _ = block
+    _check_bash(f"{path}:{line}", code)
+
+
+def _check_bash(where, code):
     for cmd in bash_commands(code):
         words = list(cmd)
         while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):  # VAR=value before the program
@@ -172,11 +176,23 @@ def test_bash_block_names_what_exists(block):
             continue
         prog = words[0]
         assert prog in PROGRAMS or os.path.isfile(os.path.join(ROOT, prog)), \
-            f"{path}:{line}: '{prog}' is neither a known program nor a file of the repository"
+            f"{where}: '{prog}' is neither a known program nor a file of the repository"
         for w in words:
             if "$" in w or w.startswith(GENERATED) or not REPO_PATH.search(w):
                 continue
-            assert os.path.exists(os.path.join(ROOT, w)), f"{path}:{line}: '{w}' does not exist in the repository"
+            assert os.path.exists(os.path.join(ROOT, w)), f"{where}: '{w}' does not exist in the repository"
+
+
+INLINE_COMMAND = re.compile(r"`((?:[A-Z_]+=\S+ )*(?:bash|python|\.venv/bin/python|pip) [^`]*)`")
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_inline_commands_name_what_exists(path):
+    """Commands quoted in the prose (`bash scripts/bench.sh --device cuda`, `python bench/run.py ...`) too."""
+    text = re.sub(r"```.*?```", "", _read(path), flags=re.S)
+    commands = INLINE_COMMAND.findall(text)
+    for command in commands:
+        _check_bash(f"{path} (`{command}`)", command + "\n")
 
 
 def _slug(heading):
@@ -216,3 +232,10 @@ def test_docs_speak_of_the_project_only():
     for path in DOCS:
         hits = [m.group(0) for m in words.finditer(_read(path))]
         assert not hits, f"{path}: {hits}"
+
+
+def test_bash_checker_refuses_what_does_not_exist():
+    _check_bash("ok", "PEFTCORE_CUDA=OFF bash scripts/setup.sh && .venv/bin/python bench/run.py --out bench/out\n")
+    for bad in ("python bench/missing.py\n", "bash scripts/nope.sh\n", "frobnicate --all\n"):
+        with pytest.raises(AssertionError):
+            _check_bash("bad", bad)
