@@ -25,9 +25,9 @@ def _read(path):
         return f.read()
 
 
-def code_blocks(path):
+def code_blocks(path, text=None):
     """(path, line, language, code, no-run reason or None) of every fenced block of a markdown file."""
-    out, lines, i = [], _read(path).split("\n"), 0
+    out, lines, i = [], (_read(path) if text is None else text).split("\n"), 0
     while i < len(lines):
         m = re.match(r"^(\s*)```(\w*)\s*$", lines[i])
         if not m:
@@ -81,6 +81,14 @@ def test_undefined_names_checker():
     assert undefined_names("import torch\ndef g(a):\n    return a + torch.ones(1) + c\nprint(g(1))\n") == ["c"]
     assert undefined_names("xs = [i * k for i in range(3)]\n") == ["k"]
     assert undefined_names("def f():\n    return 1\nclass C:\n    n = f()\nz = C.n\n") == []
+
+
+def test_code_blocks_and_no_run_markers():
+    md = ("text\n<!-- no-run: needs the SmolLM2 download -->\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n"
+          "- item\n\n  ```bash\n  bash scripts/test.sh\n  ```\n")
+    assert code_blocks("m.md", md) == [
+        ("m.md", 3, "python", "x = 1\n", "needs the SmolLM2 download"), ("m.md", 7, "python", "y = 2\n", None),
+        ("m.md", 12, "bash", "bash scripts/test.sh\n", None)]
 
 
 def test_docs_have_code():
