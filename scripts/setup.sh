@@ -29,12 +29,14 @@ if ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-g
 fi
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$PWD/$VENV/bin:$PATH"
-# Rebuild (incrementally, in build/) only when sources changed since the last install. The install is editable:
+# Rebuild (incrementally, in build/) only when sources or the installed torch changed since the last install (a
+# build works only with the torch it was built against). The install is editable:
 # Python files are used in place; C++/CUDA changes need this step. A lock keeps concurrent builds apart.
 exec 9>"${TMPDIR:-/tmp}/peftcore-setup.lock"
 flock 9
+torch_installed=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")
 src_hash=$( (find csrc CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 sha1sum; \
-             echo "${PEFTCORE_CUDA:-AUTO} ${PEFTCORE_CUDA_ARCHS:-80;90}") | sha1sum | cut -c1-16)
+             echo "${PEFTCORE_CUDA:-AUTO} ${PEFTCORE_CUDA_ARCHS:-80;90} torch $torch_installed") | sha1sum | cut -c1-16)
 if [ "$(cat "$VENV/.peftcore-build" 2>/dev/null)" != "$src_hash" ]; then
   echo "[setup] building peftcore (PEFTCORE_CUDA=${PEFTCORE_CUDA:-AUTO}, archs ${PEFTCORE_CUDA_ARCHS:-80;90})"
   "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \

@@ -6,7 +6,25 @@ so it works under ``torch.compile`` and CUDA graphs. ``peftcore.ops.<family>`` h
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # registers torch.ops.peftcore.*
+
+def _check_torch_version():
+    """The extension links against one torch's C++ libraries: refuse any other torch with a message saying so
+    (loading it anyway fails with a missing library or an undefined symbol, or worse)."""
+    try:
+        from ._build_torch import TORCH_VERSION as built
+    except ImportError:  # a build made before the version was recorded: nothing to compare
+        return
+    found = str(torch.__version__)
+    if built != found:
+        raise ImportError(
+            f"peftcore: the extension was built against torch {built}, found torch {found}; it works only with the "
+            f"torch it was built against: rebuild it in this environment (bash scripts/setup.sh, or pip install "
+            f"--no-build-isolation . from the source tree) or install torch=={built.split('+')[0]}")
+
+
+_check_torch_version()
+
+from . import _C  # noqa: E402  (registers torch.ops.peftcore.*)
 from . import ops  # noqa: F401  (fake kernels and autograd)
 from .ops.blockdiag import blockdiag_matmul, monarch_matmul, monarch_matmul_with_h  # noqa: F401
 from .ops.miss import miss_fold, miss_unfold  # noqa: F401

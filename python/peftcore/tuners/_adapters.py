@@ -299,7 +299,7 @@ def from_peft(peft_model: nn.Module, adapter: Optional[str] = None) -> nn.Module
     become their plain base layer, which is what PEFT runs there). Everything the conversion would not reproduce
     exactly is refused before anything changes: several active adapters, merged or disabled adapters, COFT,
     MiSS ``bat``, ``bias`` other than ``"none"``, ``modules_to_save``, PEFT layers other than OFT / BOFT / MiSS
-    ``Linear`` (see the README's table)."""
+    ``Linear`` (see the table in docs/blockdiag.md)."""
     from peft.tuners.boft.layer import Linear as PeftBOFT
     from peft.tuners.miss.layer import MissLinear as PeftMiss
     from peft.tuners.oft.layer import Linear as PeftOFT
