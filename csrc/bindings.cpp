@@ -52,6 +52,10 @@ TORCH_LIBRARY(peftcore, m) {
   // Raises unless offsets start at 0, never decrease and end at R, and adapter ids are in [-1, N) (host sync:
   // the CUDA ops never read values on the host; the CPU ops check on every call).
   m.def("lora_validate(Tensor offsets, Tensor token_adapter, int R) -> ()");
+  // The grouped CUDA kernels' tile schedule on the host (lora_tc_plan.h): [tiles, 5] int64 rows (adapter, column
+  // offset, rank, first sorted position, pairs) for pairs sorted by adapter with runs at starts [N+1], and the
+  // launch bound ceil(pairs / 64) + N it must fit. For tests.
+  m.def("lora_tc_tiles(Tensor offsets, Tensor starts, int R, int pairs) -> (Tensor, int)");
   m.def("lora_multi_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a_packed, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight=None) -> Tensor");
   // Backward of lora_multi_linear (W and bias frozen): (grad_x, grad_a_packed, grad_b_packed, grad_token_weight).
   m.def("lora_multi_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor a_packed, Tensor b_packed, Tensor offsets, Tensor scales, Tensor token_adapter, Tensor? token_weight, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -734,3 +734,42 @@ def test_cuda_path_env_refused_on_cpu_build_or_bad_value(monkeypatch):
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"lora_multi_linear: PEFTCORE_LORA_CUDA_PATH must be auto"):
             ops.lora_multi_linear(*_to("cuda", x, w, bias, a, b, off, sc, ta))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grouped CUDA kernels' tile schedule (lora_tc_plan.h), checked on the host through lora_tc_tiles: pairs sorted
+# by adapter as lora_cuda.cpp sorts them (stable sort + searchsorted), tiles of 64.
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tc_tile_schedule_covers_each_sorted_pair_once(seed):
+    g = torch.Generator().manual_seed(seed)
+    N = int(torch.randint(1, 12, (1,), generator=g))
+    ranks = torch.randint(0, 80, (N,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), ranks.cumsum(0)])
+    R = int(offsets[-1])
+    if seed % 3 == 2 and N > 1:  # an adapter whose offsets reach past R (invalid: no tile)
+        offsets[N] = R + 5
+    P = int(torch.randint(0, 700, (1,), generator=g))
+    ta = torch.randint(-2, N + 2, (P,), generator=g)  # ids outside [0, N) too: outside every run
+    values, _ = torch.sort(ta, stable=True)
+    starts = torch.searchsorted(values, torch.arange(N + 1))
+    tiles, bound = ops.lora_tc_tiles(offsets, starts, R, P)
+    assert tiles.shape[0] <= bound == (P + 63) // 64 + N
+    seen = []
+    for i, off, r, q0, n in tiles.tolist():
+        assert 1 <= n <= 64 and off == offsets[i] and r == offsets[i + 1] - offsets[i] and r > 0
+        assert off >= 0 and off + r <= R
+        seen += [(i, q) for q in range(q0, q0 + n)]
+    want = [(i, q) for i in range(N) for q in range(int(starts[i]), int(starts[i + 1]))
+            if 0 <= offsets[i] < offsets[i + 1] <= R]
+    assert seen == want  # adapter by adapter, each sorted position once, in order
+
+
+def test_tc_tile_schedule_partial_and_empty():
+    offsets = torch.tensor([0, 16, 16, 40])  # adapter 1 has rank 0
+    starts = torch.tensor([0, 130, 140, 140])  # adapter 0: 130 pairs (3 tiles), 1: 10 (rank 0: none), 2: none
+    tiles, bound = ops.lora_tc_tiles(offsets, starts, 40, 140)
+    assert tiles.tolist() == [[0, 0, 16, 0, 64], [0, 0, 16, 64, 64], [0, 0, 16, 128, 2]] and bound == 3 + 3
+    with pytest.raises(RuntimeError, match=r"lora_tc_tiles: starts must be int64 of offsets' shape"):
+        ops.lora_tc_tiles(offsets, starts[:3], 40, 140)

@@ -28,6 +28,7 @@
 #include "checks.h"
 #include "lora/lora.h"
 #include "lora/lora_dropout.h"
+#include "lora/lora_tc_plan.h"
 
 namespace peftcore::lora {
 
@@ -771,10 +772,35 @@ void lora_validate_impl(const at::Tensor& offsets, const at::Tensor& token_adapt
   validate_values(op, d, offsets, token_adapter);
 }
 
+std::tuple<at::Tensor, int64_t> lora_tc_tiles_impl(const at::Tensor& offsets, const at::Tensor& starts, int64_t R,
+                                                   int64_t pairs) {
+  constexpr const char* op = "lora_tc_tiles";
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) >= 1, op,
+              ": offsets must be 1-D int64 with N+1 >= 1 entries, got ", offsets.scalar_type(), " of shape ",
+              offsets.sizes());
+  TORCH_CHECK(starts.scalar_type() == at::kLong && starts.sizes() == offsets.sizes(), op,
+              ": starts must be int64 of offsets' shape ", offsets.sizes(), ", got ", starts.scalar_type(), " of shape ",
+              starts.sizes());
+  TORCH_CHECK(pairs >= 0, op, ": pairs must be >= 0, got ", pairs);
+  const auto off = offsets.to(at::kCPU).contiguous(), st = starts.to(at::kCPU).contiguous();
+  const int64_t N = offsets.size(0) - 1;
+  const int64_t bound = tc_plan::tiles_bound(pairs, N);
+  std::vector<int64_t> rows;
+  tc_plan::TileRef t{};
+  for (int64_t b = 0; tc_plan::find_tile(off.const_data_ptr<int64_t>(), st.const_data_ptr<int64_t>(), N, R, b, t); ++b)
+    rows.insert(rows.end(), {t.i, t.off, t.r, t.q0, t.n});
+  auto out = at::empty({static_cast<int64_t>(rows.size() / 5), 5}, at::kLong);
+  std::copy(rows.begin(), rows.end(), out.mutable_data_ptr<int64_t>());
+  return {out, bound};
+}
+
 }  // namespace
 
 // Validation is device independent (reads the values on the host), so it is registered once for every backend.
-TORCH_LIBRARY_IMPL(peftcore, CompositeExplicitAutograd, m) { m.impl("lora_validate", &lora_validate_impl); }
+TORCH_LIBRARY_IMPL(peftcore, CompositeExplicitAutograd, m) {
+  m.impl("lora_validate", &lora_validate_impl);
+  m.impl("lora_tc_tiles", &lora_tc_tiles_impl);
+}
 
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("lora_multi_linear", &lora_multi_linear_cpu);

@@ -5,7 +5,8 @@
 // Work. A tile is up to 64 pairs of one adapter (the sorted run perm[starts[i]:starts[i+1]] cut in 64s). The
 // grid is an upper bound on the tile count (sum_i ceil(n_i / 64) <= ceil(P / 64) + N, known from shapes only);
 // each CTA finds its (adapter, tile) by walking the adapters' run lengths (N reads, cached) and returns when
-// past the last tile, so nothing is read back on the host.
+// past the last tile, so nothing is read back on the host (lora_tc_plan.h, checked on the CPU through the
+// lora_tc_tiles op).
 //   shrink  C[64 pairs, 64 rank rows] = X_tile [64, in] . A_i[m0 .. m0+64, :]^T, K = in in steps of 64; X rows
 //           gathered through perm (a pair's token row), A_i rows contiguous. Ranks above 64 take several passes.
 //           Epilogue: h[p, off_i + m] = ws(p) * C (fp32) when weighted, else C.
@@ -28,6 +29,7 @@
 #include "cuda_common.cuh"
 #include "lora/lora_kernels.cuh"
 #include "lora/lora_launch.h"
+#include "lora/lora_tc_plan.h"
 
 #if PEFTCORE_HAS_CUTLASS
 #include <cute/tensor.hpp>  // first: the atom headers below rely on it
@@ -45,7 +47,7 @@ using namespace cute;
 using kernels::Adapter;
 using kernels::weight_of;
 
-constexpr int kTile = 64, kThreads = 128;
+constexpr int kTile = static_cast<int>(tc_plan::kTile), kThreads = 128;
 
 template <int kDType>
 struct ElementOf;
@@ -69,26 +71,11 @@ struct Traits {
   using Ldsm = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
 };
 
-// One tile of the sorted pairs: adapter i (packed columns off .. off + r), sorted positions q0 .. q0 + n.
-struct TileRef {
-  int64_t i, off, r, q0, n;
-};
+using tc_plan::TileRef;
 
 __device__ __forceinline__ bool find_tile(const Pairs& pr, const int64_t* __restrict__ starts, int64_t b,
                                           TileRef& t) {
-  for (int64_t i = 0; i < pr.N; ++i) {
-    const int64_t o0 = pr.offsets[i], o1 = pr.offsets[i + 1];
-    if (o0 < 0 || o1 > pr.R || o1 <= o0) continue;
-    const int64_t s0 = starts[i], n = starts[i + 1] - s0;
-    if (n <= 0) continue;
-    const int64_t tiles = (n + kTile - 1) / kTile;
-    if (b < tiles) {
-      t = TileRef{i, o0, o1 - o0, s0 + b * kTile, n - b * kTile < kTile ? n - b * kTile : kTile};
-      return true;
-    }
-    b -= tiles;
-  }
-  return false;
+  return tc_plan::find_tile(pr.offsets, starts, pr.N, pr.R, b, t);
 }
 
 // Row `row` of a staged tile: 8 elements per thread pass (64 rows x 8 chunks over 128 threads: 4 passes). `src`
@@ -263,8 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1) expand_grouped_kernel(const HT* _
 }
 
 unsigned tiles_bound(const Pairs& pr) {
-  const int64_t P = pr.T * pr.k;
-  const int64_t n = (P + kTile - 1) / kTile + pr.N;
+  const int64_t n = tc_plan::tiles_bound(pr.T * pr.k, pr.N);
   if (n > 0x7fffffffll) throw std::runtime_error("peftcore lora CUDA: too many tensor-core tiles");
   return static_cast<unsigned>(n);
 }
