@@ -17,7 +17,8 @@ from torch import nn
 
 from ._layer import FrozenLinearAdapter
 
-CONFIG_ATTR = "peftcore_adapter_config"
+CONFIG_ATTR = "peftcore_adapter_config"  # the last config applied
+CONFIGS_ATTR = "peftcore_adapter_configs"  # {peft_type: config}: one per structured method on the model
 FORMAT = "peftcore.adapter/2"
 FORMAT_V1 = "peftcore.adapter/1"  # no per-layer fields; still read
 
@@ -46,6 +47,19 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, FrozenLinearAdapter]
     for name, m in model.named_modules():
         if isinstance(m, classes):
             yield name, m
+
+
+def _configs_with(model: nn.Module, config) -> dict:
+    return {**getattr(model, CONFIGS_ATTR, {}), config.peft_type: config}
+
+
+def config_of(model: nn.Module, peft_type: str):
+    """The config of the ``peft_type`` layers of ``model`` (``None`` if none was recorded)."""
+    cfg = getattr(model, CONFIGS_ATTR, {}).get(peft_type)
+    if cfg is None:
+        cfg = getattr(model, CONFIG_ATTR, None)
+        cfg = cfg if getattr(cfg, "peft_type", None) == peft_type else None
+    return cfg
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -84,6 +98,7 @@ def apply_adapter(model: nn.Module, config) -> nn.Module:
         except ValueError as e:
             raise ValueError(f"{owner}: {name!r} [{lin.out_features}, {lin.in_features}]: {e}") from None
         _replace(model, name, layer)
+    setattr(model, CONFIGS_ATTR, _configs_with(model, config))
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -110,8 +125,9 @@ def unload_adapter(model: nn.Module, merge: bool = True) -> nn.Module:
         if merge and not layer.merged:
             layer.merge()
         _replace(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, CONFIGS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 
@@ -139,17 +155,19 @@ def _layer_fields(layer: FrozenLinearAdapter) -> dict:
     return {k: getattr(cfg, k) for k in LAYER_FIELDS.get(cfg.peft_type, ())}
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config=None) -> None:
-    """Write the adapters' parameters to a safetensors file (tensors ``"<module>.<param>"``); metadata ``format``
+def structured_file(model: nn.Module, config=None, peft_type: Optional[str] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the Monarch / OFT / BOFT / MiSS layers: what :func:`save_file` writes (and
+    ``peftcore.save_adapter`` puts in the directory): tensors ``"<module>.<param>"``; metadata ``format``
     (``peftcore.adapter/2``), ``peft_type``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and
     ``layers`` (json ``{module: {field: value}}``: each layer's own block size / rank / ... , so layers of
-    different sizes in one model load back exactly)."""
-    from safetensors.torch import save_file
-
+    different sizes in one model load back exactly). ``peft_type``: only the layers of that type (with their
+    config), when the model holds several types."""
+    if peft_type is not None:
+        config = config or config_of(model, peft_type)
     config = config or getattr(model, CONFIG_ATTR, None)
     if config is None:
         raise ValueError("save_adapter: no config on the model (apply_adapter / from_peft set one); pass config=")
-    layers = dict(adapter_layers(model))
+    layers = {n: m for n, m in adapter_layers(model) if peft_type is None or m.config_class.PEFT_TYPE == peft_type}
     if not layers:
         raise ValueError("save_adapter: the model has no peftcore adapter layer")
     if any(layer.merged for layer in layers.values()):
@@ -157,16 +175,27 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config=None) -
     other = sorted({type(m).__name__ for m in layers.values() if m.config_class.PEFT_TYPE != config.peft_type})
     if other:
         raise ValueError(f"save_adapter: the config is {config.peft_type} but the model also has {other} layers")
-    tensors = {k: v.cpu().contiguous() for k, v in adapter_state(model).items()}
+    tensors = {f"{n}.{p}": t.detach().cpu().contiguous() for n, m in layers.items()
+               for p, t in m.adapter_parameters().items()}
     shapes = {n: [m.out_features, m.in_features] for n, m in layers.items()}
     per_layer = {n: _layer_fields(m) for n, m in layers.items()}
     meta = {"format": FORMAT, "peft_type": config.peft_type, "config": config.to_json(), "shapes": json.dumps(shapes),
             "layers": json.dumps(per_layer, sort_keys=True)}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    return tensors, meta
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
-    """Load a file from :func:`save_adapter` into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
+def save_file(model: nn.Module, path: Union[str, os.PathLike], config=None) -> None:
+    """Write the Monarch / OFT / BOFT / MiSS layers to one safetensors file (the single-method format,
+    :func:`structured_file`). The library-wide format is ``peftcore.save_adapter(model, directory)``;
+    ``peftcore.load_adapter`` reads both."""
+    from safetensors.torch import save_file as _save
+
+    tensors, meta = structured_file(model, config)
+    _save(tensors, os.fspath(path), metadata=meta)
+
+
+def load_file(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Load a file from :func:`save_file` into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
 
     Each module named in the file that is a plain ``nn.Linear`` gets a new adapter layer built from the file's
     config and that layer's own saved fields (block size, rank, ...); then every parameter that is not an adapter
@@ -176,9 +205,16 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool =
     ``strict=False``) is an error, raised before the model changes. Reads ``peftcore.adapter/2`` files and the
     older ``peftcore.adapter/1`` (no per-layer fields: every layer is built from the file's config). Returns
     ``model``."""
+    stage_load(model, path, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, path, strict: bool = True):
+    """Everything :func:`load_file` checks, and the :class:`~peftcore.tuners._loading.Commit` that applies it (not
+    run). ``path`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from . import _loading as L
 
-    f = L.read_file("load_adapter", path, (FORMAT, FORMAT_V1))
+    f = path if isinstance(path, L.LoadFile) else L.read_file("load_adapter", path, (FORMAT, FORMAT_V1))
     err = f.error
     ptype = f.meta.get("peft_type")
     if ptype is None:
@@ -254,8 +290,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool =
         commit.requires_grad([p for p in model.parameters() if id(p) not in keep], False)
         commit.requires_grad([p for l in new_layers for p in l.adapter_parameters().values()], True)
     commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    return model
+    commit.set_attr(model, CONFIGS_ATTR, _configs_with(model, config))
+    return commit
 
 
 _PEFT_CONFIG_REFUSED = {  # PEFT config option -> the values from_peft converts (any other value is refused)
@@ -377,4 +413,5 @@ def from_peft(peft_model: nn.Module, adapter: Optional[str] = None) -> nn.Module
     config = root.get_submodule(found[0]).to_config()
     config.target_modules = found
     setattr(root, CONFIG_ATTR, config)
+    setattr(root, CONFIGS_ATTR, {config.peft_type: config})
     return root

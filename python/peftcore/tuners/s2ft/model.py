@@ -210,13 +210,11 @@ def s2ft_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[S2FTConfig] = None) -> None:
-    """Write every delta to a safetensors file, in the model's original order: tensors ``"<module>.index"``
-    (int64) and ``"<module>.delta"``; metadata ``format``, ``config`` (json), ``shapes`` (json
-    ``{module: [out, in]}``) and ``dims`` (json ``{module: 0 | 1}``). Unpermuted, so the file loads into the
-    plain model (:func:`load_s2ft`) or merges into its weights directly."""
-    from safetensors.torch import save_file
-
+def s2ft_file(model: nn.Module, config: Optional[S2FTConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of every delta, in the model's original order: what :func:`save_s2ft` writes (and
+    ``save_adapter`` puts in the directory): tensors ``"<module>.index"`` (int64) and ``"<module>.delta"`` (CPU);
+    metadata ``format``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and ``dims`` (json
+    ``{module: 0 | 1}``). Unpermuted, so it loads into the plain model or merges into its weights directly."""
     config = config or getattr(model, CONFIG_ATTR, None)
     tensors, shapes, dims = {}, {}, {}
     for name, d in s2ft_state(model).items():
@@ -230,13 +228,22 @@ def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[
     meta = {"format": FORMAT, "shapes": json.dumps(shapes), "dims": json.dumps(dims)}
     if config is not None:
         meta["config"] = config.to_json()
+    return tensors, meta
+
+
+def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[S2FTConfig] = None) -> None:
+    """Write every delta to one safetensors file (the single-method format, :func:`s2ft_file`). The library-wide
+    format is ``peftcore.save_adapter(model, directory)``; ``peftcore.load_adapter`` reads both."""
+    from safetensors.torch import save_file
+
+    tensors, meta = s2ft_file(model, config)
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def _read(owner: str, path: Union[str, os.PathLike], strict: bool):
+def _read(owner: str, path, strict: bool):
     from .. import _loading as L
 
-    f = L.read_file(owner, path, (FORMAT,))
+    f = path if isinstance(path, L.LoadFile) else L.read_file(owner, path, (FORMAT,))
     shapes = f.shapes()
     dims = f.json("dims", dict)
     config = f.config(S2FTConfig)
@@ -275,6 +282,13 @@ def load_s2ft(model: nn.Module, path: Union[str, os.PathLike], strict: bool = Tr
     extra tensors are an error unless ``strict=False``. A new layer's delta keeps the file's dtype where the op
     accepts it (float32 or the weight's dtype), else it is cast to float32; an existing layer's keeps the layer's
     dtype. Returns ``model``."""
+    stage_load(model, path, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, path, strict: bool = True):
+    """Everything :func:`load_s2ft` checks, and the :class:`~peftcore.tuners._loading.Commit` that applies it (not
+    run). ``path`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from .. import _loading as L
 
     f, state, shapes, dims, config = _read("load_s2ft", path, strict)
@@ -315,5 +329,4 @@ def load_s2ft(model: nn.Module, path: Union[str, os.PathLike], strict: bool = Tr
                 commit.requires_grad(mod.parameters(), False)
     if config is not None and not hasattr(model, CONFIG_ATTR):
         commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    return model
+    return commit

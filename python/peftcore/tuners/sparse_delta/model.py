@@ -306,11 +306,10 @@ def sparse_delta_state(model: nn.Module) -> dict[str, DeltaState]:
     return {name: layer.delta_state() for name, layer in sparse_delta_layers(model)}
 
 
-def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SparseDeltaConfig] = None):
-    """Write every delta to a safetensors file: tensors ``"<module>.indices"`` / ``"<module>.values"``; metadata
-    ``format``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and ``scales``."""
-    from safetensors.torch import save_file
-
+def sparse_delta_file(model: nn.Module, config: Optional[SparseDeltaConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of every delta: what :func:`save_sparse_delta` writes (and ``save_adapter`` puts in
+    the directory): tensors ``"<module>.indices"`` / ``"<module>.values"`` (CPU); metadata ``format``, ``config``
+    (json), ``shapes`` (json ``{module: [out, in]}``) and ``scales``."""
     config = config or getattr(model, CONFIG_ATTR, None)
     tensors, shapes, scales = {}, {}, {}
     for name, layer in sparse_delta_layers(model):
@@ -323,13 +322,22 @@ def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: O
     meta = {"format": FORMAT, "shapes": json.dumps(shapes), "scales": json.dumps(scales)}
     if config is not None:
         meta["config"] = config.to_json()
+    return tensors, meta
+
+
+def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SparseDeltaConfig] = None):
+    """Write every delta to one safetensors file (the single-method format, :func:`sparse_delta_file`). The
+    library-wide format is ``peftcore.save_adapter(model, directory)``; ``peftcore.load_adapter`` reads both."""
+    from safetensors.torch import save_file
+
+    tensors, meta = sparse_delta_file(model, config)
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def _read(owner: str, path: Union[str, os.PathLike], strict: bool):
+def _read(owner: str, path, strict: bool):
     from .. import _loading as L
 
-    f = L.read_file(owner, path, (FORMAT,))
+    f = path if isinstance(path, L.LoadFile) else L.read_file(owner, path, (FORMAT,))
     shapes = f.shapes()
     scales = f.json("scales", dict)
     config = f.config(SparseDeltaConfig)
@@ -371,6 +379,13 @@ def load_sparse_delta(
     index range is checked against the model. Values keep their dtype in a new layer where the op accepts it
     (float32 or the weight's dtype), else they are cast to float32 (e.g. float64 values for a float32 model); an
     existing layer's values keep the layer's dtype. Returns ``model``."""
+    stage_load(model, source, scale, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, source, scale: Optional[float] = None, strict: bool = True):
+    """Everything :func:`load_sparse_delta` checks, and the :class:`~peftcore.tuners._loading.Commit` that
+    applies it (not run). ``source`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from .. import _loading as L
 
     owner = "load_sparse_delta"
@@ -431,10 +446,12 @@ def load_sparse_delta(
                 commit.requires_grad(mod.parameters(), False)
     if config is not None and not hasattr(model, CONFIG_ATTR):
         commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    for _, layer in sparse_delta_layers(model):  # indices may have been copied in place through .data
-        layer.refresh_csr()
-    return model
+
+    def refresh():  # indices may have been copied in place through .data
+        for _, layer in sparse_delta_layers(model):
+            layer.refresh_csr()
+    commit.after(refresh)
+    return commit
 
 
 def _compose_one(deltas: list[DeltaState], weights: list[float]) -> DeltaState:
