@@ -121,7 +121,7 @@ class _SparseDelta(_Method):
         return list(_sd.sparse_delta_layers(model))
 
     def apply(self, model, config, calib_fn=None):
-        _sd.apply_sparse_delta(model, config, calib_fn=calib_fn)
+        _sd._apply_sparse_delta(model, config, calib_fn=calib_fn)
 
     def file(self, model):
         return _sd.sparse_delta_file(model)
@@ -143,7 +143,7 @@ class _S2FT(_Method):
         return list(_s2ft.s2ft_layers(model))
 
     def apply(self, model, config, calib_fn=None, permute=True):
-        _s2ft.apply_s2ft(model, config, calib_fn=calib_fn, permute=permute)
+        _s2ft._apply_s2ft(model, config, calib_fn=calib_fn, permute=permute)
 
     def file(self, model):
         return _s2ft.s2ft_file(model)
@@ -201,7 +201,7 @@ class _Seer(_Method):
         return list(_seer.seer_layers(model))
 
     def apply(self, model, config):
-        _seer.apply_seer_attention(model, config)
+        _seer._apply_seer_attention(model, config)
 
     def file(self, model):
         return _seer.seer_gates_file(model)
@@ -240,7 +240,7 @@ class _TokenElim(_Method):
         return [(str(i), m) for i, m in enumerate(layers) if "_token_elim_orig_forward" in m.__dict__]
 
     def apply(self, model, config):
-        _te.apply_token_elim(model, config)
+        _te._apply_token_elim(model, config)
 
     def file(self, model):
         layers = self.layers(model)
@@ -260,7 +260,7 @@ class _TokenElim(_Method):
         def do():
             attrs = ("forward", "_token_elim_orig_forward", "_token_elim_config")
             prev = [(m, [m.__dict__.get(a, _MISSING) for a in attrs]) for m in layers]
-            _te.apply_token_elim(model, config)
+            _te._apply_token_elim(model, config)
 
             def undo():
                 for m, vals in prev:
@@ -296,7 +296,7 @@ class _Lora(_Method):
         return list(_lora.lora_layers(model))
 
     def apply(self, model, config):
-        _lora.apply_lora(model, config)
+        _lora._apply_lora(model, config)
 
     def file(self, model):
         return _lora.lora_file(model)
@@ -582,8 +582,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool =
     order. All or nothing: everything is checked against the model before it changes, and if a later method fails
     the earlier ones are undone, so the model is as it was. Strict: a tensor the model needs and the file lacks, a
     tensor the model has no place for (``strict=False`` ignores these), a shape or dtype kind that does not fit,
-    an unknown module or metadata field is a :class:`~peftcore.tuners.LoadError` naming it. Afterwards every
-    adapter parameter trains and the other parameters of the loaded modules are frozen.
+    an unknown module or metadata field is a :class:`~peftcore.tuners.LoadError` naming it. Afterwards, as after
+    :func:`apply_adapter`, every adapter parameter trains and every other parameter is frozen (token elimination
+    alone freezes nothing).
 
     ``path`` may also be one single-method safetensors file written by the per-method savers
     (``save_sparse_delta``, ``save_s2ft``, ``save_seer_gates``, ``tuners._adapters.save_file``)."""
@@ -627,8 +628,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool =
             c.undo()
         raise
     loaded = {m.peft_type for m, _ in files}
-    for m in METHODS:
-        for p_ in m.trainable(model):
-            if m.peft_type in loaded or id(p_) in keep:
-                p_.requires_grad_(True)
+    train = {id(p_) for m in METHODS for p_ in m.trainable(model) if m.peft_type in loaded or id(p_) in keep}
+    freeze = bool(loaded - {"TOKEN_ELIM"})  # as apply_adapter: token elimination alone freezes nothing
+    for p_ in model.parameters():
+        if id(p_) in train:
+            p_.requires_grad_(True)
+        elif freeze:
+            p_.requires_grad_(False)
     return model

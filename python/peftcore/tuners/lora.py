@@ -440,9 +440,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config)``; what it does is :func:`_apply_lora`'s."""
+    from .api import apply_adapter
+
+    return apply_adapter(model, config)
+
+
+def _apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear` holding the config's adapters
     (ranks / alphas per module from ``rank_pattern`` / ``alpha_pattern``), in place; freeze every other parameter
-    (only the adapters, and the gates, train); return ``model``. Same as ``peftcore.apply_adapter(model, config)``."""
+    (only the adapters, and the gates, train); return ``model``."""
     owner = "apply_adapter(LoraConfig)"
     adapters = _adapter_types()
     targets, inside = [], []
@@ -560,7 +567,14 @@ def stage_load(model: nn.Module, f, strict: bool = True):
     layers = f.json("layers", dict)
     if set(layers) != set(shapes):
         raise err(f"metadata 'layers' and 'shapes' name other modules: {sorted(set(layers) ^ set(shapes))[:4]}")
-    keys = L.Keys(f.tensors, shapes)
+    keys = L.Keys({}, ())  # grouped by the longest module prefix: a gate's key is "<module>.gate.weight"
+    by_length = sorted(shapes, key=len, reverse=True)
+    for key, t in f.tensors.items():
+        owner = next((n for n in by_length if key.startswith(n + ".")), None)
+        if owner is None:
+            keys.unused.append(key)
+        else:
+            keys.by_module.setdefault(owner, {})[key[len(owner) + 1:]] = t
     modules = L.module_table(model)
     commit = L.Commit()
     with L.staging(model):

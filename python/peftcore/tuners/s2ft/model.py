@@ -80,6 +80,16 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 def apply_s2ft(
     model: nn.Module, config: S2FTConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None, permute: bool = True
 ) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config, calib_fn=calib_fn, permute=permute)`` (same checks,
+    including the rules for several methods on one model); what it does is :func:`_apply_s2ft`'s."""
+    from ..api import apply_adapter
+
+    return apply_adapter(model, config, calib_fn=calib_fn, permute=permute)
+
+
+def _apply_s2ft(
+    model: nn.Module, config: S2FTConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None, permute: bool = True
+) -> nn.Module:
     """S2FT in place: per targeted decoder block, select KV groups (heads) and FFN channels, co-permute the
     block so they come first (the function is unchanged), wrap the targeted projections in ``S2FTLinear`` on
     the contiguous range ``[0, k)``, freeze every other parameter; return ``model``.

@@ -175,6 +175,14 @@ def _build_wrappers(model: nn.Module, config: SeerAttnConfig, owner: str) -> lis
 
 
 def apply_seer_attention(model: nn.Module, config: SeerAttnConfig) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config)`` (same checks, including the rules for several methods on
+    one model); what it does is :func:`_apply_seer_attention`'s."""
+    from ..api import apply_adapter
+
+    return apply_adapter(model, config)
+
+
+def _apply_seer_attention(model: nn.Module, config: SeerAttnConfig) -> nn.Module:
     """Wrap the ``self_attn`` of every chosen decoder layer (``config.uses_layer(i)``) in :class:`SeerAttention`
     with a fresh :class:`AttnGate` (on the attention's device), freeze every other parameter, leave the gates
     trainable; return ``model``. Raises for sliding-window layers, non-causal configs and already-wrapped layers."""

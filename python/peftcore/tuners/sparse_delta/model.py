@@ -60,6 +60,16 @@ def _find_targets(model: nn.Module, config: SparseDeltaConfig) -> list[tuple[str
 def apply_sparse_delta(
     model: nn.Module, config: SparseDeltaConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None
 ) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config, calib_fn=calib_fn)`` (same checks, including the rules for
+    several methods on one model); what it does is :func:`_apply_sparse_delta`'s."""
+    from ..api import apply_adapter
+
+    return apply_adapter(model, config, calib_fn=calib_fn)
+
+
+def _apply_sparse_delta(
+    model: nn.Module, config: SparseDeltaConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None
+) -> nn.Module:
     """Replace the targeted ``nn.Linear`` modules of ``model`` by ``SparseDeltaLinear`` in place; freeze every
     other parameter (only the deltas' ``values`` train); return ``model``.
 
