@@ -1,5 +1,5 @@
-"""Loading is all or nothing and strict, for every loader (load_adapter, load_sparse_delta, load_s2ft,
-load_seer_gates): every bad file is refused with an error naming the file, key or module and the offending value,
+"""Loading is all or nothing and strict, for every single-file loader (tuners._adapters.load_file,
+load_sparse_delta, load_s2ft, load_seer_gates; the directory of peftcore.load_adapter: tests/test_api.py): every bad file is refused with an error naming the file, key or module and the offending value,
 and the model is then bitwise as before (module types and objects, parameter and buffer values, requires_grad
 flags, training modes, attached configs). Also: layers of different sizes in one model round-trip (Monarch / OFT /
 BOFT / MiSS), and files of the previous adapter format still load."""
@@ -13,18 +13,17 @@ from torch import nn
 
 import peftcore.tuners as T
 from peftcore.tuners import _adapters, _loading
-from peftcore.tuners.s2ft import S2FTConfig, apply_s2ft, load_s2ft, s2ft_layers, save_s2ft
-from peftcore.tuners.seer_attn import SeerAttnConfig, apply_seer_attention, load_seer_gates, save_seer_gates
-from peftcore.tuners.sparse_delta import (SparseDeltaConfig, apply_sparse_delta, load_sparse_delta,
-                                          save_sparse_delta, sparse_delta_layers)
+from peftcore.tuners.s2ft import S2FTConfig, load_s2ft, s2ft_layers, save_s2ft
+from peftcore.tuners.seer_attn import SeerAttnConfig, load_seer_gates, save_seer_gates
+from peftcore.tuners.sparse_delta import SparseDeltaConfig, load_sparse_delta, save_sparse_delta, sparse_delta_layers
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 LoadError = _loading.LoadError
-CONFIG_ATTRS = ("peftcore_adapter_config", "peftcore_adapter_configs", "peftcore_sparse_delta_config", "peftcore_s2ft_config",
-                "peftcore_seer_config")
+CONFIG_ATTRS = ("peftcore_adapter_config", "peftcore_adapter_configs", "peftcore_sparse_delta_config",
+                "peftcore_s2ft_config", "peftcore_seer_config")
 
 
 def tiny_llama(seed=0, hidden=64, inter=128):
@@ -111,14 +110,14 @@ def _adapter_model():
 
 
 def _sparse_model():
-    m = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+    m = T.apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
                                                            density=0.05, scale=0.5, seed=2))
     perturb([l.values for _, l in sparse_delta_layers(m)], std=0.5)
     return m
 
 
 def _s2ft_model():
-    m = apply_s2ft(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
+    m = T.apply_adapter(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
                                             channel_ratio=0.1, seed=9))
     perturb([l.delta for _, l in s2ft_layers(m)], std=0.3)
     return m
@@ -126,7 +125,7 @@ def _s2ft_model():
 
 def _seer_model():
     m = tiny_llama()
-    apply_seer_attention(m, SeerAttnConfig(block_size=4, method="top_k", top_k=2, gate_hidden_dim=8,
+    T.apply_adapter(m, SeerAttnConfig(block_size=4, method="top_k", top_k=2, gate_hidden_dim=8,
                                            gate_init="normal"))
     return m
 
@@ -263,11 +262,11 @@ def test_other_sized_model_is_refused(saved, kind, target):
         if kind == "adapter":
             T.apply_adapter(model, T.OFTConfig(target_modules=["q_proj", "down_proj"], block_size=8))
         elif kind == "sparse_delta":
-            apply_sparse_delta(model, SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"]))
+            T.apply_adapter(model, SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"]))
         elif kind == "s2ft":
-            apply_s2ft(model, S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5))
+            T.apply_adapter(model, S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5))
         else:
-            apply_seer_attention(model, SeerAttnConfig(block_size=4, gate_hidden_dim=4))
+            T.apply_adapter(model, SeerAttnConfig(block_size=4, gate_hidden_dim=4))
     match = {"adapter": r"is \[32, 32\], the file's adapter is for \[64, 64\]",
              "sparse_delta": r"is \[32, \d+\], the delta is for \[64, \d+\]",
              "s2ft": r"is \[.*\], the delta is for \[.*\]",
@@ -433,7 +432,7 @@ def test_s2ft_index_delta_and_dims(saved, tmp_path):
                     meta=lambda m: m.update(dims=json.dumps({**dims, col: bad})))
         refused(load_s2ft, _fresh("s2ft"), p, LoadError, rf"metadata 'dims': '{col}' must be 0 \(rows\) or 1")
     # a co-permuted model with another selection
-    other = apply_s2ft(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
+    other = T.apply_adapter(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
                                                 channel_ratio=0.1, seed=10))
     refused(load_s2ft, other, src, LoadError, "selects other rows/columns than the file")
 
@@ -636,7 +635,7 @@ def test_loading_into_existing_layers_keeps_the_objects(saved, kind):
 
 def test_sparse_delta_other_nnz_replaces_the_values(saved):
     """An existing layer with another nnz gets the file's (the same Parameter object, new storage, no stale grad)."""
-    model = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+    model = T.apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
                                                                density=0.2, seed=4, index_dtype="int32"))
     layers = dict(sparse_delta_layers(model))
     for layer in layers.values():
