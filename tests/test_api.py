@@ -4,7 +4,6 @@ fresh plain model -> identical outputs; merge / unmerge / unload round trips; st
 several methods on one model."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 

@@ -1,6 +1,7 @@
-"""Model-level API shared by the structured adapters (Monarch, OFT, BOFT, MiSS): apply to the targeted
-``nn.Linear`` modules in one call, merge / unmerge / unload, safetensors save / load, and the one-call conversion
-of a HF PEFT model (OFT, BOFT or MiSS adapters) to peftcore layers.
+"""What the structured adapters (Monarch, OFT, BOFT, MiSS) share: apply to the targeted ``nn.Linear`` modules in
+one call, their part of a saved adapter (and the single-method safetensors file, :func:`save_file` /
+:func:`load_file`), and the one-call conversion of a HF PEFT model (OFT, BOFT or MiSS adapters) to peftcore layers.
+Merge / unmerge / unload and the directory format are the one API's (:mod:`peftcore.tuners.api`).
 
 Each adapter is a :class:`~peftcore.tuners._layer.FrozenLinearAdapter` subclass registered here with its config
 class; the layer gives ``create(base, config)``, ``from_peft(peft_layer, adapter)``, its trainable parameters
@@ -12,10 +13,11 @@ import json
 import os
 from typing import Iterator, Optional, Union
 
-import torch
 from torch import nn
 
 from ._layer import FrozenLinearAdapter
+from ._model import find_linear_targets, layers_of
+from ._model import replace_module as _replace
 
 CONFIG_ATTR = "peftcore_adapter_config"  # the last config applied
 CONFIGS_ATTR = "peftcore_adapter_configs"  # {peft_type: config}: one per structured method on the model
@@ -43,10 +45,7 @@ def _registered_layers() -> tuple:
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, FrozenLinearAdapter]]:
     """``(name, layer)`` for every Monarch / OFT / BOFT / MiSS layer of ``model``, in module order."""
-    classes = _registered_layers()
-    for name, m in model.named_modules():
-        if isinstance(m, classes):
-            yield name, m
+    return layers_of(model, _registered_layers())
 
 
 def _configs_with(model: nn.Module, config) -> dict:
@@ -62,34 +61,13 @@ def config_of(model: nn.Module, peft_type: str):
     return cfg
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def apply_adapter(model: nn.Module, config) -> nn.Module:
     """Wrap every targeted ``nn.Linear`` of ``model`` (``config.target_modules`` / ``exclude_modules``, PEFT's
     matching rules) in the config's adapter layer, in place; freeze every other parameter so only the adapters
     train; return ``model``. Works on any ``nn.Module`` (HF transformers models included)."""
     layer_cls = _layer_class(config)
     owner = f"apply_adapter({type(config).__name__})"
-    targets, inside = [], []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, FrozenLinearAdapter):
-            inside.append(name)
-            if config.matches(name):
-                raise ValueError(f"{owner}: {name!r} already has an adapter ({type(m).__name__})")
-            continue
-        if not config.matches(name):
-            continue
-        if isinstance(m, nn.Linear):
-            targets.append((name, m))
-        elif type(m).__name__ == "Conv1D":
-            raise TypeError(f"{owner}: {name!r} is a transformers Conv1D; only nn.Linear is supported")
-    if not targets:
-        raise ValueError(f"{owner}: no nn.Linear matches target_modules={config.target_modules!r}")
+    targets = find_linear_targets(model, config, owner)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, lin in targets:
@@ -101,43 +79,6 @@ def apply_adapter(model: nn.Module, config) -> nn.Module:
     setattr(model, CONFIGS_ATTR, _configs_with(model, config))
     setattr(model, CONFIG_ATTR, config)
     return model
-
-
-def merge_adapter(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge every adapter into its base weight in place (the forward is then the plain linear's)."""
-    for _, layer in adapter_layers(model):
-        if not layer.merged:
-            layer.merge(safe_merge=safe_merge)
-    return model
-
-
-def unmerge_adapter(model: nn.Module) -> nn.Module:
-    for _, layer in adapter_layers(model):
-        if layer.merged:
-            layer.unmerge()
-    return model
-
-
-def unload_adapter(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every adapter layer by its base ``nn.Linear`` (merged first unless ``merge=False``); returns the
-    plain model."""
-    for name, layer in list(adapter_layers(model)):
-        if merge and not layer.merged:
-            layer.merge()
-        _replace(model, name, layer.base_layer)
-    for attr in (CONFIG_ATTR, CONFIGS_ATTR):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    return model
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module>.<param>": tensor}`` of every adapter's trainable parameters (detached)."""
-    state = {}
-    for name, layer in adapter_layers(model):
-        for pname, p in layer.adapter_parameters().items():
-            state[f"{name}.{pname}"] = p.detach()
-    return state
 
 
 # Per-layer fields that may differ between the layers of one model (PEFT's OFT with ``r`` gives each layer its own

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import _adapters, _loading as L
+from ._model import merge_layers, unload_layers, unmerge_layers
 from . import lora as _lora
 from .boft import BOFTConfig
 from .miss import MissConfig
@@ -101,14 +102,10 @@ class _Method:
         return [n for n, m in self.layers(model) if getattr(m, "merged", False)]
 
     def merge(self, model, safe_merge: bool) -> None:
-        for _, m in self.layers(model):
-            if not m.merged:
-                m.merge(safe_merge=safe_merge)
+        merge_layers(self.layers(model), safe_merge)
 
     def unmerge(self, model) -> None:
-        for _, m in self.layers(model):
-            if m.merged:
-                m.unmerge()
+        unmerge_layers(self.layers(model))
 
     def unload(self, model, merge: bool) -> None:
         raise NotImplementedError
@@ -178,12 +175,7 @@ class _Structured(_Method):
         return _adapters.stage_load(model, f, strict)
 
     def unload(self, model, merge):
-        for name, m in self.layers(model):
-            if merge and not m.merged:
-                m.merge()
-            elif not merge and m.merged:
-                m.unmerge()
-            _adapters._replace(model, name, m.base_layer)
+        unload_layers(model, self.layers(model), merge)
         configs = {k: v for k, v in getattr(model, _adapters.CONFIGS_ATTR, {}).items() if k != self.peft_type}
         if configs:
             setattr(model, _adapters.CONFIGS_ATTR, configs)
@@ -311,9 +303,7 @@ class _Lora(_Method):
                 m._merge_check("merge")
             except ValueError as e:
                 raise ValueError(f"merge_adapter: LORA layer {name!r}: {e}") from None
-        for _, m in layers:
-            if not m.merged:
-                m.merge(safe_merge=safe_merge)
+        merge_layers(layers, safe_merge)
 
     def unload(self, model, merge):
         _lora.unload_lora(model, merge=merge)

@@ -32,6 +32,7 @@ from torch import nn
 from ..ops import lora as lo
 from ._config import TunerConfigMixin
 from ._layer import compute_dtype
+from ._model import find_linear_targets, layers_of, replace_module, unload_layers
 
 __all__ = ["LoraConfig", "MultiLoraLinear", "PeftcoreLoraLinear", "adapter_batch", "apply_lora", "apply_multi_lora",
            "from_peft_lora", "lora_layers"]
@@ -423,20 +424,7 @@ class LoraConfig(TunerConfigMixin):
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoraLinear]]:
     """``(name, layer)`` for every :class:`MultiLoraLinear` of ``model``, in module order."""
-    for name, m in model.named_modules():
-        if isinstance(m, MultiLoraLinear):
-            yield name, m
-
-
-def _adapter_types() -> tuple:
-    from ._layer import FrozenLinearAdapter
-
-    return (FrozenLinearAdapter, MultiLoraLinear, PeftcoreLoraLinear)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return layers_of(model, MultiLoraLinear)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
@@ -450,29 +438,14 @@ def _apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear` holding the config's adapters
     (ranks / alphas per module from ``rank_pattern`` / ``alpha_pattern``), in place; freeze every other parameter
     (only the adapters, and the gates, train); return ``model``."""
-    owner = "apply_adapter(LoraConfig)"
-    adapters = _adapter_types()
-    targets, inside = [], []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, adapters):
-            inside.append(name)
-            if config.matches(name):
-                raise ValueError(f"{owner}: {name!r} already has an adapter ({type(m).__name__}); one adapter per "
-                                 "nn.Linear")
-            continue
-        if config.matches(name) and isinstance(m, nn.Linear):
-            targets.append((name, m))
-    if not targets:
-        raise ValueError(f"{owner}: no nn.Linear matches target_modules={config.target_modules!r}")
+    targets = find_linear_targets(model, config, "apply_adapter(LoraConfig)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, lin in targets:
         layer = MultiLoraLinear(lin, config.ranks_for(name), config.alphas_for(name), config.adapter_names,
                                 config.use_rslora, config.default_index(), config.gate_top_k)
         layer.train(lin.training)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -499,14 +472,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge:
         for _, layer in layers:
             layer._merge_check("merge")
-    for name, layer in layers:
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        _replace(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    unload_layers(model, layers, merge, (CONFIG_ATTR,))
     return model
 
 

@@ -1,7 +1,6 @@
 """Model-level API: apply / drop-and-grow / merge / unload / save / load / compose sparse deltas."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -10,6 +9,8 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .._model import (find_linear_targets, layers_of, merge_layers, module_file, read_module_file, replace_module,
+                      unload_layers, unmerge_layers, write_file)
 from .config import SparseDeltaConfig
 from .layer import SparseDeltaLinear
 from .selection import ActivationCapture, gradient_indices, magnitude_indices, random_indices
@@ -23,38 +24,7 @@ GradsFn = Callable[[str], tuple[torch.Tensor, torch.Tensor]]  # module name -> (
 
 def sparse_delta_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLinear]]:
     """``(name, layer)`` for every ``SparseDeltaLinear`` in ``model``, in module order."""
-    for name, m in model.named_modules():
-        if isinstance(m, SparseDeltaLinear):
-            yield name, m
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _find_targets(model: nn.Module, config: SparseDeltaConfig) -> list[tuple[str, nn.Linear]]:
-    targets, inside_delta = [], set()
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside_delta):
-            continue
-        if isinstance(m, SparseDeltaLinear):
-            inside_delta.add(name)
-            if config.matches(name):
-                raise ValueError(f"apply_sparse_delta: {name!r} already has a sparse delta")
-            continue
-        if not config.matches(name):
-            continue
-        if isinstance(m, nn.Linear):
-            targets.append((name, m))
-        elif type(m).__name__ == "Conv1D":  # transformers' GPT-2 style [in, out] weight
-            raise TypeError(
-                f"apply_sparse_delta: {name!r} is a transformers Conv1D; only nn.Linear is supported "
-                "(GPT-2 style models: convert Conv1D to nn.Linear first)"
-            )
-    if not targets:
-        raise ValueError(f"apply_sparse_delta: no nn.Linear matches target_modules={config.target_modules!r}")
-    return targets
+    return layers_of(model, SparseDeltaLinear)
 
 
 def apply_sparse_delta(
@@ -85,7 +55,7 @@ def _apply_sparse_delta(
     """
     if config.selection == "gradient" and calib_fn is None:
         raise ValueError("apply_sparse_delta: selection='gradient' needs calib_fn(model) running forward+backward")
-    targets = _find_targets(model, config)
+    targets = find_linear_targets(model, config, "apply_adapter(SparseDeltaConfig)")
     gen = torch.Generator().manual_seed(config.seed)
     new_layers: dict[str, SparseDeltaLinear] = {}
     for name, lin in targets:
@@ -97,7 +67,7 @@ def _apply_sparse_delta(
         else:
             idx = torch.arange(k)  # placeholder until calibration; values are zero so the forward is unchanged
         layer = SparseDeltaLinear(lin, idx.to(config.torch_index_dtype), config.scale, config.torch_values_dtype)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
         new_layers[name] = layer
     for p in model.parameters():
         p.requires_grad_(False)
@@ -280,31 +250,22 @@ class SparseDeltaScheduler:
 
 
 def merge_sparse_delta(model: nn.Module) -> nn.Module:
-    """Add every delta into its base weight in place (forward becomes the plain linear)."""
-    for _, layer in sparse_delta_layers(model):
-        if not layer.merged:
-            layer.merge()
+    """``merge_adapter`` for the sparse deltas only: every delta added into its base weight in place (the forward
+    becomes the plain linear)."""
+    merge_layers(sparse_delta_layers(model))
     return model
 
 
 def unmerge_sparse_delta(model: nn.Module) -> nn.Module:
-    for _, layer in sparse_delta_layers(model):
-        if layer.merged:
-            layer.unmerge()
+    """``unmerge_adapter`` for the sparse deltas only."""
+    unmerge_layers(sparse_delta_layers(model))
     return model
 
 
 def unload_sparse_delta(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace each ``SparseDeltaLinear`` by its base ``nn.Linear``: with the delta merged (``merge=True``)
-    or dropped (``merge=False``, the original weights). Returns ``model``."""
-    for name, layer in list(sparse_delta_layers(model)):
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        _replace(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    """``unload_adapter`` for the sparse deltas only: each ``SparseDeltaLinear`` replaced by its base ``nn.Linear``,
+    with the delta merged (``merge=True``) or dropped (``merge=False``, the original weights). Returns ``model``."""
+    unload_layers(model, sparse_delta_layers(model), merge, (CONFIG_ATTR,))
     return model
 
 
@@ -320,48 +281,30 @@ def sparse_delta_file(model: nn.Module, config: Optional[SparseDeltaConfig] = No
     """``(tensors, metadata)`` of every delta: what :func:`save_sparse_delta` writes (and ``save_adapter`` puts in
     the directory): tensors ``"<module>.indices"`` / ``"<module>.values"`` (CPU); metadata ``format``, ``config``
     (json), ``shapes`` (json ``{module: [out, in]}``) and ``scales``."""
-    config = config or getattr(model, CONFIG_ATTR, None)
     tensors, shapes, scales = {}, {}, {}
     for name, layer in sparse_delta_layers(model):
         tensors[f"{name}.indices"] = layer.indices.detach().cpu().contiguous()
         tensors[f"{name}.values"] = layer.values.detach().cpu().contiguous()
         shapes[name] = [layer.out_features, layer.in_features]
         scales[name] = layer.scale
-    if not tensors:
-        raise ValueError("save_sparse_delta: the model has no SparseDeltaLinear")
-    meta = {"format": FORMAT, "shapes": json.dumps(shapes), "scales": json.dumps(scales)}
-    if config is not None:
-        meta["config"] = config.to_json()
-    return tensors, meta
+    return module_file(FORMAT, tensors, shapes, {"scales": scales}, config or getattr(model, CONFIG_ATTR, None),
+                       "save_sparse_delta")
 
 
 def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SparseDeltaConfig] = None):
     """Write every delta to one safetensors file (the single-method format, :func:`sparse_delta_file`). The
     library-wide format is ``peftcore.save_adapter(model, directory)``; ``peftcore.load_adapter`` reads both."""
-    from safetensors.torch import save_file
-
-    tensors, meta = sparse_delta_file(model, config)
-    save_file(tensors, os.fspath(path), metadata=meta)
+    write_file(*sparse_delta_file(model, config), path)
 
 
 def _read(owner: str, path, strict: bool):
     from .. import _loading as L
 
-    f = path if isinstance(path, L.LoadFile) else L.read_file(owner, path, (FORMAT,))
-    shapes = f.shapes()
-    scales = f.json("scales", dict)
-    config = f.config(SparseDeltaConfig)
-    keys = L.Keys(f.tensors, shapes, ("indices", "values"))
-    keys.extra(f.error, strict)
-    for name in shapes:
-        missing = {"indices", "values"} - set(keys.by_module.get(name, {}))
-        if missing:
-            raise f.error(f"module {name!r}: tensor(s) {sorted(f'{name}.{k}' for k in missing)} missing")
-    if set(scales) != set(shapes):
-        raise f.error(f"metadata 'scales' and 'shapes' name other modules: {sorted(set(scales) ^ set(shapes))[:4]}")
+    f, state, shapes, scales, config = read_module_file(owner, path, (FORMAT,), ("indices", "values"),
+                                                        SparseDeltaConfig, "scales", strict)
     for name, v in scales.items():
         L.check_finite_number(f.error, f"metadata 'scales': {name!r}", v)
-    return f, keys.by_module, shapes, scales, config
+    return f, state, shapes, scales, config
 
 
 def read_sparse_delta(path: Union[str, os.PathLike], strict: bool = True) -> tuple[dict[str, DeltaState], dict[str, str]]:
