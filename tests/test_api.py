@@ -407,3 +407,25 @@ def test_composition_refusals():
     pc.apply_adapter(s, CONFIGS["TOKEN_ELIM"]())
     with pytest.raises(ValueError, match="SeerAttention gates and token elimination .* do not compose"):
         pc.apply_adapter(adapted("SEER_ATTN"), CONFIGS["TOKEN_ELIM"]())
+
+
+def test_merge_is_all_or_nothing():
+    model = adapted("SPARSE_DELTA")
+    pc.apply_adapter(model, pc.LoraConfig(target_modules=["o_proj"], adapter_names=["x", "y"], gate_top_k=1))
+    ref = logits(model)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="merge_adapter: LORA layer .*gate"):
+        pc.merge_adapter(model)  # the sparse deltas merge first, then LoRA refuses: they are unmerged again
+    assert not any(layer.merged for _, layer in api._BY_TYPE["SPARSE_DELTA"].layers(model))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, model.parameters()))
+    close(logits(model), ref)
+
+
+def test_load_keeps_other_methods_training(tmp_path):
+    pc.save_adapter(adapted("LORA"), tmp_path / "lora")
+    model = pc.apply_adapter(tiny_llama(), pc.SparseDeltaConfig(target_modules=["down_proj"], density=0.05))
+    pc.load_adapter(model, tmp_path / "lora")
+    assert pc.adapter_methods(model) == ["SPARSE_DELTA", "LORA"]
+    names = trainable_names(model)
+    assert any(n.endswith("down_proj.values") for n in names) and any(n.endswith("a_packed") for n in names)
+    assert all(n.endswith(("values", "a_packed", "b_packed")) for n in names)
