@@ -61,10 +61,11 @@ def config_of(model: nn.Module, peft_type: str):
     return cfg
 
 
-def apply_adapter(model: nn.Module, config) -> nn.Module:
+def apply_structured(model: nn.Module, config) -> nn.Module:
     """Wrap every targeted ``nn.Linear`` of ``model`` (``config.target_modules`` / ``exclude_modules``, PEFT's
     matching rules) in the config's adapter layer, in place; freeze every other parameter so only the adapters
-    train; return ``model``. Works on any ``nn.Module`` (HF transformers models included)."""
+    train; return ``model``. Works on any ``nn.Module`` (HF transformers models included). Called by
+    ``peftcore.apply_adapter`` for Monarch / OFT / BOFT / MiSS configs."""
     layer_cls = _layer_class(config)
     owner = f"apply_adapter({type(config).__name__})"
     targets = find_linear_targets(model, config, owner)
@@ -140,7 +141,7 @@ def load_file(model: nn.Module, path: Union[str, os.PathLike], strict: bool = Tr
 
     Each module named in the file that is a plain ``nn.Linear`` gets a new adapter layer built from the file's
     config and that layer's own saved fields (block size, rank, ...); then every parameter that is not an adapter
-    parameter is frozen, as :func:`apply_adapter` does. A module that already is an adapter layer of the file's
+    parameter is frozen, as :func:`apply_structured` does. A module that already is an adapter layer of the file's
     type and fields gets the values. Floating values take the dtype of the parameter they fill (a new layer's is
     the file's); anything else (integer tensors, other shapes, unknown modules or metadata, extra tensors unless
     ``strict=False``) is an error, raised before the model changes. Reads ``peftcore.adapter/2`` files and the

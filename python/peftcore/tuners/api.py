@@ -166,7 +166,7 @@ class _Structured(_Method):
         return [(n, m) for n, m in _adapters.adapter_layers(model) if m.config_class is self.config_cls]
 
     def apply(self, model, config):
-        _adapters.apply_adapter(model, config)
+        _adapters.apply_structured(model, config)
 
     def file(self, model):
         return _adapters.structured_file(model, peft_type=self.peft_type)
