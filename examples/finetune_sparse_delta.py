@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """A real (small) run: fine-tune a byte-level Llama three ways, side by side, on CPU.
 
-* peftcore sparse deltas (``apply_sparse_delta``, 1% of every linear weight by default, gradient selection,
-  SpIEL drop-and-grow every ``--regrow-every`` steps);
+* peftcore sparse deltas (``peftcore.apply_adapter`` with a ``SparseDeltaConfig``, 1% of every linear weight by
+  default, gradient selection, SpIEL drop-and-grow every ``--regrow-every`` steps);
 * full fine-tuning (every parameter);
 * PEFT's LoRA (r=16 on the same linear layers, from the ``peft`` package).
 
@@ -85,7 +85,8 @@ def build_model(args):
 
 
 def setup_sparse(model, args, calib):
-    from peftcore.tuners.sparse_delta import SparseDeltaConfig, SparseDeltaScheduler, apply_sparse_delta
+    from peftcore import SparseDeltaConfig, apply_adapter
+    from peftcore.tuners.sparse_delta import SparseDeltaScheduler
 
     def calib_fn(m):  # forward+backward on a few batches; the tokens are concatenated across them
         m.train()
@@ -94,7 +95,7 @@ def setup_sparse(model, args, calib):
 
     t0 = time.perf_counter()
     cfg = SparseDeltaConfig(target_modules=LINEAR, density=args.density, selection=args.selection, seed=args.seed)
-    apply_sparse_delta(model, cfg, calib_fn if args.selection == "gradient" else None)
+    apply_adapter(model, cfg, calib_fn=calib_fn if args.selection == "gradient" else None)
     print(f"[sparse] {args.selection} selection took {time.perf_counter() - t0:.2f} s")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr_sparse, weight_decay=0.0)
     sched = None

@@ -3,7 +3,7 @@
 by a trained gate.
 
 SmolLM2-135M-Instruct (float32) gets 4 LoRA adapters on every attention query / value projection
-(:func:`peftcore.tuners.lora.apply_multi_lora`, ``gate_top_k=2``): random, frozen stand-ins for four task
+(``peftcore.apply_adapter`` with a ``LoraConfig``, ``gate_top_k=2``): random, frozen stand-ins for four task
 fine-tunings ("tasks" 0..3), and one gate per layer (``in -> 4`` logits; top-2 adapters per token, weighted by the
 softmax of their logits, through ``lora_multi_linear``'s ``token_weight``). Each task's prompts start with the
 task's instruction; the teacher for a task is the model with that task's adapter on every token. Only the gates
@@ -79,15 +79,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
-    from peftcore.tuners.lora import MultiLoraLinear, apply_multi_lora
+    from peftcore import LoraConfig, apply_adapter
+    from peftcore.tuners.lora import MultiLoraLinear
 
     torch.manual_seed(0)
     rng = random.Random(0)
     model, tok = load_smollm2()
     for p in model.parameters():
         p.requires_grad_(False)
-    apply_multi_lora(model, ["q_proj", "v_proj"], ranks=[8] * 4, alphas=[16] * 4, names=[f"task{i}" for i in range(4)],
-                     gate_top_k=2)
+    apply_adapter(model, LoraConfig(target_modules=["q_proj", "v_proj"], adapter_names=[f"task{i}" for i in range(4)],
+                                    r=8, lora_alpha=16, gate_top_k=2))
     gates = []
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():

@@ -6,8 +6,9 @@
    synthetic text, so its attention has structure to learn (a random-weight LM attends almost uniformly).
    The data: a fixed lexicon of 64 random "words" of 12 tokens (shared by every sequence), concatenated in random
    order; tokens recur across words, so predicting the next token needs the last few tokens (local attention).
-2. ``apply_seer_attention`` (block 64, distill mode): the LM is frozen and unchanged, only the gates train on the
-   distillation loss (KL to the attention's normalised block max-pool) for ``--steps`` steps at ``--seq`` tokens.
+2. ``peftcore.apply_adapter`` with a ``SeerAttnConfig`` (block 64, distill mode): the LM is frozen and unchanged,
+   only the gates train on the distillation loss (KL to the attention's normalised block max-pool) for ``--steps``
+   steps at ``--seq`` tokens.
 3. Evaluate on held-out sequences, for several mask rules, with the untrained (identity-init) and the trained
    gates: the fraction of causal blocks dropped, the LM loss with gate + block-sparse attention against dense
    attention (the loss gap), and the forward time of the whole model, sparse against dense (the same kernel with
@@ -29,10 +30,9 @@ import time
 import torch
 from torch.utils.benchmark import Timer
 
-import peftcore  # noqa: F401
+from peftcore import apply_adapter
 from peftcore.tuners.seer_attn import (
     SeerAttnConfig,
-    apply_seer_attention,
     seer_gate_parameters,
     seer_layers,
     seer_loss,
@@ -147,7 +147,7 @@ def main():
 
     # 2. gates, distill mode: the LM is frozen and unchanged
     config = SeerAttnConfig(block_size=args.block, mode="distill", method="threshold", threshold=0.02)
-    apply_seer_attention(model, config)
+    apply_adapter(model, config)
     untrained = copy.deepcopy(model)
     n_gate = sum(p.numel() for p in seer_gate_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())

@@ -77,9 +77,9 @@ def test_apply_train_merge_save_load(kind, tmp_path):
     adapted = _logits(model, ids)
     assert (adapted - before).abs().max() > 1e-3
     # Save, load into a fresh copy of the base model: the same function.
-    T.save_adapter(model, tmp_path / "a.safetensors")
+    T.save_adapter(model, tmp_path / "a")
     fresh = tiny_llama()
-    T.load_adapter(fresh, tmp_path / "a.safetensors")
+    T.load_adapter(fresh, tmp_path / "a")
     torch.testing.assert_close(_logits(fresh, ids), adapted, atol=1e-5, rtol=1e-5)
     assert type(getattr(fresh, T._adapters.CONFIG_ATTR)) is type(cfg)
     # Merge: the plain linears give the adapted function; unmerge restores the base weights.
@@ -189,8 +189,8 @@ def test_from_peft_matches_peft(fake_fbd, kind, tmp_path):
                                    merged_ref.get_submodule(name).weight, atol=1e-5, rtol=1e-5)
     T.unmerge_adapter(model)
     # And the converted model saves / loads as a peftcore adapter.
-    T.save_adapter(model, tmp_path / "p.safetensors")
-    fresh = T.load_adapter(tiny_llama(), tmp_path / "p.safetensors")
+    T.save_adapter(model, tmp_path / "p")
+    fresh = T.load_adapter(tiny_llama(), tmp_path / "p")
     torch.testing.assert_close(_logits(fresh, ids), expected, atol=1e-5, rtol=1e-5)
 
 

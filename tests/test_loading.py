@@ -1,5 +1,5 @@
-"""Loading is all or nothing and strict, for every loader (load_adapter, load_sparse_delta, load_s2ft,
-load_seer_gates): every bad file is refused with an error naming the file, key or module and the offending value,
+"""Loading is all or nothing and strict, for every single-file loader (tuners._adapters.load_file,
+load_sparse_delta, load_s2ft, load_seer_gates; the directory of peftcore.load_adapter: tests/test_api.py): every bad file is refused with an error naming the file, key or module and the offending value,
 and the model is then bitwise as before (module types and objects, parameter and buffer values, requires_grad
 flags, training modes, attached configs). Also: layers of different sizes in one model round-trip (Monarch / OFT /
 BOFT / MiSS), and files of the previous adapter format still load."""
@@ -13,18 +13,17 @@ from torch import nn
 
 import peftcore.tuners as T
 from peftcore.tuners import _adapters, _loading
-from peftcore.tuners.s2ft import S2FTConfig, apply_s2ft, load_s2ft, s2ft_layers, save_s2ft
-from peftcore.tuners.seer_attn import SeerAttnConfig, apply_seer_attention, load_seer_gates, save_seer_gates
-from peftcore.tuners.sparse_delta import (SparseDeltaConfig, apply_sparse_delta, load_sparse_delta,
-                                          save_sparse_delta, sparse_delta_layers)
+from peftcore.tuners.s2ft import S2FTConfig, load_s2ft, s2ft_layers, save_s2ft
+from peftcore.tuners.seer_attn import SeerAttnConfig, load_seer_gates, save_seer_gates
+from peftcore.tuners.sparse_delta import SparseDeltaConfig, load_sparse_delta, save_sparse_delta, sparse_delta_layers
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 LoadError = _loading.LoadError
-CONFIG_ATTRS = ("peftcore_adapter_config", "peftcore_sparse_delta_config", "peftcore_s2ft_config",
-                "peftcore_seer_config")
+CONFIG_ATTRS = ("peftcore_adapter_config", "peftcore_adapter_configs", "peftcore_sparse_delta_config",
+                "peftcore_s2ft_config", "peftcore_seer_config")
 
 
 def tiny_llama(seed=0, hidden=64, inter=128):
@@ -111,14 +110,14 @@ def _adapter_model():
 
 
 def _sparse_model():
-    m = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+    m = T.apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
                                                            density=0.05, scale=0.5, seed=2))
     perturb([l.values for _, l in sparse_delta_layers(m)], std=0.5)
     return m
 
 
 def _s2ft_model():
-    m = apply_s2ft(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
+    m = T.apply_adapter(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
                                             channel_ratio=0.1, seed=9))
     perturb([l.delta for _, l in s2ft_layers(m)], std=0.3)
     return m
@@ -126,13 +125,13 @@ def _s2ft_model():
 
 def _seer_model():
     m = tiny_llama()
-    apply_seer_attention(m, SeerAttnConfig(block_size=4, method="top_k", top_k=2, gate_hidden_dim=8,
+    T.apply_adapter(m, SeerAttnConfig(block_size=4, method="top_k", top_k=2, gate_hidden_dim=8,
                                            gate_init="normal"))
     return m
 
 
 KINDS = {  # kind: (trained model factory, save, load, a float tensor's suffix, the last module's tensor suffix)
-    "adapter": (_adapter_model, T.save_adapter, T.load_adapter, "oft_params"),
+    "adapter": (_adapter_model, _adapters.save_file, _adapters.load_file, "oft_params"),
     "sparse_delta": (_sparse_model, save_sparse_delta, load_sparse_delta, "values"),
     "s2ft": (_s2ft_model, save_s2ft, load_s2ft, "delta"),
     "seer": (_seer_model, save_seer_gates, load_seer_gates, "q_weight"),
@@ -263,11 +262,11 @@ def test_other_sized_model_is_refused(saved, kind, target):
         if kind == "adapter":
             T.apply_adapter(model, T.OFTConfig(target_modules=["q_proj", "down_proj"], block_size=8))
         elif kind == "sparse_delta":
-            apply_sparse_delta(model, SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"]))
+            T.apply_adapter(model, SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"]))
         elif kind == "s2ft":
-            apply_s2ft(model, S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5))
+            T.apply_adapter(model, S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5))
         else:
-            apply_seer_attention(model, SeerAttnConfig(block_size=4, gate_hidden_dim=4))
+            T.apply_adapter(model, SeerAttnConfig(block_size=4, gate_hidden_dim=4))
     match = {"adapter": r"is \[32, 32\], the file's adapter is for \[64, 64\]",
              "sparse_delta": r"is \[32, \d+\], the delta is for \[64, \d+\]",
              "s2ft": r"is \[.*\], the delta is for \[.*\]",
@@ -401,7 +400,7 @@ def test_in_features_zero(tmp_path):
     save_file({"lin.oft_params": torch.zeros(0, 28)}, os.fspath(p), metadata={
         "format": "peftcore.adapter/2", "peft_type": "OFT", "config": T.OFTConfig(block_size=8).to_json(),
         "shapes": '{"lin": [8, 0]}', "layers": '{"lin": {}}'})
-    refused(T.load_adapter, _Zero(), p, LoadError, "module 'lin' has in_features=0")
+    refused(_adapters.load_file, _Zero(), p, LoadError, "module 'lin' has in_features=0")
 
 
 # ------------------------------------------------------------------------------------------------ s2ft
@@ -433,7 +432,7 @@ def test_s2ft_index_delta_and_dims(saved, tmp_path):
                     meta=lambda m: m.update(dims=json.dumps({**dims, col: bad})))
         refused(load_s2ft, _fresh("s2ft"), p, LoadError, rf"metadata 'dims': '{col}' must be 0 \(rows\) or 1")
     # a co-permuted model with another selection
-    other = apply_s2ft(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
+    other = T.apply_adapter(tiny_llama(), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5,
                                                 channel_ratio=0.1, seed=10))
     refused(load_s2ft, other, src, LoadError, "selects other rows/columns than the file")
 
@@ -472,8 +471,8 @@ def _mixed(kind):
 def test_mixed_layer_sizes_round_trip(kind, tmp_path):
     model = _mixed(kind)
     want = logits(model)
-    T.save_adapter(model, tmp_path / "m.safetensors")
-    fresh = T.load_adapter(tiny_llama(), tmp_path / "m.safetensors")
+    _adapters.save_file(model, tmp_path / "m.safetensors")
+    fresh = _adapters.load_file(tiny_llama(), tmp_path / "m.safetensors")
     a, b = dict(T.adapter_layers(model)), dict(T.adapter_layers(fresh))
     assert a.keys() == b.keys()
     for n in a:
@@ -483,19 +482,19 @@ def test_mixed_layer_sizes_round_trip(kind, tmp_path):
     assert torch.equal(logits(fresh), want)
     # into the model itself (copy path): the per-layer fields match, values come back
     perturb([p for _, l in T.adapter_layers(model) for p in l.adapter_parameters().values()], seed=5)
-    T.load_adapter(model, tmp_path / "m.safetensors")
+    _adapters.load_file(model, tmp_path / "m.safetensors")
     assert torch.equal(logits(model), want)
     # a layer whose saved fields differ from the model's layer is refused
     t, m = read(tmp_path / "m.safetensors")
     if kind == "oft":
-        refused(T.load_adapter, _mixed("oft"), rewrite(tmp_path / "m.safetensors", tmp_path / "o.safetensors",
+        refused(_adapters.load_file, _mixed("oft"), rewrite(tmp_path / "m.safetensors", tmp_path / "o.safetensors",
                 meta=lambda m: m.update(layers=m["layers"].replace('"use_cayley_neumann": false',
                                                                    '"use_cayley_neumann": true'))),
                 LoadError, "v_proj' has .*'use_cayley_neumann': False.*, the file's layer")
-        refused(T.load_adapter, tiny_llama(), rewrite(tmp_path / "m.safetensors", tmp_path / "o.safetensors",
+        refused(_adapters.load_file, tiny_llama(), rewrite(tmp_path / "m.safetensors", tmp_path / "o.safetensors",
                 meta=lambda m: m.update(layers=m["layers"].replace('"block_size": 64', '"block_size": 7'))),
                 LoadError, "down_proj' \\[64, 128\\]: block_size=7 must divide in_features=128")
-        refused(T.load_adapter, tiny_llama(), rewrite(tmp_path / "m.safetensors", tmp_path / "o.safetensors",
+        refused(_adapters.load_file, tiny_llama(), rewrite(tmp_path / "m.safetensors", tmp_path / "o.safetensors",
                 meta=lambda m: m.update(layers=m["layers"].replace('"block_size": 64', '"rank": 64'))),
                 LoadError, "metadata 'layers': .* must be an object with fields from")
 
@@ -511,8 +510,8 @@ def test_oft_from_peft_with_r_round_trips(tmp_path):
     want = logits(pm)
     model = T.from_peft(pm)
     assert {l.block_size for _, l in T.adapter_layers(model)} == {32, 64}
-    T.save_adapter(model, tmp_path / "p.safetensors")
-    fresh = T.load_adapter(tiny_llama(), tmp_path / "p.safetensors")
+    _adapters.save_file(model, tmp_path / "p.safetensors")
+    fresh = _adapters.load_file(tiny_llama(), tmp_path / "p.safetensors")
     torch.testing.assert_close(logits(fresh), want, atol=1e-5, rtol=1e-5)
 
 
@@ -520,35 +519,35 @@ def test_adapter_v1_file_still_loads(saved, tmp_path):
     src, want = saved["adapter"]
     p = rewrite(src, tmp_path / "v1.safetensors",
                 meta=lambda m: (m.pop("layers"), m.update(format="peftcore.adapter/1")))
-    model = T.load_adapter(tiny_llama(), p)
+    model = _adapters.load_file(tiny_llama(), p)
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-5)
     # a v1 file of mixed-size layers cannot describe them: a clear error, nothing changed
     m = _mixed("oft")
-    T.save_adapter(m, tmp_path / "mixed.safetensors")
+    _adapters.save_file(m, tmp_path / "mixed.safetensors")
     p = rewrite(tmp_path / "mixed.safetensors", tmp_path / "v1m.safetensors",
                 meta=lambda m: (m.pop("layers"), m.update(format="peftcore.adapter/1")))
-    refused(T.load_adapter, tiny_llama(), p, LoadError, "tensor '.*oft_params' has shape .*, the model needs")
+    refused(_adapters.load_file, tiny_llama(), p, LoadError, "tensor '.*oft_params' has shape .*, the model needs")
 
 
 def test_adapter_layer_type_and_merge(saved):
     src = saved["adapter"][0]
     monarch = T.apply_adapter(tiny_llama(), T.MonarchConfig(target_modules=["q_proj", "down_proj"], nblocks=4))
-    refused(T.load_adapter, monarch, src, LoadError, "is a MonarchLinear; the file holds OFT adapters")
+    refused(_adapters.load_file, monarch, src, LoadError, "is a MonarchLinear; the file holds OFT adapters")
     merged = _primed("adapter")
     T.merge_adapter(merged)
-    refused(T.load_adapter, merged, src, LoadError, "is merged; unmerge it first")
+    refused(_adapters.load_file, merged, src, LoadError, "is merged; unmerge it first")
     emb = tiny_llama()
     t, m = read(src)
     name = json.loads(m["layers"]).popitem()[0]
     p = rewrite(src, src.parent / "emb.safetensors", meta=lambda m: m.update(
         shapes=m["shapes"].replace(name, "model.embed_tokens"), layers=m["layers"].replace(name, "model.embed_tokens")),
         tensors=lambda t: t.update({k.replace(name, "model.embed_tokens"): t.pop(k) for k in list(t) if name in k}))
-    refused(T.load_adapter, emb, p, LoadError, "module 'model.embed_tokens' is a Embedding, not an nn.Linear")
+    refused(_adapters.load_file, emb, p, LoadError, "module 'model.embed_tokens' is a Embedding, not an nn.Linear")
 
 
 def test_loaded_layers_keep_the_model_mode_and_freeze_the_rest(saved):
     model = tiny_llama()  # eval
-    T.load_adapter(model, saved["adapter"][0])
+    _adapters.load_file(model, saved["adapter"][0])
     assert not any(m.training for m in model.modules())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".oft_params") for n in trainable)
@@ -636,7 +635,7 @@ def test_loading_into_existing_layers_keeps_the_objects(saved, kind):
 
 def test_sparse_delta_other_nnz_replaces_the_values(saved):
     """An existing layer with another nnz gets the file's (the same Parameter object, new storage, no stale grad)."""
-    model = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+    model = T.apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "down_proj"],
                                                                density=0.2, seed=4, index_dtype="int32"))
     layers = dict(sparse_delta_layers(model))
     for layer in layers.values():
@@ -681,15 +680,15 @@ def test_empty_and_odd_paths(tmp_path):
 def test_new_boft_layer_needs_one_dtype(tmp_path):
     model = T.apply_adapter(tiny_llama(), T.BOFTConfig(target_modules=["q_proj"], block_size=8, n_butterfly_factor=2))
     perturb([p for _, l in T.adapter_layers(model) for p in l.adapter_parameters().values()])
-    T.save_adapter(model, tmp_path / "b.safetensors")
+    _adapters.save_file(model, tmp_path / "b.safetensors")
     key = sorted(k for k in read(tmp_path / "b.safetensors")[0] if k.endswith(".boft_s"))[0]
     p = rewrite(tmp_path / "b.safetensors", tmp_path / "m.safetensors",
                 tensors=lambda t: t.update({key: t[key].double()}))
-    refused(T.load_adapter, tiny_llama(), p, LoadError, r"have dtypes \['torch.float32', 'torch.float64'\]; a new "
+    refused(_adapters.load_file, tiny_llama(), p, LoadError, r"have dtypes \['torch.float32', 'torch.float64'\]; a new "
             "layer needs one floating dtype")
     want = logits(model)
     perturb([p_ for _, l in T.adapter_layers(model) for p_ in l.adapter_parameters().values()], seed=8)
-    T.load_adapter(model, p)  # existing layers: each value takes its parameter's dtype
+    _adapters.load_file(model, p)  # existing layers: each value takes its parameter's dtype
     assert {p_.dtype for _, l in T.adapter_layers(model) for p_ in l.adapter_parameters().values()} == {torch.float32}
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-5)
 
@@ -697,5 +696,5 @@ def test_new_boft_layer_needs_one_dtype(tmp_path):
 def test_save_adapter_refuses_a_config_of_another_type(tmp_path):
     model = T.apply_adapter(tiny_llama(), T.OFTConfig(target_modules=["q_proj"], block_size=8))
     with pytest.raises(ValueError, match=r"save_adapter: the config is MONARCH but the model also has \['OFTLinear'\]"):
-        T.save_adapter(model, tmp_path / "x.safetensors", config=T.MonarchConfig(target_modules=["q_proj"]))
+        _adapters.save_file(model, tmp_path / "x.safetensors", config=T.MonarchConfig(target_modules=["q_proj"]))
     assert not (tmp_path / "x.safetensors").exists()

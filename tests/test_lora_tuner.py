@@ -129,7 +129,8 @@ def test_refusals():
 # ---------------------------------------------------------------------------------------------------------------
 # MultiLoraLinear / apply_multi_lora / adapter_batch (no PEFT involved).
 
-from peftcore.tuners.lora import MultiLoraLinear, adapter_batch, apply_multi_lora  # noqa: E402
+from peftcore import LoraConfig, apply_adapter  # noqa: E402
+from peftcore.tuners.lora import MultiLoraLinear, adapter_batch  # noqa: E402
 
 
 def _multi(seed=0):
@@ -188,7 +189,8 @@ def test_multi_lora_training_and_gate_gradients():
 
 def test_apply_multi_lora_on_llama():
     model = tiny_llama()
-    apply_multi_lora(model, ["q_proj", "v_proj"], ranks=[4, 8], alphas=[8, 8], names=["en", "de"])
+    apply_adapter(model, LoraConfig(target_modules=["q_proj", "v_proj"], adapter_names=["en", "de"], r=[4, 8],
+                                    lora_alpha=8))
     layers = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
     assert len(layers) == 4
     ids = _ids()
@@ -196,8 +198,9 @@ def test_apply_multi_lora_on_llama():
         ref = model(ids).logits
         with adapter_batch(model, ["en", "de", None, "en"]):
             torch.testing.assert_close(model(ids).logits, ref)  # B = 0: still the base model
-    with pytest.raises(ValueError, match=r"apply_multi_lora: no nn.Linear named \['nope'\]"):
-        apply_multi_lora(model, "nope", ranks=[1])
+    with pytest.raises(ValueError, match=r"apply_adapter\(LoraConfig\): no nn.Linear matches "
+                                         r"target_modules=\['nope'\]"):
+        apply_adapter(model, LoraConfig(target_modules=["nope"], r=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

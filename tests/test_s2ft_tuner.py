@@ -1,25 +1,14 @@
 """The S2FT tuner (peftcore.tuners.s2ft) against plain-torch dense references on tiny HF decoders."""
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from peftcore.tuners.s2ft import (
-    S2FTConfig,
-    S2FTLinear,
-    apply_s2ft,
-    find_blocks,
-    load_s2ft,
-    merge_s2ft,
-    permute_block,
-    read_s2ft,
-    s2ft_layers,
-    s2ft_state,
-    save_s2ft,
-    unload_s2ft,
-    unmerge_s2ft,
-)
+from peftcore import (adapter_state, apply_adapter, load_adapter, merge_adapter, save_adapter, unload_adapter,
+                      unmerge_adapter)
+from peftcore.tuners.s2ft import S2FTConfig, S2FTLinear, find_blocks, permute_block, s2ft_layers, s2ft_state
 
 transformers = pytest.importorskip("transformers")
 
@@ -210,14 +199,14 @@ def test_config():
 def test_apply_errors():
     m = tiny_llama()
     with pytest.raises(ValueError, match="no projection"):
-        apply_s2ft(m, S2FTConfig(target_modules=["nothing_here"]))
+        apply_adapter(m, S2FTConfig(target_modules=["nothing_here"]))
     with pytest.raises(ValueError, match="calib_fn"):
-        apply_s2ft(m, S2FTConfig(selection="gradient"))
+        apply_adapter(m, S2FTConfig(selection="gradient"))
     with pytest.raises(ValueError, match="decoder block"):
-        apply_s2ft(nn.Sequential(nn.Linear(4, 4)), S2FTConfig())
-    apply_s2ft(m, S2FTConfig())
+        apply_adapter(nn.Sequential(nn.Linear(4, 4)), S2FTConfig())
+    apply_adapter(m, S2FTConfig())
     with pytest.raises(ValueError, match="already"):
-        apply_s2ft(m, S2FTConfig())
+        apply_adapter(m, S2FTConfig())
 
 
 # ------------------------------------------------------------------------------------------------ co-permutation
@@ -271,7 +260,7 @@ def test_apply_params_init_equality_and_training(arch):
     base = MODELS[arch]()
     model = copy.deepcopy(base)
     cfg = S2FTConfig(head_ratio=0.5, channel_ratio=0.05, seed=3)
-    assert apply_s2ft(model, cfg) is model
+    assert apply_adapter(model, cfg) is model
     layers = dict(s2ft_layers(model))
     assert sorted(layers) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj"))
     c = model.config
@@ -291,14 +280,14 @@ def test_apply_params_init_equality_and_training(arch):
     losses = train(model, 8)
     assert losses[-1] < losses[0] - 0.05, losses
     # only the deltas moved: unloading without merging gives the base model back, bit for bit
-    plain = unload_s2ft(copy.deepcopy(model), merge=False)
+    plain = unload_adapter(copy.deepcopy(model), merge=False)
     for (n, p), p0 in zip(plain.named_parameters(), base.parameters()):
         assert torch.equal(p, p0), n
 
 
 def test_gqa_selection_takes_whole_kv_groups():
     base = tiny_qwen2()  # 6 query heads, 2 kv heads, n_rep = 3, head_dim 8
-    model = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_modules=ATTN, num_heads=2, seed=5))
+    model = apply_adapter(copy.deepcopy(base), S2FTConfig(target_modules=ATTN, num_heads=2, seed=5))
     for i in range(2):
         attn = model.model.layers[i].self_attn
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
@@ -316,7 +305,7 @@ def test_gqa_selection_takes_whole_kv_groups():
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_all_projections_rows_and_columns_train_and_unload(arch):
     base = MODELS[arch]()
-    model = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_modules=ALL_LINEAR, head_ratio=0.5, channel_ratio=0.1))
+    model = apply_adapter(copy.deepcopy(base), S2FTConfig(target_modules=ALL_LINEAR, head_ratio=0.5, channel_ratio=0.1))
     dims = {n.rsplit(".", 1)[1]: l.dim for n, l in s2ft_layers(model)}
     assert dims == {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 0, "up_proj": 0, "down_proj": 1}
     losses = train(model, 6)
@@ -324,7 +313,7 @@ def test_all_projections_rows_and_columns_train_and_unload(arch):
     ids = batch(3)
     y = logits(model, ids)
     state = state_with_dims(model)
-    plain = unload_s2ft(model)
+    plain = unload_adapter(model)
     assert not list(s2ft_layers(plain)) and not hasattr(plain, "peftcore_s2ft_perms")
     torch.testing.assert_close(logits(plain, ids), y, atol=1e-4, rtol=1e-4)
     # back in the original order: the weights are the base weights plus the deltas at their original positions
@@ -336,8 +325,8 @@ def test_all_projections_rows_and_columns_train_and_unload(arch):
 def test_permute_false_gathers_and_matches():
     base = tiny_llama()
     cfg = S2FTConfig(head_ratio=0.5, channel_ratio=0.1, seed=2)
-    a = apply_s2ft(copy.deepcopy(base), cfg)
-    b = apply_s2ft(copy.deepcopy(base), cfg, permute=False)
+    a = apply_adapter(copy.deepcopy(base), cfg)
+    b = apply_adapter(copy.deepcopy(base), cfg, permute=False)
     randomize_deltas(a, seed=4)
     randomize_deltas(b, seed=4)
     for (na, la), (nb, lb) in zip(s2ft_layers(a), s2ft_layers(b)):
@@ -352,21 +341,21 @@ def test_permute_false_gathers_and_matches():
 
 def test_merge_unmerge_unload_roundtrips():
     base = tiny_qwen2()
-    model = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_modules=["o_proj", "down_proj", "q_proj", "up_proj"], head_ratio=0.5))
+    model = apply_adapter(copy.deepcopy(base), S2FTConfig(target_modules=["o_proj", "down_proj", "q_proj", "up_proj"], head_ratio=0.5))
     randomize_deltas(model, seed=1)
     w_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = batch(2)
     y = logits(model, ids)
-    merge_s2ft(model)
+    merge_adapter(model)
     assert all(l.merged for _, l in s2ft_layers(model))
     torch.testing.assert_close(logits(model, ids), y, **TOL[torch.float32])
-    unmerge_s2ft(model)
+    unmerge_adapter(model)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, w_before[n], atol=1e-6, rtol=0, msg=n)
     torch.testing.assert_close(logits(model, ids), y, **TOL[torch.float32])
     state = state_with_dims(model)
-    merge_s2ft(model)  # unload of a merged model keeps the merged weights
-    plain = unload_s2ft(model)
+    merge_adapter(model)  # unload of a merged model keeps the merged weights
+    plain = unload_adapter(model)
     assert all(type(plain.get_submodule(n)) is nn.Linear for n in state)
     torch.testing.assert_close(logits(plain, ids), y, atol=1e-4, rtol=1e-4)
     ref = reference_merged(base, state)
@@ -380,35 +369,38 @@ def test_merge_unmerge_unload_roundtrips():
 def test_save_load_roundtrip_in_original_order(tmp_path):
     base = tiny_qwen2()
     cfg = S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5, channel_ratio=0.1, seed=9)
-    model = apply_s2ft(copy.deepcopy(base), cfg)
+    model = apply_adapter(copy.deepcopy(base), cfg)
     train(model, 4)
     ids = batch(5)
     y = logits(model, ids)
-    path = tmp_path / "s2ft.safetensors"
-    save_s2ft(model, path)
-    state, meta = read_s2ft(path)
-    assert S2FTConfig.from_json(meta["config"]) == cfg
+    path = tmp_path / "s2ft"
+    save_adapter(model, path)
+    meta = json.loads((path / "adapter_config.json").read_text())["methods"][0]["metadata"]
+    assert S2FTConfig.from_dict(meta["config"]) == cfg
+    saved = adapter_state(model)
+    state = {n: {k: saved[f"s2ft.{n}.{k}"] for k in ("index", "delta")} for n, _ in s2ft_layers(model)}
+    assert len(saved) == 2 * len(state)
     for name, layer in s2ft_layers(model):
         assert torch.equal(state[name]["index"], layer.orig_index)  # original coordinates, sorted
         assert not torch.equal(state[name]["index"], layer.index) or int(layer.orig_index[0]) == 0
         torch.testing.assert_close(state[name]["delta"], layer.delta.detach(), atol=0, rtol=0)
     # into the fresh, un-permuted model: same function as the trained permuted one
-    fresh = load_s2ft(copy.deepcopy(base), path)
+    fresh = load_adapter(copy.deepcopy(base), path)
     for name, layer in s2ft_layers(fresh):
         assert torch.equal(layer.index, state[name]["index"]) and torch.equal(layer.weight, base.get_submodule(name).weight)
     torch.testing.assert_close(logits(fresh, ids), y, **TOL[torch.float32])
     # into a model co-permuted with the same selection: the delta lands in the existing Parameter
-    again = apply_s2ft(copy.deepcopy(base), cfg)
+    again = apply_adapter(copy.deepcopy(base), cfg)
     params = {n: l.delta for n, l in s2ft_layers(again)}
-    load_s2ft(again, path)
+    load_adapter(again, path)
     assert all(l.delta is params[n] for n, l in s2ft_layers(again))
     torch.testing.assert_close(logits(again, ids), y, **TOL[torch.float32])
     # a different selection is refused
-    other = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5, channel_ratio=0.1, seed=10))
+    other = apply_adapter(copy.deepcopy(base), S2FTConfig(target_modules=["o_proj", "down_proj", "v_proj"], head_ratio=0.5, channel_ratio=0.1, seed=10))
     with pytest.raises(ValueError, match="other rows"):
-        load_s2ft(other, path)
+        load_adapter(other, path)
     # merging the file into the plain weights gives the same model as unloading the trained one
-    torch.testing.assert_close(logits(unload_s2ft(fresh), ids), y, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(unload_adapter(fresh), ids), y, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -425,9 +417,9 @@ def _selected_units(layer, size):
 
 def test_random_selection_is_seeded():
     cfg = S2FTConfig(head_ratio=0.5, channel_ratio=0.2, seed=7)
-    a = s2ft_state(apply_s2ft(tiny_llama(layers=4), cfg))
-    b = s2ft_state(apply_s2ft(tiny_llama(layers=4), cfg))
-    c = s2ft_state(apply_s2ft(tiny_llama(layers=4), S2FTConfig(head_ratio=0.5, channel_ratio=0.2, seed=8)))
+    a = s2ft_state(apply_adapter(tiny_llama(layers=4), cfg))
+    b = s2ft_state(apply_adapter(tiny_llama(layers=4), cfg))
+    c = s2ft_state(apply_adapter(tiny_llama(layers=4), S2FTConfig(head_ratio=0.5, channel_ratio=0.2, seed=8)))
     assert all(torch.equal(a[n]["index"], b[n]["index"]) for n in a)
     assert any(not torch.equal(a[n]["index"], c[n]["index"]) for n in a)
     downs = [a[f"model.layers.{i}.mlp.down_proj"]["index"] for i in range(4)]
@@ -436,7 +428,7 @@ def test_random_selection_is_seeded():
 
 def test_weight_selection_picks_largest_norm_units():
     base = tiny_llama(kv=4)  # MHA: one head per group
-    model = apply_s2ft(copy.deepcopy(base), S2FTConfig(num_heads=2, num_channels=7, selection="weight"))
+    model = apply_adapter(copy.deepcopy(base), S2FTConfig(num_heads=2, num_channels=7, selection="weight"))
     for name, layer in s2ft_layers(model):
         n_units, size = (4, 8) if name.endswith("o_proj") else (64, 1)
         norms = _unit_norms(base, name, 1, n_units)
@@ -456,7 +448,7 @@ def test_gradient_selection_picks_largest_grad_units():
             lm_loss(m, ids).backward()
 
     cfg = S2FTConfig(target_modules=["o_proj", "k_proj", "down_proj"], num_heads=2, num_channels=9, selection="gradient")
-    model = apply_s2ft(copy.deepcopy(base), cfg, calib_fn)
+    model = apply_adapter(copy.deepcopy(base), cfg, calib_fn=calib_fn)
     ref = copy.deepcopy(base)
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -486,8 +478,8 @@ def test_gradient_selection_picks_largest_grad_units():
 def test_grad_accumulation_matches_one_batch():
     base = tiny_llama()
     cfg = S2FTConfig(target_modules=["o_proj", "down_proj", "q_proj"], head_ratio=0.5, channel_ratio=0.1)
-    a = apply_s2ft(copy.deepcopy(base), cfg)
-    b = apply_s2ft(copy.deepcopy(base), cfg)
+    a = apply_adapter(copy.deepcopy(base), cfg)
+    b = apply_adapter(copy.deepcopy(base), cfg)
     randomize_deltas(a, seed=3)
     randomize_deltas(b, seed=3)
     x1, x2 = batch(20), batch(21)  # same size, so the mean over both = mean of the two means

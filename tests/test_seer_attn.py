@@ -8,18 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import peftcore  # noqa: F401
+from peftcore import apply_adapter, load_adapter, save_adapter, unload_adapter
 from peftcore.tuners.seer_attn import (
     AttnGate,
     SeerAttention,
     SeerAttnConfig,
-    apply_seer_attention,
     block_mask_from_scores,
     block_visibility,
-    load_seer_gates,
     pool_blocks,
-    remove_seer_attention,
-    save_seer_gates,
     seer_distill_loss,
     seer_distill_target,
     seer_gate_parameters,
@@ -197,7 +193,7 @@ def test_block_mask_rules(causal, rule, sink):
 
 def test_gate_mask_respects_causality_on_model_run():
     model = tiny_llama()
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, method="keep_ratio", keep_ratio=0.4, mode="sparse"))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, method="keep_ratio", keep_ratio=0.4, mode="sparse"))
     model(ids())
     nb = math.ceil(L / BS)
     for _, w in seer_layers(model):
@@ -243,7 +239,7 @@ def test_distill_loss_definition():
 
 def test_gradients_reach_only_the_gates():
     model = tiny_llama(sharpen=4.0)
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, gate_init="normal"))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, gate_init="normal"))
     model(ids())
     loss = seer_loss(model)
     assert loss.item() >= 0
@@ -259,7 +255,7 @@ def test_gradients_reach_only_the_gates():
 
 def test_training_steps_reduce_loss():
     model = tiny_llama(sharpen=4.0)
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS))
+    apply_adapter(model, SeerAttnConfig(block_size=BS))
     opt = torch.optim.Adam(seer_gate_parameters(model), lr=3e-2)
     x = ids()
     losses = []
@@ -282,7 +278,7 @@ def test_keep_all_equals_original(mode, rule):
     model = tiny_llama(sharpen=2.0)
     x = ids()
     want = model(x).logits
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, mode=mode, **rule))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, mode=mode, **rule))
     torch.testing.assert_close(model(x).logits, want, **TOL32)
     if mode == "sparse":
         assert seer_sparsity(model) == 0.0
@@ -294,7 +290,7 @@ def test_sparse_equals_masked_dense_reference(rule):
     model = tiny_llama(sharpen=2.0)
     orig = copy.deepcopy(model)
     x = ids()
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, mode="sparse", **rule))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, mode="sparse", **rule))
     got = model(x).logits
     masks = {i: w.last_block_mask for i, (_, w) in enumerate(seer_layers(model))}
     assert 0.2 < seer_sparsity(model) < 0.8
@@ -306,13 +302,13 @@ def test_sparse_equals_masked_dense_reference(rule):
 
 def test_dense_layers_and_layer_choice():
     model = tiny_llama()
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, dense_layers=1))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, dense_layers=1))
     assert [n for n, _ in seer_layers(model)] == ["model.layers.1.self_attn"]
     model = tiny_llama()
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, layers_to_transform=[0]))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, layers_to_transform=[0]))
     assert [n for n, _ in seer_layers(model)] == ["model.layers.0.self_attn"]
     with pytest.raises(ValueError, match="already has a gate"):
-        apply_seer_attention(model, SeerAttnConfig(block_size=BS))
+        apply_adapter(model, SeerAttnConfig(block_size=BS))
 
 
 def test_remove_restores_exactly():
@@ -321,9 +317,9 @@ def test_remove_restores_exactly():
     want = model(x).logits
     attns = [layer.self_attn for layer in model.model.layers]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, method="top_k", top_k=2, mode="sparse"))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, method="top_k", top_k=2, mode="sparse"))
     model(x)
-    remove_seer_attention(model)
+    unload_adapter(model)
     assert all(layer.self_attn is a for layer, a in zip(model.model.layers, attns))
     assert not list(seer_layers(model)) and not hasattr(model, "peftcore_seer_config")
     got = model.state_dict()
@@ -335,7 +331,7 @@ def test_modes_switch_and_generate_with_cache():
     model = tiny_llama(sharpen=2.0)
     x = ids(B=1, n=40)
     want = model.generate(x, max_new_tokens=5, do_sample=False)
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, method="top_k", top_k=1, mode="distill"))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, method="top_k", top_k=1, mode="distill"))
     # prefill through the wrapper (distill: dense output), decode steps fall back to the original attention
     assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False), want)
     set_seer_mode(model, "sparse")
@@ -347,7 +343,7 @@ def test_modes_switch_and_generate_with_cache():
 
 def test_padding_mask_raises():
     model = tiny_llama()
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS))
+    apply_adapter(model, SeerAttnConfig(block_size=BS))
     am = torch.ones(2, L, dtype=torch.long)
     am[0, :5] = 0
     with pytest.raises(ValueError, match="padding"):
@@ -360,7 +356,7 @@ def test_qwen2_biases():
     orig = copy.deepcopy(model)
     x = ids()
     want = model(x).logits
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, threshold=0.0, mode="sparse"))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, threshold=0.0, mode="sparse"))
     torch.testing.assert_close(model(x).logits, want, **TOL32)
     set_seer_mode(model, "sparse")
     for _, w in seer_layers(model):
@@ -375,10 +371,10 @@ def test_save_load_and_config_json(tmp_path):
     cfg = SeerAttnConfig(block_size=BS, method="top_k", top_k=2, gate_hidden_dim=8, gate_init="normal")
     assert SeerAttnConfig.from_json(cfg.to_json()) == cfg
     model = tiny_llama()
-    apply_seer_attention(model, cfg)
-    save_seer_gates(model, tmp_path / "g.safetensors")
+    apply_adapter(model, cfg)
+    save_adapter(model, tmp_path / "g")
     fresh = tiny_llama()
-    load_seer_gates(fresh, tmp_path / "g.safetensors")  # applies the file's config first
+    load_adapter(fresh, tmp_path / "g")  # applies the file's config first
     a = dict((n, w) for n, w in seer_layers(model))
     for n, w in seer_layers(fresh):
         assert isinstance(w, SeerAttention) and w.gate.hidden_dim == 8
@@ -399,6 +395,6 @@ def test_mistral_and_qwen3_keep_all(arch):
     model = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**kw)).eval()
     x = ids()
     want = model(x).logits
-    apply_seer_attention(model, SeerAttnConfig(block_size=BS, threshold=0.0, mode="sparse"))
+    apply_adapter(model, SeerAttnConfig(block_size=BS, threshold=0.0, mode="sparse"))
     assert len(list(seer_layers(model))) == 2
     torch.testing.assert_close(model(x).logits, want, **TOL32)

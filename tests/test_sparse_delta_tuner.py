@@ -1,25 +1,22 @@
 """The sparse-delta tuner (peftcore.tuners.sparse_delta) against plain-torch dense references."""
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
+from peftcore import apply_adapter, load_adapter, merge_adapter, save_adapter, unload_adapter, unmerge_adapter
 from peftcore.tuners.sparse_delta import (
     ActivationCapture,
     SparseDeltaConfig,
     SparseDeltaLinear,
     SparseDeltaScheduler,
-    apply_sparse_delta,
     compose_deltas,
     drop_and_grow,
     load_sparse_delta,
-    merge_sparse_delta,
-    save_sparse_delta,
     sparse_delta_layers,
     sparse_delta_state,
-    unload_sparse_delta,
-    unmerge_sparse_delta,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -154,16 +151,16 @@ def test_config_matching_and_serialisation():
 def test_apply_errors():
     m = tiny_llama()
     with pytest.raises(ValueError, match="no nn.Linear"):
-        apply_sparse_delta(m, SparseDeltaConfig(target_modules=["nothing_here"]))
+        apply_adapter(m, SparseDeltaConfig(target_modules=["nothing_here"]))
     with pytest.raises(ValueError, match="calib_fn"):
-        apply_sparse_delta(m, SparseDeltaConfig(target_modules=["q_proj"], selection="gradient"))
+        apply_adapter(m, SparseDeltaConfig(target_modules=["q_proj"], selection="gradient"))
     from transformers.pytorch_utils import Conv1D
 
     with pytest.raises(TypeError, match="Conv1D"):
-        apply_sparse_delta(nn.Sequential(Conv1D(4, 4)), SparseDeltaConfig(target_modules=["0"]))
-    apply_sparse_delta(m, SparseDeltaConfig(target_modules=["q_proj"]))
+        apply_adapter(nn.Sequential(Conv1D(4, 4)), SparseDeltaConfig(target_modules=["0"]))
+    apply_adapter(m, SparseDeltaConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already"):
-        apply_sparse_delta(m, SparseDeltaConfig(target_modules=["q_proj"]))
+        apply_adapter(m, SparseDeltaConfig(target_modules=["q_proj"]))
 
 
 # ------------------------------------------------------------------------------------------------ apply on a HF model
@@ -173,7 +170,7 @@ def test_apply_llama_params_init_equality_and_training():
     base = tiny_llama()
     model = copy.deepcopy(base)
     cfg = SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.05, selection="random", seed=3)
-    assert apply_sparse_delta(model, cfg) is model
+    assert apply_adapter(model, cfg) is model
     layers = dict(sparse_delta_layers(model))
     assert len(layers) == 2 * len(ALL_LINEAR)
     expected = sum(round(0.05 * l.out_features * l.in_features) for l in layers.values())
@@ -202,9 +199,9 @@ def test_apply_llama_params_init_equality_and_training():
 
 def test_random_selection_properties():
     cfg = SparseDeltaConfig(target_modules=ATTN, density=0.1, seed=7)
-    a = sparse_delta_state(apply_sparse_delta(tiny_llama(), cfg))
-    b = sparse_delta_state(apply_sparse_delta(tiny_llama(), cfg))
-    c = sparse_delta_state(apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=ATTN, density=0.1, seed=8)))
+    a = sparse_delta_state(apply_adapter(tiny_llama(), cfg))
+    b = sparse_delta_state(apply_adapter(tiny_llama(), cfg))
+    c = sparse_delta_state(apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=ATTN, density=0.1, seed=8)))
     for name, d in a.items():
         idx = d["indices"]
         assert idx.dtype == torch.int64 and (idx[1:] > idx[:-1]).all()
@@ -222,7 +219,7 @@ def test_random_selection_properties():
 
 def test_magnitude_selection_picks_smallest_abs_weight():
     base = tiny_llama()
-    model = apply_sparse_delta(copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.03, selection="magnitude"))
+    model = apply_adapter(copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.03, selection="magnitude"))
     for name, layer in sparse_delta_layers(model):
         w = base.get_submodule(name).weight.detach().abs().flatten()
         idx = layer.indices.long()
@@ -240,8 +237,8 @@ def test_gradient_selection_matches_dense_weight_gradient():
         for ids in batches:
             lm_loss(m, ids).backward()
 
-    model = apply_sparse_delta(
-        copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.04, selection="gradient"), calib_fn
+    model = apply_adapter(
+        copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.04, selection="gradient"), calib_fn=calib_fn
     )
     # dense reference: the accumulated weight gradient of the plain model on the same batches
     ref = copy.deepcopy(base)
@@ -280,14 +277,14 @@ def _train(model, opt, steps, seed0=100):
 
 def test_drop_and_grow_realigns_values_and_adam_state():
     base = tiny_llama()
-    model = apply_sparse_delta(copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.05, seed=1))
+    model = apply_adapter(copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.05, seed=1))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
     _train(model, opt, 3)
     layers = dict(sparse_delta_layers(model))
     ids = batch(555)
     # dense reference gradient of W_eff on the batch the capture sees
-    ref = unload_sparse_delta(copy.deepcopy(model), merge=True)
+    ref = unload_adapter(copy.deepcopy(model), merge=True)
     for p in ref.parameters():
         p.requires_grad_(False)
     for n in layers:
@@ -348,7 +345,7 @@ def test_drop_and_grow_realigns_values_and_adam_state():
 
 
 def test_scheduler_periodic_updates_and_hooks():
-    model = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=ATTN, density=0.05, seed=2))
+    model = apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=ATTN, density=0.05, seed=2))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = SparseDeltaScheduler(model, opt, drop_fraction=0.2, every_n_steps=2, end_step=6, anneal="cosine")
     layers = dict(sparse_delta_layers(model))
@@ -379,20 +376,20 @@ def test_scheduler_periodic_updates_and_hooks():
 
 def test_merge_unmerge_unload_model():
     base = tiny_llama()
-    model = apply_sparse_delta(copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.1))
+    model = apply_adapter(copy.deepcopy(base), SparseDeltaConfig(target_modules=ALL_LINEAR, density=0.1))
     randomize_values(model)
     ids = batch(3)
     y = logits(model, ids)
     assert (y - logits(base, ids)).abs().max() > 1e-3  # the delta does something
-    merge_sparse_delta(model)
+    merge_adapter(model)
     assert all(l.merged for _, l in sparse_delta_layers(model))
     torch.testing.assert_close(logits(model, ids), y, atol=1e-4, rtol=1e-4)
-    unmerge_sparse_delta(model)
+    unmerge_adapter(model)
     torch.testing.assert_close(logits(model, ids), y)
     for n, l in sparse_delta_layers(model):
         torch.testing.assert_close(l.weight, base.get_submodule(n).weight, atol=1e-6, rtol=0)
     # unload with merge: plain nn.Linear with W + scale*S
-    merged = unload_sparse_delta(copy.deepcopy(model), merge=True)
+    merged = unload_adapter(copy.deepcopy(model), merge=True)
     assert not list(sparse_delta_layers(merged))
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(logits(merged, ids), y, atol=1e-4, rtol=1e-4)
@@ -400,7 +397,7 @@ def test_merge_unmerge_unload_model():
         ref = base.get_submodule(n).weight.double() + dense_delta(l.weight.shape, l.indices, l.values)
         torch.testing.assert_close(merged.get_submodule(n).weight.double(), ref, atol=1e-6, rtol=0)
     # unload without merge: the original model back
-    plain = unload_sparse_delta(model, merge=False)
+    plain = unload_adapter(model, merge=False)
     torch.testing.assert_close(logits(plain, ids), logits(base, ids))
 
 
@@ -412,27 +409,27 @@ def test_save_load_roundtrip(tmp_path):
 
     base = tiny_llama()
     cfg = SparseDeltaConfig(target_modules=ATTN, density=0.08, scale=0.5, seed=4)
-    model = apply_sparse_delta(copy.deepcopy(base), cfg)
+    model = apply_adapter(copy.deepcopy(base), cfg)
     randomize_values(model, seed=1)
     ids = batch(4)
     y = logits(model, ids)
-    path = tmp_path / "delta.safetensors"
-    save_sparse_delta(model, path)
-    with safe_open(str(path), "pt") as f:
+    path = tmp_path / "delta"
+    save_adapter(model, path)
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
-        meta = f.metadata()
-    assert keys == {f"{n}.{k}" for n, _ in sparse_delta_layers(model) for k in ("indices", "values")}
-    assert SparseDeltaConfig.from_json(meta["config"]) == cfg
-    assert '"model.layers.0.self_attn.k_proj": [16, 32]' in meta["shapes"]
+    meta = json.loads((path / "adapter_config.json").read_text())["methods"][0]["metadata"]
+    assert keys == {f"sparse_delta.{n}.{k}" for n, _ in sparse_delta_layers(model) for k in ("indices", "values")}
+    assert SparseDeltaConfig.from_dict(meta["config"]) == cfg
+    assert meta["shapes"]["model.layers.0.self_attn.k_proj"] == [16, 32]
     # into a plain model: wrapped on load
-    fresh = load_sparse_delta(copy.deepcopy(base), path)
+    fresh = load_adapter(copy.deepcopy(base), path)
     torch.testing.assert_close(logits(fresh, ids), y)
     for (n, a), (_, b) in zip(sparse_delta_layers(model), sparse_delta_layers(fresh)):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values) and b.scale == 0.5
     # into a model that already has (other) deltas: same Parameter objects, new contents
-    other = apply_sparse_delta(copy.deepcopy(base), SparseDeltaConfig(target_modules=ATTN, density=0.08, scale=0.5, seed=99))
+    other = apply_adapter(copy.deepcopy(base), SparseDeltaConfig(target_modules=ATTN, density=0.08, scale=0.5, seed=99))
     objs = [l.values for _, l in sparse_delta_layers(other)]
-    load_sparse_delta(other, path)
+    load_adapter(other, path)
     assert all(a is l.values for a, (_, l) in zip(objs, sparse_delta_layers(other)))
     torch.testing.assert_close(logits(other, ids), y)
     # wrong shapes are refused
@@ -440,7 +437,7 @@ def test_save_load_roundtrip(tmp_path):
         vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2))
     with pytest.raises(ValueError, match="delta is for"):
-        load_sparse_delta(wrong, path)
+        load_adapter(wrong, path)
 
 
 def test_compose_deltas_sums_overlaps():
@@ -455,8 +452,8 @@ def test_compose_deltas_sums_overlaps():
 
     # model level: two adapters (different supports) composed == sum of their dense deltas
     base = tiny_llama()
-    m1 = apply_sparse_delta(copy.deepcopy(base), SparseDeltaConfig(target_modules=ATTN, density=0.1, seed=1))
-    m2 = apply_sparse_delta(copy.deepcopy(base), SparseDeltaConfig(target_modules=["q_proj", "gate_proj"], density=0.1, seed=2))
+    m1 = apply_adapter(copy.deepcopy(base), SparseDeltaConfig(target_modules=ATTN, density=0.1, seed=1))
+    m2 = apply_adapter(copy.deepcopy(base), SparseDeltaConfig(target_modules=["q_proj", "gate_proj"], density=0.1, seed=2))
     randomize_values(m1, seed=5)
     randomize_values(m2, seed=6)
     comp = compose_deltas(sparse_delta_state(m1), sparse_delta_state(m2))
@@ -485,7 +482,7 @@ def test_apply_on_a_peft_lora_model():
     lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
     ids = batch(8)
     y = logits(lora, ids)
-    apply_sparse_delta(lora, SparseDeltaConfig(target_modules=["q_proj", "o_proj"], density=0.1))
+    apply_adapter(lora, SparseDeltaConfig(target_modules=["q_proj", "o_proj"], density=0.1))
     names = [n for n, _ in sparse_delta_layers(lora)]
     assert len(names) == 4 and all(n.endswith(("q_proj", "o_proj")) for n in names)
     assert isinstance(lora.base_model.model.model.layers[0].self_attn.v_proj, peft.tuners.lora.LoraLayer)

@@ -3,10 +3,15 @@ with HF PEFT LoRA, and the eliminating layers save much less for backward."""
 import pytest
 import torch
 
-import peftcore  # noqa: F401
-from peftcore.tuners.token_elim import TokenElimConfig, apply_token_elim, decoder_layers, remove_token_elim
+from peftcore import SparseDeltaConfig, apply_adapter, unload_adapter
+from peftcore.tuners.token_elim import TokenElimConfig, decoder_layers
 
 transformers = pytest.importorskip("transformers")
+
+
+def eliminating(model):
+    """The indices of the decoder layers whose forward eliminates tokens."""
+    return [i for i, l in enumerate(decoder_layers(model)) if "_token_elim_config" in vars(l)]
 
 
 def tiny_llama(attn="sdpa", layers=4, seed=0):
@@ -49,9 +54,9 @@ def test_keep_ratio_one_reproduces_outputs_and_gradients(attn, dtype, gather_cal
     model = tiny_llama(attn).to(dtype)
     ids = torch.randint(0, 97, (2, 100))
     ref_logits, ref_grads = _loss_and_grads(model, ids)
-    chosen = apply_token_elim(model, TokenElimConfig(keep_ratio=1.0, mlp_keep_ratio=1.0, block_size=16,
-                                                     dense_first=0, dense_last=0))
-    assert chosen == [0, 1, 2, 3]
+    apply_adapter(model, TokenElimConfig(keep_ratio=1.0, mlp_keep_ratio=1.0, block_size=16, dense_first=0,
+                                         dense_last=0))
+    assert eliminating(model) == [0, 1, 2, 3]
     logits, grads = _loss_and_grads(model, ids)
     assert gather_calls[0] == 4 * 3  # hidden states, cos, sin per layer: the eliminating path ran
     torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0)
@@ -59,7 +64,7 @@ def test_keep_ratio_one_reproduces_outputs_and_gradients(attn, dtype, gather_cal
     tol = dict(atol=1e-7, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-15, rtol=1e-12)
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], **tol, msg=lambda m: f"{n}: {m}")
-    remove_token_elim(model)
+    unload_adapter(model)
     assert all("forward" not in vars(l) for l in decoder_layers(model))
 
 
@@ -70,8 +75,8 @@ def test_elimination_changes_only_eliminating_layers_and_trains_lora(gather_call
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
-    chosen = apply_token_elim(model, TokenElimConfig(keep_ratio=0.5, block_size=16, dense_first=1, dense_last=1))
-    assert chosen == [1, 2]
+    apply_adapter(model, TokenElimConfig(keep_ratio=0.5, block_size=16, dense_first=1, dense_last=1))
+    assert eliminating(model) == [1, 2]
     ids = torch.randint(0, 97, (2, 130))  # 9 blocks, the last partial
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss) and gather_calls[0] == 2 * 3
@@ -83,7 +88,7 @@ def test_elimination_changes_only_eliminating_layers_and_trains_lora(gather_call
     model.eval()
     with torch.no_grad():
         a = model(input_ids=ids).logits
-        remove_token_elim(model)
+        unload_adapter(model)
         b = model(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -92,7 +97,7 @@ def test_dropped_tokens_ride_the_residual():
     """In an eliminating layer, the attention block leaves the dropped tokens' hidden states unchanged."""
     model = tiny_llama(layers=1)
     layer = decoder_layers(model)[0]
-    apply_token_elim(model, TokenElimConfig(keep_ratio=0.5, mlp_keep_ratio=1.0, block_size=16, dense_first=0,
+    apply_adapter(model, TokenElimConfig(keep_ratio=0.5, mlp_keep_ratio=1.0, block_size=16, dense_first=0,
                                             dense_last=0))
     captured = {}
     layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: captured.setdefault("h", i[0]))
@@ -139,7 +144,8 @@ def test_half_keep_ratio_saves_at_least_1_6x_less_in_eliminating_layers():
     cfg = TokenElimConfig(keep_ratio=0.5, block_size=64, dense_first=1, dense_last=1)
     chosen = [1, 2]
     dense = _saved_activation_bytes(model, ids, chosen)
-    assert apply_token_elim(model, cfg) == chosen
+    apply_adapter(model, cfg)
+    assert eliminating(model) == chosen
     elim = _saved_activation_bytes(model, ids, chosen)
     assert dense / elim >= 1.6, (dense, elim)
 
@@ -147,19 +153,16 @@ def test_half_keep_ratio_saves_at_least_1_6x_less_in_eliminating_layers():
 def test_composes_with_peftcore_sparse_delta(gather_calls):
     """peftcore's own PEFT modules on q_proj / v_proj (and the MLP, which then runs unchanged) train through the
     eliminating layers; at keep ratio 1.0 the logits equal the same adapted model's without elimination."""
-    from peftcore.tuners import SparseDeltaConfig, apply_sparse_delta
-
-    model = apply_sparse_delta(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "up_proj"],
-                                                               density=0.05))
+    model = apply_adapter(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "v_proj", "up_proj"],
+                                                          density=0.05))
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     ids = torch.randint(0, 97, (1, 96))
     ref = model(input_ids=ids).logits.detach()
-    apply_token_elim(model, TokenElimConfig(keep_ratio=1.0, block_size=16, dense_first=1, dense_last=0))
+    apply_adapter(model, TokenElimConfig(keep_ratio=1.0, block_size=16, dense_first=1, dense_last=0))
     torch.testing.assert_close(model(input_ids=ids).logits.detach(), ref, atol=0, rtol=0)
-    remove_token_elim(model)
-    apply_token_elim(model, TokenElimConfig(keep_ratio=0.5, block_size=16, dense_first=1, dense_last=0))
+    apply_adapter(model, TokenElimConfig(keep_ratio=0.5, block_size=16, dense_first=1, dense_last=0))  # replaces
     calls = gather_calls[0]
     loss = model(input_ids=ids, labels=ids).loss
     assert gather_calls[0] > calls and torch.isfinite(loss)

@@ -2,7 +2,9 @@
 
 Every kernel is a ``torch.ops.peftcore.*`` custom op (CPU and, where built, CUDA) with a fake kernel and autograd,
 so it works under ``torch.compile`` and CUDA graphs. ``peftcore.ops.<family>`` holds the documented wrappers;
-``peftcore.tuners`` builds PEFT modules from them.
+``peftcore.tuners`` builds PEFT modules from them, with one adapter API for every method:
+``peftcore.apply_adapter(model, config)``, ``save_adapter`` / ``load_adapter`` (a directory), ``merge_adapter``,
+``unmerge_adapter``, ``unload_adapter``, ``adapter_state`` (see ``docs/api.md``).
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
@@ -82,10 +84,23 @@ def build_info() -> dict:
     }
 
 
-def __getattr__(name):
-    # The tuners import transformers-friendly helpers lazily so `import peftcore` stays light.
-    if name in ("SparseDeltaLinear", "SparseDeltaConfig", "apply_sparse_delta"):
-        from .tuners import sparse_delta as _sd
+# The one adapter API (peftcore.tuners.api) and every config class, imported lazily so `import peftcore` stays light.
+_TUNER_NAMES = (
+    "apply_adapter", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter", "unload_adapter",
+    "adapter_state", "adapter_methods", "LoadError",
+    "SparseDeltaConfig", "S2FTConfig", "MonarchConfig", "OFTConfig", "BOFTConfig", "MissConfig", "SeerAttnConfig",
+    "TokenElimConfig", "LoraConfig",
+    "SparseDeltaLinear", "apply_sparse_delta",  # older top-level names
+)
 
-        return getattr(_sd, name)
-    raise AttributeError(name)
+
+def __getattr__(name):
+    if name in _TUNER_NAMES:
+        from . import tuners
+
+        return getattr(tuners, name)
+    raise AttributeError(f"module 'peftcore' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_TUNER_NAMES))

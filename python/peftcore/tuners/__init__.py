@@ -1,4 +1,11 @@
-"""PEFT methods built on peftcore ops, one folder per method (HF PEFT's ``tuners/<method>/{config,layer,model}.py``)."""
+"""PEFT methods built on peftcore ops, one folder per method (HF PEFT's ``tuners/<method>/{config,layer,model}.py``).
+
+The one API for every method is :mod:`peftcore.tuners.api` (``apply_adapter(model, config)``, ``save_adapter`` /
+``load_adapter`` of a directory, ``merge_adapter``, ``unmerge_adapter``, ``unload_adapter``, ``adapter_state``),
+also at ``peftcore.`` top level. The per-method names (``apply_sparse_delta``, ``save_s2ft``, ...) are kept as
+documented aliases: ``apply_*`` / ``merge_*`` / ``unmerge_*`` / ``unload_*`` do what the generic call does for that
+method; ``save_*`` / ``load_*`` read and write the older single-method safetensors file (``load_adapter`` reads
+those files too)."""
 from .sparse_delta import (  # noqa: F401
     SparseDeltaConfig,
     SparseDeltaLinear,
@@ -40,16 +47,17 @@ from .seer_attn import (  # noqa: F401,E402
     seer_sparsity,
     set_seer_mode,
 )
-from ._adapters import (  # noqa: F401,E402
-    adapter_layers,
+from ._adapters import adapter_layers, from_peft  # noqa: F401,E402
+from .token_elim import TokenElimConfig, apply_token_elim, remove_token_elim  # noqa: F401,E402
+from .lora import LoraConfig, MultiLoraLinear, adapter_batch, apply_multi_lora  # noqa: F401,E402
+from .api import (  # noqa: F401,E402  (the one API for every method)
+    adapter_methods,
     adapter_state,
     apply_adapter,
-    from_peft,
     load_adapter,
     merge_adapter,
     save_adapter,
     unload_adapter,
     unmerge_adapter,
 )
-from .token_elim import TokenElimConfig, apply_token_elim, remove_token_elim  # noqa: F401,E402
 from ._loading import LoadError  # noqa: F401,E402  (every loader's refusal: a ValueError)

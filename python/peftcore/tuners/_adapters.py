@@ -1,6 +1,7 @@
-"""Model-level API shared by the structured adapters (Monarch, OFT, BOFT, MiSS): apply to the targeted
-``nn.Linear`` modules in one call, merge / unmerge / unload, safetensors save / load, and the one-call conversion
-of a HF PEFT model (OFT, BOFT or MiSS adapters) to peftcore layers.
+"""What the structured adapters (Monarch, OFT, BOFT, MiSS) share: apply to the targeted ``nn.Linear`` modules in
+one call, their part of a saved adapter (and the single-method safetensors file, :func:`save_file` /
+:func:`load_file`), and the one-call conversion of a HF PEFT model (OFT, BOFT or MiSS adapters) to peftcore layers.
+Merge / unmerge / unload and the directory format are the one API's (:mod:`peftcore.tuners.api`).
 
 Each adapter is a :class:`~peftcore.tuners._layer.FrozenLinearAdapter` subclass registered here with its config
 class; the layer gives ``create(base, config)``, ``from_peft(peft_layer, adapter)``, its trainable parameters
@@ -12,12 +13,14 @@ import json
 import os
 from typing import Iterator, Optional, Union
 
-import torch
 from torch import nn
 
 from ._layer import FrozenLinearAdapter
+from ._model import find_linear_targets, layers_of
+from ._model import replace_module as _replace
 
-CONFIG_ATTR = "peftcore_adapter_config"
+CONFIG_ATTR = "peftcore_adapter_config"  # the last config applied
+CONFIGS_ATTR = "peftcore_adapter_configs"  # {peft_type: config}: one per structured method on the model
 FORMAT = "peftcore.adapter/2"
 FORMAT_V1 = "peftcore.adapter/1"  # no per-layer fields; still read
 
@@ -42,40 +45,30 @@ def _registered_layers() -> tuple:
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, FrozenLinearAdapter]]:
     """``(name, layer)`` for every Monarch / OFT / BOFT / MiSS layer of ``model``, in module order."""
-    classes = _registered_layers()
-    for name, m in model.named_modules():
-        if isinstance(m, classes):
-            yield name, m
+    return layers_of(model, _registered_layers())
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def _configs_with(model: nn.Module, config) -> dict:
+    return {**getattr(model, CONFIGS_ATTR, {}), config.peft_type: config}
 
 
-def apply_adapter(model: nn.Module, config) -> nn.Module:
+def config_of(model: nn.Module, peft_type: str):
+    """The config of the ``peft_type`` layers of ``model`` (``None`` if none was recorded)."""
+    cfg = getattr(model, CONFIGS_ATTR, {}).get(peft_type)
+    if cfg is None:
+        cfg = getattr(model, CONFIG_ATTR, None)
+        cfg = cfg if getattr(cfg, "peft_type", None) == peft_type else None
+    return cfg
+
+
+def apply_structured(model: nn.Module, config) -> nn.Module:
     """Wrap every targeted ``nn.Linear`` of ``model`` (``config.target_modules`` / ``exclude_modules``, PEFT's
     matching rules) in the config's adapter layer, in place; freeze every other parameter so only the adapters
-    train; return ``model``. Works on any ``nn.Module`` (HF transformers models included)."""
+    train; return ``model``. Works on any ``nn.Module`` (HF transformers models included). Called by
+    ``peftcore.apply_adapter`` for Monarch / OFT / BOFT / MiSS configs."""
     layer_cls = _layer_class(config)
     owner = f"apply_adapter({type(config).__name__})"
-    targets, inside = [], []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, FrozenLinearAdapter):
-            inside.append(name)
-            if config.matches(name):
-                raise ValueError(f"{owner}: {name!r} already has an adapter ({type(m).__name__})")
-            continue
-        if not config.matches(name):
-            continue
-        if isinstance(m, nn.Linear):
-            targets.append((name, m))
-        elif type(m).__name__ == "Conv1D":
-            raise TypeError(f"{owner}: {name!r} is a transformers Conv1D; only nn.Linear is supported")
-    if not targets:
-        raise ValueError(f"{owner}: no nn.Linear matches target_modules={config.target_modules!r}")
+    targets = find_linear_targets(model, config, owner)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, lin in targets:
@@ -84,44 +77,9 @@ def apply_adapter(model: nn.Module, config) -> nn.Module:
         except ValueError as e:
             raise ValueError(f"{owner}: {name!r} [{lin.out_features}, {lin.in_features}]: {e}") from None
         _replace(model, name, layer)
+    setattr(model, CONFIGS_ATTR, _configs_with(model, config))
     setattr(model, CONFIG_ATTR, config)
     return model
-
-
-def merge_adapter(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge every adapter into its base weight in place (the forward is then the plain linear's)."""
-    for _, layer in adapter_layers(model):
-        if not layer.merged:
-            layer.merge(safe_merge=safe_merge)
-    return model
-
-
-def unmerge_adapter(model: nn.Module) -> nn.Module:
-    for _, layer in adapter_layers(model):
-        if layer.merged:
-            layer.unmerge()
-    return model
-
-
-def unload_adapter(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every adapter layer by its base ``nn.Linear`` (merged first unless ``merge=False``); returns the
-    plain model."""
-    for name, layer in list(adapter_layers(model)):
-        if merge and not layer.merged:
-            layer.merge()
-        _replace(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
-    return model
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module>.<param>": tensor}`` of every adapter's trainable parameters (detached)."""
-    state = {}
-    for name, layer in adapter_layers(model):
-        for pname, p in layer.adapter_parameters().items():
-            state[f"{name}.{pname}"] = p.detach()
-    return state
 
 
 # Per-layer fields that may differ between the layers of one model (PEFT's OFT with ``r`` gives each layer its own
@@ -139,17 +97,19 @@ def _layer_fields(layer: FrozenLinearAdapter) -> dict:
     return {k: getattr(cfg, k) for k in LAYER_FIELDS.get(cfg.peft_type, ())}
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config=None) -> None:
-    """Write the adapters' parameters to a safetensors file (tensors ``"<module>.<param>"``); metadata ``format``
+def structured_file(model: nn.Module, config=None, peft_type: Optional[str] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the Monarch / OFT / BOFT / MiSS layers: what :func:`save_file` writes (and
+    ``peftcore.save_adapter`` puts in the directory): tensors ``"<module>.<param>"``; metadata ``format``
     (``peftcore.adapter/2``), ``peft_type``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and
     ``layers`` (json ``{module: {field: value}}``: each layer's own block size / rank / ... , so layers of
-    different sizes in one model load back exactly)."""
-    from safetensors.torch import save_file
-
+    different sizes in one model load back exactly). ``peft_type``: only the layers of that type (with their
+    config), when the model holds several types."""
+    if peft_type is not None:
+        config = config or config_of(model, peft_type)
     config = config or getattr(model, CONFIG_ATTR, None)
     if config is None:
         raise ValueError("save_adapter: no config on the model (apply_adapter / from_peft set one); pass config=")
-    layers = dict(adapter_layers(model))
+    layers = {n: m for n, m in adapter_layers(model) if peft_type is None or m.config_class.PEFT_TYPE == peft_type}
     if not layers:
         raise ValueError("save_adapter: the model has no peftcore adapter layer")
     if any(layer.merged for layer in layers.values()):
@@ -157,28 +117,46 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config=None) -
     other = sorted({type(m).__name__ for m in layers.values() if m.config_class.PEFT_TYPE != config.peft_type})
     if other:
         raise ValueError(f"save_adapter: the config is {config.peft_type} but the model also has {other} layers")
-    tensors = {k: v.cpu().contiguous() for k, v in adapter_state(model).items()}
+    tensors = {f"{n}.{p}": t.detach().cpu().contiguous() for n, m in layers.items()
+               for p, t in m.adapter_parameters().items()}
     shapes = {n: [m.out_features, m.in_features] for n, m in layers.items()}
     per_layer = {n: _layer_fields(m) for n, m in layers.items()}
     meta = {"format": FORMAT, "peft_type": config.peft_type, "config": config.to_json(), "shapes": json.dumps(shapes),
             "layers": json.dumps(per_layer, sort_keys=True)}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    return tensors, meta
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
-    """Load a file from :func:`save_adapter` into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
+def save_file(model: nn.Module, path: Union[str, os.PathLike], config=None) -> None:
+    """Write the Monarch / OFT / BOFT / MiSS layers to one safetensors file (the single-method format,
+    :func:`structured_file`). The library-wide format is ``peftcore.save_adapter(model, directory)``;
+    ``peftcore.load_adapter`` reads both."""
+    from safetensors.torch import save_file as _save
+
+    tensors, meta = structured_file(model, config)
+    _save(tensors, os.fspath(path), metadata=meta)
+
+
+def load_file(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Load a file from :func:`save_file` into ``model``, all or nothing (:mod:`peftcore.tuners._loading`).
 
     Each module named in the file that is a plain ``nn.Linear`` gets a new adapter layer built from the file's
     config and that layer's own saved fields (block size, rank, ...); then every parameter that is not an adapter
-    parameter is frozen, as :func:`apply_adapter` does. A module that already is an adapter layer of the file's
+    parameter is frozen, as :func:`apply_structured` does. A module that already is an adapter layer of the file's
     type and fields gets the values. Floating values take the dtype of the parameter they fill (a new layer's is
     the file's); anything else (integer tensors, other shapes, unknown modules or metadata, extra tensors unless
     ``strict=False``) is an error, raised before the model changes. Reads ``peftcore.adapter/2`` files and the
     older ``peftcore.adapter/1`` (no per-layer fields: every layer is built from the file's config). Returns
     ``model``."""
+    stage_load(model, path, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, path, strict: bool = True):
+    """Everything :func:`load_file` checks, and the :class:`~peftcore.tuners._loading.Commit` that applies it (not
+    run). ``path`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from . import _loading as L
 
-    f = L.read_file("load_adapter", path, (FORMAT, FORMAT_V1))
+    f = path if isinstance(path, L.LoadFile) else L.read_file("load_adapter", path, (FORMAT, FORMAT_V1))
     err = f.error
     ptype = f.meta.get("peft_type")
     if ptype is None:
@@ -254,8 +232,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: bool =
         commit.requires_grad([p for p in model.parameters() if id(p) not in keep], False)
         commit.requires_grad([p for l in new_layers for p in l.adapter_parameters().values()], True)
     commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    return model
+    commit.set_attr(model, CONFIGS_ATTR, _configs_with(model, config))
+    return commit
 
 
 _PEFT_CONFIG_REFUSED = {  # PEFT config option -> the values from_peft converts (any other value is refused)
@@ -377,4 +355,5 @@ def from_peft(peft_model: nn.Module, adapter: Optional[str] = None) -> nn.Module
     config = root.get_submodule(found[0]).to_config()
     config.target_modules = found
     setattr(root, CONFIG_ATTR, config)
+    setattr(root, CONFIGS_ATTR, {config.peft_type: config})
     return root

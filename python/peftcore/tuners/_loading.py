@@ -40,7 +40,8 @@ def _show(v: Any, limit: int = 80) -> str:
 
 
 class LoadFile:
-    """The whole content of one safetensors file: ``tensors`` (on the CPU), ``meta`` (str -> str), ``format``."""
+    """The whole content of one safetensors file: ``tensors`` (on the CPU), ``meta`` (str -> str), ``format``; or
+    one method's part of an adapter directory (``meta`` then holds the JSON values themselves)."""
 
     def __init__(self, owner: str, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], fmt: str):
         self.owner, self.path, self.tensors, self.meta, self.format = owner, path, tensors, meta, fmt
@@ -54,10 +55,12 @@ class LoadFile:
             if required:
                 raise self.error(f"metadata {key!r} is missing (the file has {sorted(self.meta)})")
             return default
-        try:
-            value = json.loads(self.meta[key])
-        except ValueError as e:
-            raise self.error(f"metadata {key!r} is not valid JSON ({e}): {_show(self.meta[key])}") from None
+        value = self.meta[key]
+        if isinstance(value, str):  # safetensors metadata holds JSON text; an adapter_config.json the value itself
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise self.error(f"metadata {key!r} is not valid JSON ({e}): {_show(value)}") from None
         if not isinstance(value, kind):
             raise self.error(f"metadata {key!r} must be a JSON {'object' if kind is dict else kind.__name__}, "
                              f"got {type(value).__name__}: {_show(value)}")
@@ -127,6 +130,9 @@ def _conforms(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -283,6 +289,8 @@ class Commit:
 
     def __init__(self):
         self._steps: list[Callable[[], Callable[[], None]]] = []
+        self._after: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []
 
     def step(self, do: Callable[[], Callable[[], None]]) -> None:
         """``do()`` changes the model and returns the function that undoes exactly that change."""
@@ -340,14 +348,26 @@ class Commit:
 
         self.step(do)
 
+    def after(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs after every step succeeded (e.g. rebuilding caches)."""
+        self._after.append(fn)
+
     def run(self) -> None:
-        undo: list[Callable[[], None]] = []
+        undo = self._undo = []
         try:
             with torch.no_grad():
                 for do in self._steps:
                     undo.append(do())
         except BaseException:
-            with torch.no_grad():
-                for u in reversed(undo):
-                    u()
+            self.undo()
             raise
+        for fn in self._after:
+            fn()
+
+    def undo(self) -> None:
+        """Undo every step done by :meth:`run` (in reverse order); what ``load_adapter`` calls when a later method of
+        the same directory fails."""
+        with torch.no_grad():
+            for u in reversed(self._undo):
+                u()
+        self._undo = []

@@ -20,14 +20,26 @@ above 0 raises at the forward (the op has no dropout on the adapter input yet); 
 """
 from __future__ import annotations
 
-from typing import Optional
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from ..ops import lora as lo
+from ._config import TunerConfigMixin
+from ._layer import compute_dtype
+from ._model import find_linear_targets, layers_of, replace_module, unload_layers
 
-__all__ = ["MultiLoraLinear", "PeftcoreLoraLinear", "adapter_batch", "apply_multi_lora", "from_peft_lora"]
+__all__ = ["LoraConfig", "MultiLoraLinear", "PeftcoreLoraLinear", "adapter_batch", "apply_lora", "apply_multi_lora",
+           "from_peft_lora", "lora_layers"]
+
+CONFIG_ATTR = "peftcore_lora_config"
+FORMAT = "peftcore.lora/1"
+BASE = "__base__"  # as a default_adapter / in adapter_batch: no adapter (PEFT's name for the base model in a batch)
 
 
 def _peft_linear():
@@ -182,6 +194,7 @@ class MultiLoraLinear(nn.Module):
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
+        self.merged = False
         self.names = names
         dev, dt = base.weight.device, base.weight.dtype
         As, Bs = [], []
@@ -212,8 +225,86 @@ class MultiLoraLinear(nn.Module):
         o0, o1 = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.a_packed[o0:o1], self.b_packed[:, o0:o1]
 
+    # -- the base layer's surface (as FrozenLinearAdapter's), so code reading in_features / weight keeps working
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def get_base_layer(self) -> nn.Linear:
+        return self.base_layer
+
+    @property
+    def ranks(self) -> list[int]:
+        off = self.offsets.tolist()
+        return [b - a for a, b in zip(off, off[1:])]
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by name: ``a_packed``, ``b_packed`` and, with a gate, ``gate.weight``."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+
+    def _merge_check(self, what: str) -> int:
+        if self.gate_top_k:
+            raise ValueError(f"MultiLoraLinear.{what}: the MeteoRA gate picks adapters per token; a gated layer "
+                             "cannot be merged into one weight")
+        if self.default is None:
+            raise ValueError(f"MultiLoraLinear.{what}: no default adapter (adapters {self.names} are chosen per "
+                             "request through adapter_batch); nothing to merge: set default_adapter")
+        return int(self.default)
+
+    def delta_weight(self, i, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``scale_i · B_i A_i`` as a dense ``[out, in]`` matrix (in ``dtype``, default float32 for half types)."""
+        a, b = self.adapter(i)
+        i = self.names.index(i) if isinstance(i, str) else int(i)
+        dtype = dtype or compute_dtype(a)
+        return float(self.scales[i]) * (b.detach().to(dtype) @ a.detach().to(dtype))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        """Add the default adapter's delta into ``base_layer.weight`` in place; the forward then is the plain base
+        linear (and :class:`adapter_batch` refuses the layer until :meth:`unmerge`). Refused for a gated layer or
+        one without a default adapter."""
+        i = self._merge_check("merge")
+        if self.merged:
+            warnings.warn("MultiLoraLinear.merge: already merged; nothing done")
+            return
+        w = self.base_layer.weight
+        dtype = compute_dtype(w, self.a_packed)
+        merged = w.to(dtype) + self.delta_weight(i, dtype)
+        if safe_merge and not bool(torch.isfinite(merged).all()):
+            raise ValueError("MultiLoraLinear.merge: the merged weight has NaN/inf; not merged")
+        w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the default adapter's delta again (exact up to rounding)."""
+        if not self.merged:
+            warnings.warn("MultiLoraLinear.unmerge: not merged; nothing done")
+            return
+        i = self._merge_check("unmerge")
+        w = self.base_layer.weight
+        dtype = compute_dtype(w, self.a_packed)
+        w.copy_((w.to(dtype) - self.delta_weight(i, dtype)).to(w.dtype))
+        self.merged = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self.merged:
+            if self._batch is not None:
+                raise RuntimeError("MultiLoraLinear: merged; unmerge before choosing adapters with adapter_batch")
+            return self.base_layer(x)
         if self._batch is not None:
             ta, tw = self._batch
             ta = _expand_to_tokens(ta, x, T)
@@ -244,20 +335,260 @@ def _expand_to_tokens(t, x, T):
     return t.repeat_interleave(T // B, 0)
 
 
+@dataclass
+class LoraConfig(TunerConfigMixin):
+    r"""LoRA on the targeted ``nn.Linear`` modules, one or several named adapters per layer
+    (:class:`MultiLoraLinear`: packed, ranks free per adapter, all in one ``lora_multi_linear`` call).
+
+    Args:
+        target_modules / exclude_modules: which ``nn.Linear`` modules, PEFT's rules (names, ``.suffix``, regex).
+        adapter_names: the adapters every layer holds (default one, ``["default"]``).
+        r: the rank, or one rank per adapter.
+        lora_alpha: the alpha, or one per adapter; each adapter's scale is ``alpha / r`` (``alpha / sqrt(r)`` with
+            ``use_rslora``).
+        rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha`` as in PEFT: a key matches the
+            module names it ``fullmatch``es as ``(.*\.)?key`` (a name, a suffix or a regex); the first key that
+            matches wins.
+        use_rslora: rsLoRA's scale.
+        default_adapter: the adapter every token uses outside :class:`adapter_batch` (and the one ``merge``
+            folds into the weight). ``None``: the only adapter when there is one, else none; ``"__base__"``: none
+            (the base layer alone outside ``adapter_batch``, for serving where each request names its adapter).
+        gate_top_k: > 0 adds a trainable MeteoRA gate per layer (``in -> len(adapter_names)`` logits) that picks
+            each token's top-k adapters outside ``adapter_batch`` (such a layer cannot merge).
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    adapter_names: list[str] = field(default_factory=lambda: ["default"])
+    r: Union[int, list[int]] = 8
+    lora_alpha: Union[float, list[float]] = 8.0
+    rank_pattern: dict[str, Union[int, list[int]]] = field(default_factory=dict)
+    alpha_pattern: dict[str, Union[float, list[float]]] = field(default_factory=dict)
+    use_rslora: bool = False
+    default_adapter: Optional[str] = None
+    gate_top_k: int = 0
+    peft_type: str = field(default="LORA", init=False)
+
+    def __post_init__(self):
+        self.adapter_names = [str(n) for n in self.adapter_names]
+        n = len(self.adapter_names)
+        if not n or len(set(self.adapter_names)) != n or BASE in self.adapter_names:
+            raise ValueError(f"LoraConfig: adapter_names must be unique names (not {BASE!r}), got {self.adapter_names}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern), dict(self.alpha_pattern)
+        for what, v in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            self._per_adapter(what, v, int)
+        for what, v in [("lora_alpha", self.lora_alpha),
+                        *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            self._per_adapter(what, v, float)
+        if self.default_adapter is not None and self.default_adapter not in (*self.adapter_names, BASE):
+            raise ValueError(f"LoraConfig: default_adapter {self.default_adapter!r} is not one of "
+                             f"{self.adapter_names} (or {BASE!r})")
+        if not 0 <= self.gate_top_k <= n:
+            raise ValueError(f"LoraConfig: gate_top_k must be in [0, {n}], got {self.gate_top_k}")
+
+    def _per_adapter(self, what: str, v, kind) -> list:
+        vals = list(v) if isinstance(v, (list, tuple)) else [v] * len(self.adapter_names)
+        if len(vals) != len(self.adapter_names):
+            raise ValueError(f"LoraConfig: {what} has {len(vals)} entries for {len(self.adapter_names)} adapters")
+        if kind is int and any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in vals):
+            raise ValueError(f"LoraConfig: {what} must be ranks >= 0, got {v!r}")
+        return [kind(x) for x in vals]
+
+    def _pattern(self, pattern: dict, name: str):
+        for key, v in pattern.items():
+            if re.fullmatch(rf"(.*\.)?{key}", name):
+                return v
+        return None
+
+    def ranks_for(self, name: str) -> list[int]:
+        """The ranks of the module called ``name``, one per adapter."""
+        v = self._pattern(self.rank_pattern, name)
+        return self._per_adapter("r", self.r if v is None else v, int)
+
+    def alphas_for(self, name: str) -> list[float]:
+        v = self._pattern(self.alpha_pattern, name)
+        return self._per_adapter("lora_alpha", self.lora_alpha if v is None else v, float)
+
+    def default_index(self) -> Optional[int]:
+        if self.default_adapter == BASE:
+            return None
+        if self.default_adapter is None:
+            return 0 if len(self.adapter_names) == 1 else None
+        return self.adapter_names.index(self.default_adapter)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoraLinear]]:
+    """``(name, layer)`` for every :class:`MultiLoraLinear` of ``model``, in module order."""
+    return layers_of(model, MultiLoraLinear)
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config)``; what it does is :func:`_apply_lora`'s."""
+    from .api import apply_adapter
+
+    return apply_adapter(model, config)
+
+
+def _apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear` holding the config's adapters
+    (ranks / alphas per module from ``rank_pattern`` / ``alpha_pattern``), in place; freeze every other parameter
+    (only the adapters, and the gates, train); return ``model``."""
+    targets = find_linear_targets(model, config, "apply_adapter(LoraConfig)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, lin in targets:
+        layer = MultiLoraLinear(lin, config.ranks_for(name), config.alphas_for(name), config.adapter_names,
+                                config.use_rslora, config.default_index(), config.gate_top_k)
+        layer.train(lin.training)
+        replace_module(model, name, layer)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
 def apply_multi_lora(model: nn.Module, target_modules, ranks, alphas=None, names=None, use_rslora=False,
                      gate_top_k: int = 0):
-    """Replace every ``nn.Linear`` whose name ends with one of ``target_modules`` by a :class:`MultiLoraLinear` with
-    these adapters (in place; ``gate_top_k > 0`` adds a MeteoRA gate to each); returns the model."""
+    """Alias of ``apply_adapter(model, LoraConfig(...))``: every ``nn.Linear`` whose name ends with one of
+    ``target_modules`` gets a :class:`MultiLoraLinear` with these adapters, none used outside ``adapter_batch``
+    (``gate_top_k > 0`` adds a MeteoRA gate to each); returns the model."""
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and any(n == t or n.endswith("." + t) for t in targets)]
-    if not found:
+    names = list(names) if names is not None else [str(i) for i in range(len(ranks))]
+    cfg = LoraConfig(target_modules=targets, adapter_names=names, r=[int(r) for r in ranks],
+                     lora_alpha=[float(a) for a in (alphas if alphas is not None else ranks)], use_rslora=use_rslora,
+                     default_adapter=BASE, gate_top_k=gate_top_k)
+    if not any(isinstance(m, nn.Linear) and cfg.matches(n) for n, m in model.named_modules()):
         raise ValueError(f"apply_multi_lora: no nn.Linear named {targets} in the model")
-    for name, m in found:
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], MultiLoraLinear(m, ranks, alphas, names, use_rslora,
-                                                                 gate_top_k=gate_top_k))
+    return apply_lora(model, cfg)
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every :class:`MultiLoraLinear` by its base ``nn.Linear``: with the default adapter merged
+    (``merge=True``; layers that cannot merge, gated or without a default adapter, are an error) or dropped."""
+    layers = list(lora_layers(model))
+    if merge:
+        for _, layer in layers:
+            layer._merge_check("merge")
+    unload_layers(model, layers, merge, (CONFIG_ATTR,))
     return model
+
+
+def lora_file(model: nn.Module, config: Optional[LoraConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of every :class:`MultiLoraLinear` (what ``save_adapter`` puts in the directory):
+    tensors ``"<module>.a_packed"``, ``"<module>.b_packed"`` (and ``"<module>.gate.weight"``); metadata ``format``,
+    ``config`` (json), ``shapes`` and ``layers`` (json ``{module: {names, ranks, scales, default, gate_top_k}}``)."""
+    config = config or getattr(model, CONFIG_ATTR, None)
+    tensors, shapes, layers = {}, {}, {}
+    for name, m in lora_layers(model):
+        for p, t in m.adapter_parameters().items():
+            tensors[f"{name}.{p}"] = t.detach().cpu().contiguous()
+        shapes[name] = [m.out_features, m.in_features]
+        layers[name] = {"names": list(m.names), "ranks": m.ranks, "scales": m.scales.tolist(),
+                        "default": m.default, "gate_top_k": m.gate_top_k}
+    if not shapes:
+        raise ValueError("save_adapter: the model has no MultiLoraLinear")
+    meta = {"format": FORMAT, "shapes": json.dumps(shapes), "layers": json.dumps(layers, sort_keys=True)}
+    if config is not None:
+        meta["config"] = config.to_json()
+    return tensors, meta
+
+
+def _check_layer_fields(err, name: str, d) -> dict:
+    from . import _loading as L
+
+    def bad(m):
+        return err(f"metadata 'layers': {name!r}: {m}")
+    if not isinstance(d, dict) or set(d) != {"names", "ranks", "scales", "default", "gate_top_k"}:
+        raise bad(f"must be an object with names, ranks, scales, default, gate_top_k; got {d!r}")
+    names, ranks, scales = d["names"], d["ranks"], d["scales"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise bad(f"names must be unique strings, got {names!r}")
+    if not (isinstance(ranks, list) and len(ranks) == len(names) and all(L._is_int(r) and r >= 0 for r in ranks)):
+        raise bad(f"ranks must be {len(names)} ints >= 0, got {ranks!r}")
+    if not (isinstance(scales, list) and len(scales) == len(names)):
+        raise bad(f"scales must be {len(names)} numbers, got {scales!r}")
+    for s in scales:
+        L.check_finite_number(bad, "scales", s)
+    dflt, gk = d["default"], d["gate_top_k"]
+    if dflt is not None and not (L._is_int(dflt) and 0 <= dflt < len(names)):
+        raise bad(f"default must be null or an adapter index, got {dflt!r}")
+    if not (L._is_int(gk) and 0 <= gk <= len(names)):
+        raise bad(f"gate_top_k must be in [0, {len(names)}], got {gk!r}")
+    return d
+
+
+def stage_load(model: nn.Module, f, strict: bool = True):
+    """Check a LoRA part (a :class:`~peftcore.tuners._loading.LoadFile`) against ``model`` and return the
+    :class:`~peftcore.tuners._loading.Commit` that loads it (not run). Plain ``nn.Linear`` modules get a new
+    :class:`MultiLoraLinear` with the saved adapters; existing ones (same names, ranks and gate) get the values."""
+    from . import _loading as L
+
+    err = f.error
+    config = f.config(LoraConfig)
+    shapes = f.shapes()
+    layers = f.json("layers", dict)
+    if set(layers) != set(shapes):
+        raise err(f"metadata 'layers' and 'shapes' name other modules: {sorted(set(layers) ^ set(shapes))[:4]}")
+    keys = L.Keys({}, ())  # grouped by the longest module prefix: a gate's key is "<module>.gate.weight"
+    by_length = sorted(shapes, key=len, reverse=True)
+    for key, t in f.tensors.items():
+        owner = next((n for n in by_length if key.startswith(n + ".")), None)
+        if owner is None:
+            keys.unused.append(key)
+        else:
+            keys.by_module.setdefault(owner, {})[key[len(owner) + 1:]] = t
+    modules = L.module_table(model)
+    commit = L.Commit()
+    with L.staging(model):
+        for name, shape in shapes.items():
+            d = _check_layer_fields(err, name, layers[name])
+            mod = L.linear_at(err, modules, name, (nn.Linear, MultiLoraLinear), "an nn.Linear or MultiLoraLinear")
+            if [mod.out_features, mod.in_features] != list(shape):
+                raise err(f"module {name!r} is [{mod.out_features}, {mod.in_features}], the file's adapter is for "
+                          f"{shape} (a file from another model?)")
+            if isinstance(mod, MultiLoraLinear):
+                have = (mod.names, mod.ranks, mod.gate_top_k)
+                if have != (d["names"], d["ranks"], d["gate_top_k"]):
+                    raise err(f"module {name!r} holds adapters {mod.names} of ranks {mod.ranks} (gate_top_k "
+                              f"{mod.gate_top_k}); the file's {d['names']} of ranks {d['ranks']} "
+                              f"(gate_top_k {d['gate_top_k']})")
+                if mod.merged:
+                    raise err(f"module {name!r} is merged; unmerge it first")
+                layer, new = mod, False
+            else:
+                layer = MultiLoraLinear(mod, d["ranks"], None, d["names"], False, d["default"], d["gate_top_k"])
+                layer.train(mod.training)
+                new = True
+            got = keys.by_module.get(name, {})
+            params = layer.adapter_parameters()
+            missing = sorted(set(params) - set(got))
+            if missing:
+                raise err(f"module {name!r}: tensor(s) {[f'{name}.{p}' for p in missing]} missing")
+            for pname in sorted(set(got) - set(params)):
+                keys.unused.append(f"{name}.{pname}")
+            for pname, p in params.items():
+                L.check_float(err, f"{name}.{pname}", got[pname], tuple(p.shape))
+            scales = torch.tensor(d["scales"], dtype=torch.float32, device=layer.scales.device)
+            for pname, p in params.items():
+                if new:
+                    p.data = L.to_param(got[pname], p)
+                else:
+                    commit.set_data(p, L.to_param(got[pname], p))
+            if new:
+                layer.scales.copy_(scales)
+                commit.replace(model, name, layer)
+                commit.requires_grad(mod.parameters(), False)
+            else:
+                commit.set_data(layer.scales, scales)
+                commit.set_attr(layer, "default", d["default"])
+        keys.extra(err, strict)
+    if config is not None:
+        commit.set_attr(model, CONFIG_ATTR, config)
+    return commit
 
 
 class adapter_batch:
@@ -273,6 +604,9 @@ class adapter_batch:
         self.adapters, self.weights = adapters, weights
 
     def __enter__(self):
+        merged = [m for m in self.layers if m.merged]
+        if merged:
+            raise RuntimeError("adapter_batch: the model's MultiLoraLinear layers are merged; unmerge first")
         for m in self.layers:
             ta = self.adapters
             if not isinstance(ta, torch.Tensor):

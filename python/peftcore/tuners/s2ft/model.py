@@ -1,13 +1,14 @@
 """Model-level API: apply (select, co-permute, wrap) / merge / unload / save / load S2FT."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
+from .._model import (layers_of, merge_layers, module_file, read_module_file, replace_module, unload_layers,
+                      unmerge_layers, write_file)
 from .config import ATTN_PROJ, MLP_PROJ, PROJ_DIM, S2FTConfig
 from .layer import S2FTLinear
 from .permute import BlockInfo, expand, find_blocks, inverse, permute_block, selected_first, unit_size
@@ -19,14 +20,7 @@ FORMAT = "peftcore.s2ft/1"
 
 def s2ft_layers(model: nn.Module) -> Iterator[tuple[str, S2FTLinear]]:
     """``(name, layer)`` for every ``S2FTLinear`` in ``model``, in module order."""
-    for name, m in model.named_modules():
-        if isinstance(m, S2FTLinear):
-            yield name, m
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return layers_of(model, S2FTLinear)
 
 
 def _plan(model: nn.Module, config: S2FTConfig) -> list[tuple[BlockInfo, list[str]]]:
@@ -78,6 +72,16 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_s2ft(
+    model: nn.Module, config: S2FTConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None, permute: bool = True
+) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config, calib_fn=calib_fn, permute=permute)`` (same checks,
+    including the rules for several methods on one model); what it does is :func:`_apply_s2ft`'s."""
+    from ..api import apply_adapter
+
+    return apply_adapter(model, config, calib_fn=calib_fn, permute=permute)
+
+
+def _apply_s2ft(
     model: nn.Module, config: S2FTConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None, permute: bool = True
 ) -> nn.Module:
     """S2FT in place: per targeted decoder block, select KV groups (heads) and FFN channels, co-permute the
@@ -140,7 +144,7 @@ def apply_s2ft(
                 layer = S2FTLinear(lin, torch.arange(k, device=dev), PROJ_DIM[p], 0, orig, config.torch_delta_dtype)
             else:
                 layer = S2FTLinear(lin, orig.to(dev), PROJ_DIM[p], None, orig, config.torch_delta_dtype)
-            _replace(model, info.proj_name(p), layer)
+            replace_module(model, info.proj_name(p), layer)
     if config.selection == "gradient":
         for info, projs in plan:
             for p in projs:
@@ -158,17 +162,15 @@ def apply_s2ft(
 
 
 def merge_s2ft(model: nn.Module) -> nn.Module:
-    """Add every delta into its (permuted) base weight in place; the layers stay, ``unmerge_s2ft`` undoes it."""
-    for _, layer in s2ft_layers(model):
-        if not layer.merged:
-            layer.merge()
+    """``merge_adapter`` for S2FT only: every delta added into its (permuted) base weight in place; the layers stay,
+    ``unmerge_s2ft`` undoes it."""
+    merge_layers(s2ft_layers(model))
     return model
 
 
 def unmerge_s2ft(model: nn.Module) -> nn.Module:
-    for _, layer in s2ft_layers(model):
-        if layer.merged:
-            layer.unmerge()
+    """``unmerge_adapter`` for S2FT only."""
+    unmerge_layers(s2ft_layers(model))
     return model
 
 
@@ -176,12 +178,7 @@ def unload_s2ft(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace each ``S2FTLinear`` by its base ``nn.Linear``, with the delta merged (``merge=True``) or dropped
     (``merge=False``), and undo the co-permutation: the model is back in its original order (same parameter
     names and shapes as before ``apply_s2ft``). Returns ``model``."""
-    for name, layer in list(s2ft_layers(model)):
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        _replace(model, name, layer.base_layer)
+    unload_layers(model, s2ft_layers(model), merge)
     perms = getattr(model, PERM_ATTR, {})
     if perms:
         blocks = {b.name: b for b in find_blocks(model)}
@@ -210,14 +207,11 @@ def s2ft_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[S2FTConfig] = None) -> None:
-    """Write every delta to a safetensors file, in the model's original order: tensors ``"<module>.index"``
-    (int64) and ``"<module>.delta"``; metadata ``format``, ``config`` (json), ``shapes`` (json
-    ``{module: [out, in]}``) and ``dims`` (json ``{module: 0 | 1}``). Unpermuted, so the file loads into the
-    plain model (:func:`load_s2ft`) or merges into its weights directly."""
-    from safetensors.torch import save_file
-
-    config = config or getattr(model, CONFIG_ATTR, None)
+def s2ft_file(model: nn.Module, config: Optional[S2FTConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of every delta, in the model's original order: what :func:`save_s2ft` writes (and
+    ``save_adapter`` puts in the directory): tensors ``"<module>.index"`` (int64) and ``"<module>.delta"`` (CPU);
+    metadata ``format``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and ``dims`` (json
+    ``{module: 0 | 1}``). Unpermuted, so it loads into the plain model or merges into its weights directly."""
     tensors, shapes, dims = {}, {}, {}
     for name, d in s2ft_state(model).items():
         layer = model.get_submodule(name)
@@ -225,33 +219,25 @@ def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[
         tensors[f"{name}.delta"] = d["delta"].cpu().contiguous()
         shapes[name] = [layer.out_features, layer.in_features]
         dims[name] = layer.dim
-    if not tensors:
-        raise ValueError("save_s2ft: the model has no S2FTLinear")
-    meta = {"format": FORMAT, "shapes": json.dumps(shapes), "dims": json.dumps(dims)}
-    if config is not None:
-        meta["config"] = config.to_json()
-    save_file(tensors, os.fspath(path), metadata=meta)
+    return module_file(FORMAT, tensors, shapes, {"dims": dims}, config or getattr(model, CONFIG_ATTR, None),
+                       "save_s2ft")
 
 
-def _read(owner: str, path: Union[str, os.PathLike], strict: bool):
+def save_s2ft(model: nn.Module, path: Union[str, os.PathLike], config: Optional[S2FTConfig] = None) -> None:
+    """Write every delta to one safetensors file (the single-method format, :func:`s2ft_file`). The library-wide
+    format is ``peftcore.save_adapter(model, directory)``; ``peftcore.load_adapter`` reads both."""
+    write_file(*s2ft_file(model, config), path)
+
+
+def _read(owner: str, path, strict: bool):
     from .. import _loading as L
 
-    f = L.read_file(owner, path, (FORMAT,))
-    shapes = f.shapes()
-    dims = f.json("dims", dict)
-    config = f.config(S2FTConfig)
-    if set(dims) != set(shapes):
-        raise f.error(f"metadata 'dims' and 'shapes' name other modules: {sorted(set(dims) ^ set(shapes))[:4]}")
+    f, state, shapes, dims, config = read_module_file(owner, path, (FORMAT,), ("index", "delta"), S2FTConfig,
+                                                      "dims", strict)
     for name, d in dims.items():
         if not (L._is_int(d) and d in (0, 1)):
             raise f.error(f"metadata 'dims': {name!r} must be 0 (rows) or 1 (columns), got {d!r}")
-    keys = L.Keys(f.tensors, shapes, ("index", "delta"))
-    keys.extra(f.error, strict)
-    for name in shapes:
-        missing = {"index", "delta"} - set(keys.by_module.get(name, {}))
-        if missing:
-            raise f.error(f"module {name!r}: tensor(s) {sorted(f'{name}.{k}' for k in missing)} missing")
-    return f, keys.by_module, shapes, dims, config
+    return f, state, shapes, dims, config
 
 
 def read_s2ft(path: Union[str, os.PathLike], strict: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
@@ -275,6 +261,13 @@ def load_s2ft(model: nn.Module, path: Union[str, os.PathLike], strict: bool = Tr
     extra tensors are an error unless ``strict=False``. A new layer's delta keeps the file's dtype where the op
     accepts it (float32 or the weight's dtype), else it is cast to float32; an existing layer's keeps the layer's
     dtype. Returns ``model``."""
+    stage_load(model, path, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, path, strict: bool = True):
+    """Everything :func:`load_s2ft` checks, and the :class:`~peftcore.tuners._loading.Commit` that applies it (not
+    run). ``path`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from .. import _loading as L
 
     f, state, shapes, dims, config = _read("load_s2ft", path, strict)
@@ -315,5 +308,4 @@ def load_s2ft(model: nn.Module, path: Union[str, os.PathLike], strict: bool = Tr
                 commit.requires_grad(mod.parameters(), False)
     if config is not None and not hasattr(model, CONFIG_ATTR):
         commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    return model
+    return commit

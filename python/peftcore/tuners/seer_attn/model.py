@@ -175,6 +175,14 @@ def _build_wrappers(model: nn.Module, config: SeerAttnConfig, owner: str) -> lis
 
 
 def apply_seer_attention(model: nn.Module, config: SeerAttnConfig) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config)`` (same checks, including the rules for several methods on
+    one model); what it does is :func:`_apply_seer_attention`'s."""
+    from ..api import apply_adapter
+
+    return apply_adapter(model, config)
+
+
+def _apply_seer_attention(model: nn.Module, config: SeerAttnConfig) -> nn.Module:
     """Wrap the ``self_attn`` of every chosen decoder layer (``config.uses_layer(i)``) in :class:`SeerAttention`
     with a fresh :class:`AttnGate` (on the attention's device), freeze every other parameter, leave the gates
     trainable; return ``model``. Raises for sliding-window layers, non-causal configs and already-wrapped layers."""
@@ -246,10 +254,9 @@ def seer_gate_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{n}.gate.{p}": t.detach() for n, w in seer_layers(model) for p, t in w.gate.named_parameters()}
 
 
-def save_seer_gates(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SeerAttnConfig] = None) -> None:
-    """Write the gate weights to a safetensors file (metadata: ``format``, ``config`` json)."""
-    from safetensors.torch import save_file
-
+def seer_gates_file(model: nn.Module, config: Optional[SeerAttnConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the gates: what :func:`save_seer_gates` writes (and ``save_adapter`` puts in the
+    directory): tensors ``"<layer>.self_attn.gate.<param>"`` (CPU); metadata ``format``, ``config`` (json)."""
     config = config or getattr(model, CONFIG_ATTR, None)
     tensors = {k: v.cpu().contiguous() for k, v in seer_gate_state(model).items()}
     if not tensors:
@@ -257,6 +264,15 @@ def save_seer_gates(model: nn.Module, path: Union[str, os.PathLike], config: Opt
     meta = {"format": FORMAT}
     if config is not None:
         meta["config"] = config.to_json()
+    return tensors, meta
+
+
+def save_seer_gates(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SeerAttnConfig] = None) -> None:
+    """Write the gate weights to one safetensors file (the single-method format, :func:`seer_gates_file`). The
+    library-wide format is ``peftcore.save_adapter(model, directory)``; ``peftcore.load_adapter`` reads both."""
+    from safetensors.torch import save_file
+
+    tensors, meta = seer_gates_file(model, config)
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
@@ -266,9 +282,16 @@ def load_seer_gates(model: nn.Module, path: Union[str, os.PathLike], strict: boo
     parameter frozen), in the same single step. Every gate parameter must be in the file with its exact shape and
     a floating dtype (cast to the gate's dtype); tensors the model has no gate for are an error unless
     ``strict=False``. Nothing changes in the model unless everything fits."""
+    stage_load(model, path, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, path, strict: bool = True):
+    """Everything :func:`load_seer_gates` checks, and the :class:`~peftcore.tuners._loading.Commit` that applies
+    it (not run). ``path`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from .. import _loading as L
 
-    f = L.read_file("load_seer_gates", path, (FORMAT,))
+    f = path if isinstance(path, L.LoadFile) else L.read_file("load_seer_gates", path, (FORMAT,))
     err = f.error
     config = f.config(SeerAttnConfig)
     commit = L.Commit()
@@ -305,5 +328,4 @@ def load_seer_gates(model: nn.Module, path: Union[str, os.PathLike], strict: boo
                 wrapper.train(layer.self_attn.training)
                 commit.set_attr(layer, "self_attn", wrapper)
             commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    return model
+    return commit

@@ -1,7 +1,6 @@
 """Model-level API: apply / drop-and-grow / merge / unload / save / load / compose sparse deltas."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -10,6 +9,8 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .._model import (find_linear_targets, layers_of, merge_layers, module_file, read_module_file, replace_module,
+                      unload_layers, unmerge_layers, write_file)
 from .config import SparseDeltaConfig
 from .layer import SparseDeltaLinear
 from .selection import ActivationCapture, gradient_indices, magnitude_indices, random_indices
@@ -23,41 +24,20 @@ GradsFn = Callable[[str], tuple[torch.Tensor, torch.Tensor]]  # module name -> (
 
 def sparse_delta_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLinear]]:
     """``(name, layer)`` for every ``SparseDeltaLinear`` in ``model``, in module order."""
-    for name, m in model.named_modules():
-        if isinstance(m, SparseDeltaLinear):
-            yield name, m
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _find_targets(model: nn.Module, config: SparseDeltaConfig) -> list[tuple[str, nn.Linear]]:
-    targets, inside_delta = [], set()
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside_delta):
-            continue
-        if isinstance(m, SparseDeltaLinear):
-            inside_delta.add(name)
-            if config.matches(name):
-                raise ValueError(f"apply_sparse_delta: {name!r} already has a sparse delta")
-            continue
-        if not config.matches(name):
-            continue
-        if isinstance(m, nn.Linear):
-            targets.append((name, m))
-        elif type(m).__name__ == "Conv1D":  # transformers' GPT-2 style [in, out] weight
-            raise TypeError(
-                f"apply_sparse_delta: {name!r} is a transformers Conv1D; only nn.Linear is supported "
-                "(GPT-2 style models: convert Conv1D to nn.Linear first)"
-            )
-    if not targets:
-        raise ValueError(f"apply_sparse_delta: no nn.Linear matches target_modules={config.target_modules!r}")
-    return targets
+    return layers_of(model, SparseDeltaLinear)
 
 
 def apply_sparse_delta(
+    model: nn.Module, config: SparseDeltaConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None
+) -> nn.Module:
+    """Alias of ``peftcore.apply_adapter(model, config, calib_fn=calib_fn)`` (same checks, including the rules for
+    several methods on one model); what it does is :func:`_apply_sparse_delta`'s."""
+    from ..api import apply_adapter
+
+    return apply_adapter(model, config, calib_fn=calib_fn)
+
+
+def _apply_sparse_delta(
     model: nn.Module, config: SparseDeltaConfig, calib_fn: Optional[Callable[[nn.Module], None]] = None
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` modules of ``model`` by ``SparseDeltaLinear`` in place; freeze every
@@ -75,7 +55,7 @@ def apply_sparse_delta(
     """
     if config.selection == "gradient" and calib_fn is None:
         raise ValueError("apply_sparse_delta: selection='gradient' needs calib_fn(model) running forward+backward")
-    targets = _find_targets(model, config)
+    targets = find_linear_targets(model, config, "apply_adapter(SparseDeltaConfig)")
     gen = torch.Generator().manual_seed(config.seed)
     new_layers: dict[str, SparseDeltaLinear] = {}
     for name, lin in targets:
@@ -87,7 +67,7 @@ def apply_sparse_delta(
         else:
             idx = torch.arange(k)  # placeholder until calibration; values are zero so the forward is unchanged
         layer = SparseDeltaLinear(lin, idx.to(config.torch_index_dtype), config.scale, config.torch_values_dtype)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
         new_layers[name] = layer
     for p in model.parameters():
         p.requires_grad_(False)
@@ -270,31 +250,22 @@ class SparseDeltaScheduler:
 
 
 def merge_sparse_delta(model: nn.Module) -> nn.Module:
-    """Add every delta into its base weight in place (forward becomes the plain linear)."""
-    for _, layer in sparse_delta_layers(model):
-        if not layer.merged:
-            layer.merge()
+    """``merge_adapter`` for the sparse deltas only: every delta added into its base weight in place (the forward
+    becomes the plain linear)."""
+    merge_layers(sparse_delta_layers(model))
     return model
 
 
 def unmerge_sparse_delta(model: nn.Module) -> nn.Module:
-    for _, layer in sparse_delta_layers(model):
-        if layer.merged:
-            layer.unmerge()
+    """``unmerge_adapter`` for the sparse deltas only."""
+    unmerge_layers(sparse_delta_layers(model))
     return model
 
 
 def unload_sparse_delta(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace each ``SparseDeltaLinear`` by its base ``nn.Linear``: with the delta merged (``merge=True``)
-    or dropped (``merge=False``, the original weights). Returns ``model``."""
-    for name, layer in list(sparse_delta_layers(model)):
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        _replace(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    """``unload_adapter`` for the sparse deltas only: each ``SparseDeltaLinear`` replaced by its base ``nn.Linear``,
+    with the delta merged (``merge=True``) or dropped (``merge=False``, the original weights). Returns ``model``."""
+    unload_layers(model, sparse_delta_layers(model), merge, (CONFIG_ATTR,))
     return model
 
 
@@ -306,44 +277,34 @@ def sparse_delta_state(model: nn.Module) -> dict[str, DeltaState]:
     return {name: layer.delta_state() for name, layer in sparse_delta_layers(model)}
 
 
-def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SparseDeltaConfig] = None):
-    """Write every delta to a safetensors file: tensors ``"<module>.indices"`` / ``"<module>.values"``; metadata
-    ``format``, ``config`` (json), ``shapes`` (json ``{module: [out, in]}``) and ``scales``."""
-    from safetensors.torch import save_file
-
-    config = config or getattr(model, CONFIG_ATTR, None)
+def sparse_delta_file(model: nn.Module, config: Optional[SparseDeltaConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of every delta: what :func:`save_sparse_delta` writes (and ``save_adapter`` puts in
+    the directory): tensors ``"<module>.indices"`` / ``"<module>.values"`` (CPU); metadata ``format``, ``config``
+    (json), ``shapes`` (json ``{module: [out, in]}``) and ``scales``."""
     tensors, shapes, scales = {}, {}, {}
     for name, layer in sparse_delta_layers(model):
         tensors[f"{name}.indices"] = layer.indices.detach().cpu().contiguous()
         tensors[f"{name}.values"] = layer.values.detach().cpu().contiguous()
         shapes[name] = [layer.out_features, layer.in_features]
         scales[name] = layer.scale
-    if not tensors:
-        raise ValueError("save_sparse_delta: the model has no SparseDeltaLinear")
-    meta = {"format": FORMAT, "shapes": json.dumps(shapes), "scales": json.dumps(scales)}
-    if config is not None:
-        meta["config"] = config.to_json()
-    save_file(tensors, os.fspath(path), metadata=meta)
+    return module_file(FORMAT, tensors, shapes, {"scales": scales}, config or getattr(model, CONFIG_ATTR, None),
+                       "save_sparse_delta")
 
 
-def _read(owner: str, path: Union[str, os.PathLike], strict: bool):
+def save_sparse_delta(model: nn.Module, path: Union[str, os.PathLike], config: Optional[SparseDeltaConfig] = None):
+    """Write every delta to one safetensors file (the single-method format, :func:`sparse_delta_file`). The
+    library-wide format is ``peftcore.save_adapter(model, directory)``; ``peftcore.load_adapter`` reads both."""
+    write_file(*sparse_delta_file(model, config), path)
+
+
+def _read(owner: str, path, strict: bool):
     from .. import _loading as L
 
-    f = L.read_file(owner, path, (FORMAT,))
-    shapes = f.shapes()
-    scales = f.json("scales", dict)
-    config = f.config(SparseDeltaConfig)
-    keys = L.Keys(f.tensors, shapes, ("indices", "values"))
-    keys.extra(f.error, strict)
-    for name in shapes:
-        missing = {"indices", "values"} - set(keys.by_module.get(name, {}))
-        if missing:
-            raise f.error(f"module {name!r}: tensor(s) {sorted(f'{name}.{k}' for k in missing)} missing")
-    if set(scales) != set(shapes):
-        raise f.error(f"metadata 'scales' and 'shapes' name other modules: {sorted(set(scales) ^ set(shapes))[:4]}")
+    f, state, shapes, scales, config = read_module_file(owner, path, (FORMAT,), ("indices", "values"),
+                                                        SparseDeltaConfig, "scales", strict)
     for name, v in scales.items():
         L.check_finite_number(f.error, f"metadata 'scales': {name!r}", v)
-    return f, keys.by_module, shapes, scales, config
+    return f, state, shapes, scales, config
 
 
 def read_sparse_delta(path: Union[str, os.PathLike], strict: bool = True) -> tuple[dict[str, DeltaState], dict[str, str]]:
@@ -371,6 +332,13 @@ def load_sparse_delta(
     index range is checked against the model. Values keep their dtype in a new layer where the op accepts it
     (float32 or the weight's dtype), else they are cast to float32 (e.g. float64 values for a float32 model); an
     existing layer's values keep the layer's dtype. Returns ``model``."""
+    stage_load(model, source, scale, strict).run()
+    return model
+
+
+def stage_load(model: nn.Module, source, scale: Optional[float] = None, strict: bool = True):
+    """Everything :func:`load_sparse_delta` checks, and the :class:`~peftcore.tuners._loading.Commit` that
+    applies it (not run). ``source`` may also be a :class:`~peftcore.tuners._loading.LoadFile`."""
     from .. import _loading as L
 
     owner = "load_sparse_delta"
@@ -431,10 +399,12 @@ def load_sparse_delta(
                 commit.requires_grad(mod.parameters(), False)
     if config is not None and not hasattr(model, CONFIG_ATTR):
         commit.set_attr(model, CONFIG_ATTR, config)
-    commit.run()
-    for _, layer in sparse_delta_layers(model):  # indices may have been copied in place through .data
-        layer.refresh_csr()
-    return model
+
+    def refresh():  # indices may have been copied in place through .data
+        for _, layer in sparse_delta_layers(model):
+            layer.refresh_csr()
+    commit.after(refresh)
+    return commit
 
 
 def _compose_one(deltas: list[DeltaState], weights: list[float]) -> DeltaState:

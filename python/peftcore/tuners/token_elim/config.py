@@ -1,12 +1,14 @@
 """TokenElimConfig: which decoder layers eliminate tokens, and how many tokens / MLP channels they keep."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from .._config import TunerConfigMixin
 
 
 @dataclass
-class TokenElimConfig:
+class TokenElimConfig(TunerConfigMixin):
     """LeMo / Jenga token elimination for HF Llama-style decoder layers.
 
     * ``keep_ratio`` — fraction of the ``block_size``-token blocks of a sequence that go through attention
@@ -30,6 +32,7 @@ class TokenElimConfig:
     always_keep_last: bool = True
     mlp_keep_ratio: Optional[float] = None
     eliminate_in_eval: bool = False
+    peft_type: str = field(default="TOKEN_ELIM", init=False)
 
     def __post_init__(self):
         if not 0.0 < self.keep_ratio <= 1.0:

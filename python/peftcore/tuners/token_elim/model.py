@@ -21,6 +21,15 @@ def decoder_layers(model: nn.Module) -> list:
 
 
 def apply_token_elim(model: nn.Module, config: TokenElimConfig) -> list:
+    """Alias of ``peftcore.apply_adapter(model, config)`` (same checks, including the rules for several methods on
+    one model) that returns the indices of the eliminating layers; what it does is :func:`_apply_token_elim`'s."""
+    from ..api import apply_adapter
+
+    apply_adapter(model, config)
+    return [i for i, layer in enumerate(decoder_layers(model)) if getattr(layer, "_token_elim_config", None) is config]
+
+
+def _apply_token_elim(model: nn.Module, config: TokenElimConfig) -> list:
     """Make the decoder layers other than the first ``dense_first`` / last ``dense_last`` token-eliminating, in
     place (their ``forward`` is replaced; modules, parameters and state dict are untouched, so it composes with
     LoRA applied before or after). Returns the indices of the eliminating layers."""
