@@ -55,6 +55,12 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last);
 Dims linear_dims(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& x,
                  const at::Tensor& weight, const at::Tensor& a_packed, const at::Tensor& b_packed,
                  const at::Tensor& offsets, const at::Tensor& scales, at::Tensor& x2d);
+// lora_multi_linear_backward: x and grad_out (g2d: grad_out as [T, out]) against the base layer and the adapters.
+Dims multi_backward_dims(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& a_packed, const at::Tensor& b_packed, const at::Tensor& offsets,
+                         const at::Tensor& scales, const at::Tensor& token_adapter,
+                         const std::optional<at::Tensor>& token_weight, std::array<bool, 4> mask, at::Tensor& x2d,
+                         at::Tensor& g2d);
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out);
 // lora_shrink (x, a_packed, token_adapter) and lora_expand (h [*token_adapter.shape, R], b_packed, scales,
 // token weights) and their backwards.

@@ -134,6 +134,22 @@ Dims linear_dims(const char* op, const at::Tensor& ref, const char* ref_name, co
   return d;
 }
 
+Dims multi_backward_dims(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& a_packed, const at::Tensor& b_packed, const at::Tensor& offsets,
+                         const at::Tensor& scales, const at::Tensor& token_adapter,
+                         const std::optional<at::Tensor>& token_weight, std::array<bool, 4> mask, at::Tensor& x2d,
+                         at::Tensor& g2d) {
+  check_same_dtype(op, "x", x, grad_out, "grad_out");
+  check_same_device(op, "x", x, grad_out, "grad_out");
+  Dims d = linear_dims(op, grad_out, "grad_out", x, weight, a_packed, b_packed, offsets, scales, x2d);
+  g2d = flat_tokens(op, "grad_out", grad_out, weight.size(0));
+  TORCH_CHECK(g2d.size(0) == d.T, op, ": grad_out must have x's ", d.T, " tokens, got shape ", grad_out.sizes());
+  check_tokens(op, d, x, "x", token_adapter, token_weight);
+  TORCH_CHECK(!mask[3] || token_weight.has_value(), op,
+              ": output_mask asks for grad_token_weight but token_weight is None");
+  return d;
+}
+
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out) {
   if (!bias.has_value()) return;
   check_same_dtype(op, "bias", *bias, x, "x");
@@ -477,15 +493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
     const std::optional<at::Tensor>& token_weight, std::array<bool, 4> mask) {
   constexpr const char* op = "lora_multi_linear_backward";
   check_cpu(op, "grad_out", grad_out);
-  check_same_dtype(op, "x", x, grad_out, "grad_out");
-  check_same_device(op, "x", x, grad_out, "grad_out");
-  at::Tensor x2d;
-  Dims d = linear_dims(op, grad_out, "grad_out", x, weight, a_packed, b_packed, offsets, scales, x2d);
-  const auto g2d = flat_tokens(op, "grad_out", grad_out, weight.size(0));
-  TORCH_CHECK(g2d.size(0) == d.T, op, ": grad_out must have x's ", d.T, " tokens, got shape ", grad_out.sizes());
-  check_tokens(op, d, x, "x", token_adapter, token_weight);
-  TORCH_CHECK(!mask[3] || token_weight.has_value(), op,
-              ": output_mask asks for grad_token_weight but token_weight is None");
+  at::Tensor x2d, g2d;
+  Dims d = multi_backward_dims(op, grad_out, x, weight, a_packed, b_packed, offsets, scales, token_adapter,
+                               token_weight, mask, x2d, g2d);
   validate_values(op, d, offsets, token_adapter);
   const auto g = group_pairs(d, offsets, token_adapter);
   const auto acc = acc_type(x.scalar_type());

@@ -154,15 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
     const std::optional<at::Tensor>& token_weight, std::array<bool, 4> mask) {
   constexpr const char* op = "lora_multi_linear_backward";
   check_cuda_in(op, "grad_out", grad_out);
-  check_same_dtype(op, "x", x, grad_out, "grad_out");
-  check_same_device(op, "x", x, grad_out, "grad_out");
-  at::Tensor x2d;
-  Dims d = linear_dims(op, grad_out, "grad_out", x, weight, a_packed, b_packed, offsets, scales, x2d);
-  const auto g2d = flat_tokens(op, "grad_out", grad_out, weight.size(0));
-  TORCH_CHECK(g2d.size(0) == d.T, op, ": grad_out must have x's ", d.T, " tokens, got shape ", grad_out.sizes());
-  check_tokens(op, d, x, "x", token_adapter, token_weight);
-  TORCH_CHECK(!mask[3] || token_weight.has_value(), op,
-              ": output_mask asks for grad_token_weight but token_weight is None");
+  at::Tensor x2d, g2d;
+  Dims d = multi_backward_dims(op, grad_out, x, weight, a_packed, b_packed, offsets, scales, token_adapter,
+                               token_weight, mask, x2d, g2d);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dt = kernel_dtype(x.scalar_type());
   const auto stream = current_stream();
