@@ -128,7 +128,7 @@ def _full(t):
 
 
 def _name(n):
-    return n.replace("_orig_mod.", "").replace("module.", "")
+    return n.removeprefix("_orig_mod.").removeprefix("module.")  # torch.compile's, then DDP's wrapper
 
 
 def trainable(model):
