@@ -157,6 +157,11 @@ def drop_and_grow(
     for name, layer in sparse_delta_layers(model):
         if layer.merged:
             raise RuntimeError(f"drop_and_grow: {name!r} is merged; unmerge first")
+        if hasattr(layer.values, "device_mesh"):
+            raise NotImplementedError(
+                f"drop_and_grow: {name!r}'s values are a DTensor (sharded, e.g. by FSDP2's fully_shard); "
+                "drop-and-grow permutes the whole values tensor and its optimizer state on every rank: train with "
+                "DDP, or with a fixed support (no drop-and-grow) under FSDP2")
         if isinstance(grads_fn, ActivationCapture):
             if not grads_fn.has(name):
                 continue
@@ -176,6 +181,14 @@ class SparseDeltaScheduler:
     ``drop_fraction``, cosine-annealed to 0 at ``end_step`` when ``anneal="cosine"`` (as in RigL).
     Extra memory on due steps only: each layer's output gradient ``[tokens, out]`` (the inputs are the tensors
     autograd saves anyway), released after the update.
+
+    Distributed data parallel (DDP): when ``torch.distributed`` is initialised with more than one process in
+    ``process_group`` (default: the whole world), the captured inputs and output gradients of every rank are
+    all-gathered (rank order) before scoring, so every rank grows the same positions: the ones a single process
+    finds on the global batch (the activation gradients of a rank's local loss differ from the global ones by a
+    constant factor only, which leaves the top-k unchanged). Every rank must call ``step()``. The gathered tokens
+    cost ``world * tokens * (in + out)`` elements per layer on due steps (bound them with ``max_tokens``, per rank).
+    Sharded values (FSDP2) are refused; see ``docs/distributed.md``.
     """
 
     def __init__(
@@ -188,6 +201,7 @@ class SparseDeltaScheduler:
         end_step: Optional[int] = None,
         anneal: str = "constant",
         max_tokens: Optional[int] = None,
+        process_group=None,
     ):
         if every_n_steps < 1:
             raise ValueError(f"SparseDeltaScheduler: every_n_steps must be >= 1, got {every_n_steps}")
@@ -198,6 +212,7 @@ class SparseDeltaScheduler:
         self.model, self.optimizer = model, optimizer
         self.drop_fraction, self.every_n_steps = drop_fraction, every_n_steps
         self.start_step, self.end_step, self.anneal = start_step, end_step, anneal
+        self.process_group = process_group
         layers = dict(sparse_delta_layers(model))
         if not layers:
             raise ValueError("SparseDeltaScheduler: the model has no SparseDeltaLinear")
@@ -229,10 +244,47 @@ class SparseDeltaScheduler:
         stats = None
         if self.is_due(self.step_count):
             frac = self.fraction_at(self.step_count)
-            stats = drop_and_grow(self.model, self.optimizer, frac, self.capture)
+            stats = drop_and_grow(self.model, self.optimizer, frac, self._gathered())
             self.history.append((self.step_count, frac, stats))
         self._arm()
         return stats
+
+    def _world(self) -> int:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _gathered(self) -> ActivationCapture:
+        """The capture, with every rank's tokens (rank order) when running distributed."""
+        world = self._world()
+        if world == 1:
+            return self.capture
+        import torch.distributed as dist
+
+        out = ActivationCapture(self.capture.modules)
+        for name, layer in self.capture.modules.items():
+            if self.capture.has(name):
+                g, x = self.capture.get(name)
+            else:  # this rank saw no batch for the layer: it still takes part in the gather
+                w = layer.base_layer.weight
+                g = w.new_zeros(0, layer.out_features)
+                x = w.new_zeros(0, layer.in_features)
+            n = torch.tensor([g.shape[0]], device=g.device)
+            sizes = [torch.zeros_like(n) for _ in range(world)]
+            dist.all_gather(sizes, n, group=self.process_group)
+            sizes = [int(s) for s in sizes]
+            parts = []
+            for t in (g, x):
+                padded = t.new_zeros(max(sizes), t.shape[1])
+                padded[: t.shape[0]] = t
+                bufs = [torch.empty_like(padded) for _ in range(world)]
+                dist.all_gather(bufs, padded.contiguous(), group=self.process_group)
+                parts.append(torch.cat([b[:s] for b, s in zip(bufs, sizes)]))
+            if parts[0].shape[0]:
+                out._slots[name].append([parts[1], parts[0]])
+        return out
 
     def close(self) -> None:
         self.capture.remove()
