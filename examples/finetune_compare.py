@@ -66,9 +66,9 @@ METHODS = {
     "lora": ("peftcore LoRA r=8, 7 linears", 2e-3),
     "sparse_delta": ("peftcore sparse delta 1%, gradient selection, 7 linears", 1e-3),
     "s2ft": ("peftcore S2FT (5% heads / channels of o_proj, down_proj)", 5e-4),
-    "oft": ("peftcore OFT block 32, 7 linears", 3e-3),
+    "oft": ("peftcore OFT block 32, 7 linears", 3e-4),
     "boft": ("peftcore BOFT block 8, 2 factors, 7 linears", 3e-3),
-    "seer": ("peftcore SeerAttention gates (distillation, LM frozen)", 1e-2),
+    "seer": ("peftcore SeerAttention gates (distillation, LM frozen)", 1e-3),
     "token_elim": ("peftcore token elimination keep 0.5 + peftcore LoRA r=8", 2e-3),
 }
 
