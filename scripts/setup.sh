@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by scripts/test.sh and scripts/bench.sh:
 # a venv at .venv with pinned torch and the build tools, then an incremental build of peftcore.
-# Env: PEFTCORE_TORCH (default 2.14.1, the CUDA 13.0 wheel; 2.13.0 is the CPU-only one),
-#      PEFTCORE_CUDA=ON|OFF|AUTO (default AUTO: CUDA kernels are compiled when torch has CUDA and nvcc exists),
+# Which torch: the CUDA 13.0 wheel (torch 2.14.1) when an NVIDIA GPU is present or PEFTCORE_CUDA=ON (CI sets it:
+# every .cu must compile); else the CPU-only wheel (torch 2.13.0+cpu, ~0.9 GB instead of ~5.4 GB) and no CUDA
+# build. Switching an existing venv from one to the other reinstalls torch and rebuilds.
+# Env: PEFTCORE_TORCH (overrides that choice: a torch version for pip, e.g. 2.14.1 or 2.13.0+cpu),
+#      PEFTCORE_CUDA=ON|OFF|AUTO (AUTO: CUDA kernels are compiled when torch has CUDA and nvcc exists; the default,
+#      except with the CPU torch chosen here, where it is OFF),
 #      PEFTCORE_CUDA_ARCHS (default "80;90").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_VERSION="${PEFTCORE_TORCH:-2.14.1}"
+TORCH_CUDA_WHEEL=2.14.1
+TORCH_CPU_WHEEL=2.13.0+cpu  # from the PyTorch CPU index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)
+has_nvidia_gpu() {
+  [ -e /dev/nvidia0 ] || { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }
+}
+if [ -n "${PEFTCORE_TORCH:-}" ]; then
+  TORCH_VERSION="$PEFTCORE_TORCH"
+elif [ "${PEFTCORE_CUDA:-AUTO}" = ON ] || has_nvidia_gpu; then
+  TORCH_VERSION="$TORCH_CUDA_WHEEL"
+else
+  TORCH_VERSION="$TORCH_CPU_WHEEL"
+  export PEFTCORE_CUDA=OFF
+fi
 PY="${PEFTCORE_PYTHON:-python3.11}"
 VENV=.venv
 stamp="$VENV/.peftcore-deps-$TORCH_VERSION-v3"
