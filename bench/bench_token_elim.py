@@ -12,13 +12,10 @@ Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_token_el
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import os
 
 import torch
 
-from common import compare, op_rows, peak_memory
+from common import compare, op_rows, peak_memory, timing_malloc
 
 import peftcore  # noqa: F401
 from peftcore.ops import token_elim as te
@@ -45,27 +42,6 @@ def build_model(device):
     cfg = transformers.LlamaConfig(**MODEL, attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(cfg).to(device).train()
     return peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-
-
-@contextlib.contextmanager
-def timing_malloc():
-    """Whole-model training steps allocate hundreds of buffers above bench/run.py's pinned mmap threshold (128 KiB,
-    set for exact CPU peak memory): each is a fresh mmap, page-faulted in and unmapped on free, which made a step
-    5-15x slower here and its time meaningless (0.45 s -> 2.5-7.6 s at L=1024). The timed rounds run with glibc's
-    threshold raised to 32 MiB (mallopt at run time), the peak-memory steps under the pinned one."""
-    pinned = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        libc = None
-    if libc is None or pinned is None:
-        yield
-        return
-    libc.mallopt(-3, 32 * 2 ** 20)  # M_MMAP_THRESHOLD
-    try:
-        yield
-    finally:
-        libc.mallopt(-3, int(pinned))
 
 
 def saved_bytes(model, ids, layer_ids):
