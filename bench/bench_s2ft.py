@@ -6,6 +6,7 @@ config (no download), side by side:
                        down_proj columns on co-permuted contiguous ranges (peftcore.ops.partial.partial_linear).
 Rows report the median step time, its ratio to full_ft and the step's peak memory above what the model and the
 optimizer state hold before it (the AdamW state is not counted; the step's gradients and activations are).
+Headline (HEADLINE, bench/run.py's default): s2ft against full_ft, this bench's one comparison.
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_s2ft.py [--device cuda] [--quick].
 """
@@ -22,6 +23,10 @@ import peftcore  # noqa: F401
 from peftcore.tuners.s2ft import S2FTConfig, apply_s2ft
 
 RATIO = 0.05
+# The headline comparison (bench/run.py's summary): peftcore's method against its anchor.
+HEADLINE = [dict(family="s2ft", op="s2ft_model", mode="train_step", density=RATIO, method="s2ft", anchor="full_ft",
+                 setting="{} of heads and FFN channels trainable")]
+OURS = {"s2ft"}  # the rows' peftcore methods (the rest are references)
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,7 +70,8 @@ def methods(base, device):
     return {"full_ft": full, "peft_lora_r16": lora, "s2ft": s2ft}
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bool = False) -> list:
+    """Rows of the one comparison (headline=True runs the same: it is the headline)."""
     cfg, b, t, dtype = sizes(device, quick)
     base = _model(cfg, dtype, device)
     ids = torch.randint(0, cfg["vocab_size"], (b, t), generator=torch.Generator().manual_seed(0)).to(device)
