@@ -117,7 +117,26 @@ def environment() -> dict:
     except OSError:
         pass
     env["nproc"] = os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else env["nproc"]
+    env["machine"] = env["gpu"] or f"{env['cpu']}, {cores} cores"
+    env["commit"] = _commit()
     return env
+
+
+def _commit() -> str:
+    """The tree's git commit (with "+dirty" when tracked files differ from it), "" outside a git checkout."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 @contextlib.contextmanager
