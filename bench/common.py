@@ -7,6 +7,9 @@ state (these machines are noisy).
 Peak memory: GPU, torch.cuda.max_memory_allocated above the memory held before the step; CPU, the process's
 resident high-water mark (VmHWM, reset through /proc/self/clear_refs) above its resident size before the step,
 with glibc's mmap threshold pinned (bench/run.py sets MALLOC_MMAP_THRESHOLD_) so freed buffers leave at once.
+
+Collecting (``collecting()``): a family's ``run()`` executed inside it times nothing; every ``compare()`` call hands
+its callables to the collector instead (bench/test_bench.py runs them under pytest-benchmark, one group per call).
 """
 from __future__ import annotations
 
@@ -33,8 +36,25 @@ def _proc_mem():
         return None
 
 
+_collector = None  # a list while collecting(): compare() appends its callables there and times nothing
+
+
+@contextlib.contextmanager
+def collecting():
+    """Within: ``compare()`` records ``{key: callable}`` per call (and answers 1.0 for every key), ``peak_memory()``
+    answers 0 without calling; yields the list of recorded dicts, one per ``compare()`` call, in order."""
+    global _collector
+    saved, _collector = _collector, []
+    try:
+        yield _collector
+    finally:
+        _collector = saved
+
+
 def peak_memory(fn, device: str) -> float:
     """Bytes allocated at the peak of one call of fn, above what was held before it."""
+    if _collector is not None:
+        return 0.0
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -83,6 +103,9 @@ def compare(fns: dict, device: str, rounds: int = 15, target: float = 0.01) -> d
     """
     import time
 
+    if _collector is not None:
+        _collector.append(dict(fns))
+        return {k: 1.0 for k in fns}
     reps = {k: _calls_per_sample(f, device, target) for k, f in fns.items()}
     times = {k: [] for k in fns}
     for _ in range(rounds):
