@@ -318,13 +318,13 @@ def write_png(rows: list, lines: list, path: Path, title: str):
         ax_t.axvline(1.0, color="k", lw=0.8, ls="--")
         ax_t.set_yticks(list(y), labels, fontsize=small)
         ax_t.invert_yaxis()
-        ax_t.set_title(f"time / {ln['anchor']}'s (lower is better)", fontsize=small + 1)
+        ax_t.set_title("time / the anchor's (lower is better)", fontsize=small + 1)
         ax_t.set_xlim(0, max(times) * 1.3)
         for j, v in enumerate(times):
             ax_t.text(v, j, f" {v:.2f}×", va="center", fontsize=small, bbox=box)
         ax_m.barh(y, mems, color=colors, height=0.7)
         ax_m.set_title("peak memory of one call, MB", fontsize=small + 1)
-        ax_m.set_xlim(0, max(max(mems), 1e-9) * 1.35)
+        ax_m.set_xlim(0, max(mems) * 1.35 if max(mems) > 0 else 1.0)  # all zero: a plain 0..1 axis
         for j, v in enumerate(mems):
             ax_m.text(v, j, f" {v:.1f}", va="center", fontsize=small, bbox=box)
         for ax in (ax_t, ax_m):
