@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from common import compare, peak_memory, timing_malloc
+from common import compare, peak_memory
 
 import peftcore  # noqa: F401
 from peftcore.tuners.s2ft import S2FTConfig, apply_s2ft
@@ -79,13 +79,13 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bo
     del base
     fns = {name: _step(m, ids) for name, m in models.items()}
     peaks = {}
-    for name, fn in fns.items():  # first: timing_malloc below leaves freed heap resident
+    for name, fn in fns.items():
         fn()  # the first step creates the AdamW state, which the peak does not count
         peaks[name] = peak_memory(fn, device)
-    # A CPU step takes ~1-2 s (2 cores): a quarter of the rounds keeps this bench within a minute. The timed
-    # rounds run under timing_malloc (bench/common.py): under the pinned mmap threshold a step ran 3-5x slower.
-    with timing_malloc():
-        times = compare(fns, device, rounds=rounds if device == "cuda" else max(3, rounds // 4), target=0.0)
+    # A CPU step takes ~1-2 s (2 cores): a quarter of the rounds keeps this bench within a minute. Not under
+    # timing_malloc (bench/common.py): the heap it leaves resident hid the CPU peaks of the families run after this
+    # one (0 MB), even with malloc_trim.
+    times = compare(fns, device, rounds=rounds if device == "cuda" else max(3, rounds // 4), target=0.0)
     case = (f"llama h={cfg['hidden_size']} L={cfg['num_hidden_layers']} B={b} T={t} "
             f"{str(dtype).replace('torch.', '')}")
     rows = []
