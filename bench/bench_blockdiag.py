@@ -1,10 +1,15 @@
-"""blockdiag bench: peftcore.monarch_matmul (fused, the intermediate kept per token tile) forward / backward /
-training step (the default training path keeps fly's intermediate for the backward; ``monarch_recompute`` is
-``save_intermediate=False``, which recomputes it: less memory, one GEMM more) against
-  (a) two_bmm — HazyResearch fly's two-bmm form (ref_monarch_two_bmm, imported from tests/test_blockdiag.py);
-  (b) dense   — a dense linear of the same in / out shape (every ratio is against the two-bmm form; the dense row
-                shows what the structure saves);
+"""blockdiag bench: peftcore.monarch_matmul forward / backward / training step side by side with its references.
+Methods (the rows' names):
+  monarch_matmul    — peftcore.monarch_matmul, fused, the intermediate kept per token tile (the default training
+                      path keeps fly's intermediate for the backward);
+  monarch_recompute — the same with save_intermediate=False: the intermediate recomputed in the backward (less
+                      memory, one GEMM more);
+  (a) two_bmm       — HazyResearch fly's two-bmm form (ref_monarch_two_bmm, imported from tests/test_blockdiag.py);
+  (b) dense         — a dense linear of the same in / out shape; every ratio in the rows is against the two-bmm
+                      form, the dense row shows what the structure saves;
 plus blockdiag_matmul against one bmm between permutes (ref_blockdiag). Peak memory per call (bench/common.py).
+Headline (HEADLINE, bench/run.py's default): the training step with blocks of 64 (d=1024, 16 blocks on CPU),
+monarch_matmul against two_bmm (dense beside them).
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_blockdiag.py [--device cuda] [--quick].
 """
@@ -22,10 +27,19 @@ import peftcore  # noqa: F401
 from peftcore.ops import blockdiag as bd
 from test_blockdiag import ref_blockdiag, ref_monarch_two_bmm
 
+# The headline comparison (bench/run.py's summary): peftcore's method against its anchor.
+HEADLINE = [dict(family="blockdiag", op="monarch_matmul", mode="train_step", density="", method="monarch_matmul",
+                 anchor="two_bmm", setting="")]
+OURS = {"monarch_matmul", "monarch_recompute", "blockdiag_matmul", "monarch_fused_kernel", "monarch_bmm_kernel"}
 
-def sizes(device: str, quick: bool):
+
+def sizes(device: str, quick: bool, headline: bool = False):
     """(d, block counts, tokens, dtype). CPU: three sizes x two block counts (blocks of 64..1024) keep the family
-    around a minute (the two-bmm backward alone takes seconds at 32+ blocks)."""
+    around a minute (the two-bmm backward alone takes seconds at 32+ blocks). Headline: one size, 16 blocks."""
+    if headline:
+        d, tokens = {("cuda", False): (2048, 8192), ("cuda", True): (2048, 4096), ("cpu", False): (1024, 1024),
+                     ("cpu", True): (512, 256)}[(device, quick)]
+        return [(d, (16,), tokens, torch.bfloat16 if device == "cuda" else torch.float32)]
     if device == "cuda":
         if quick:
             return [(2048, (4, 32), 4096, torch.bfloat16)]
@@ -45,13 +59,16 @@ def _monarch_weights(d, nb, dtype, device, gen):
     return w1, w2
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bool = False) -> list:
+    """Rows of every case; with headline=True only the headline's (one size, the training step of monarch_matmul,
+    two_bmm and dense; no recompute variant, no blockdiag_matmul)."""
     # CPU: the two-bmm backward takes ~2 s per call at 32 blocks (strided bmm gradients), so 3 rounds keep the
     # family within ~45 s; the medians are noisier than the other families'.
     if device == "cpu":
         rounds = min(rounds, 3)
     rows = []
-    for d, nbs, tokens, dtype in sizes(device, quick):
+    modes = ("train_step",) if headline else ("forward", "backward", "train_step")
+    for d, nbs, tokens, dtype in sizes(device, quick, headline):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(tokens, d, generator=gen).to(dtype).to(device).requires_grad_(True)
         g = torch.randn(tokens, d, generator=gen).to(dtype).to(device)
@@ -67,12 +84,16 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
             lean = lambda: bd.monarch_matmul(x, w1, w2, save_intermediate=False)  # noqa: E731
             methods = {"monarch_matmul": (ours, (x, w1, w2)), "monarch_recompute": (lean, (x, w1, w2)),
                        "two_bmm": (two, (x, w1, w2)), "dense": (dense, (x, w))}
+            if headline:
+                del methods["monarch_recompute"]
             fns = {}
             for name, (f, wrt) in methods.items():
-                fns[(name, "forward")] = forward_only(f)
-                fns[(name, "backward")] = backward_only(f, wrt, g)
+                if "forward" in modes:
+                    fns[(name, "forward")] = forward_only(f)
+                if "backward" in modes:
+                    fns[(name, "backward")] = backward_only(f, wrt, g)
                 fns[(name, "train_step")] = train_step(f, wrt, g)
-            if device == "cuda":  # both CUDA forward forms side by side (blockdiag_plan.h picks one of them)
+            if device == "cuda" and not headline:  # both CUDA forward forms side by side (blockdiag_plan.h picks one)
                 for mode in ("fused", "bmm"):
                     fns[(f"monarch_{mode}_kernel", "forward")] = forward_only(_with_kernel(mode, ours))
             times = compare(fns, device, rounds=rounds)
@@ -80,7 +101,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                 rows.append(dict(family="blockdiag", op="monarch_matmul", case=case, method=name, density="",
                                  mode=mode, ms=t * 1e3, ratio=t / times[("two_bmm", mode)], ratio_to="two_bmm",
                                  peak_mb=peak_memory(fns[(name, mode)], device) / 2 ** 20, device=device))
-            rows += _blockdiag_rows(device, case, x.detach(), w1.detach(), g, rounds)
+            if not headline:
+                rows += _blockdiag_rows(device, case, x.detach(), w1.detach(), g, rounds)
     return rows
 
 
@@ -117,6 +139,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--headline", action="store_true", help="the headline comparison alone")
     args = ap.parse_args()
-    for r in run(args.device, args.quick, args.rounds):
+    for r in run(args.device, args.quick, args.rounds, headline=args.headline):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})

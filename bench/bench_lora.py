@@ -12,7 +12,8 @@ Cases: decode (32 requests x 1 token, 32 adapters r=16; 64 x 1, 64 adapters r=8;
 with 8 adapters in one batch (gradients into x and the adapters) against one LoRA's training step. Plus the pieces:
 lora_shrink / lora_expand alone against the gather-einsum halves (decode), and lora_linear (one adapter, PEFT's
 dropout, training step and forward) and the seeded lora_linear_dropout against plain torch LoRA with F.dropout. Peak memory per
-call too. Baselines from tests/test_lora.py where they exist (one reference, not two).
+call too. Baselines from tests/test_lora.py where they exist (one reference, not two). Headline (HEADLINE,
+bench/run.py's default): the decode case with 32 adapters, lora_multi_linear against peft_mixed_batch.
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_lora.py [--quick].
 """
@@ -27,6 +28,12 @@ from common import compare, forward_only, op_rows, peak_memory, train_step
 
 import peftcore  # noqa: F401
 from peftcore.ops import lora as lo
+
+# The headline comparison (bench/run.py's summary): peftcore's op against its anchor, in the case HEADLINE_CASE.
+HEADLINE = [dict(family="lora", op="lora_multi_linear", mode="forward", density="", method="lora_multi_linear",
+                 anchor="peft_mixed_batch", setting="")]
+HEADLINE_CASE = "decode 32 x r16"
+OURS = {"lora_multi_linear", "padded_ranks", "lora_linear"}  # the rows' peftcore methods (the rest are references)
 
 
 def sizes(device: str, quick: bool):
@@ -69,11 +76,12 @@ def _peft_model(base, As, Bs, scales):
     return model.eval()
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bool = False) -> list:
     rows = []
     dt = _dtype(device)
     tol = dict(atol=1e-3, rtol=1e-3) if dt == torch.float32 else dict(atol=1e-1, rtol=5e-2)
-    for case, d, nreq, per, N, ranks, k in sizes(device, quick):
+    cases = [c for c in sizes(device, quick) if c[0] == HEADLINE_CASE or not headline]
+    for case, d, nreq, per, N, ranks, k in cases:
         gen = torch.Generator().manual_seed(0)
         T = nreq * per
         lin = torch.nn.Linear(d, d).to(device, dt)
@@ -136,9 +144,10 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                              peak_mb=peak_memory(fns[name], device) / 2 ** 20, device=device))
         if case.startswith("prefill"):
             rows += _train_rows(case, d, x, W, bias, As, Bs, scales, a, b, off, sc, ta, device, rounds)
-        if case.startswith("decode 32 x"):
+        if case.startswith("decode 32 x") and not headline:
             rows += _piece_rows(f"{case} d={d} T={T}", x, Apad, Bpad, a, b, off, sc, ta, device, rounds)
-    rows += _single_rows(device, quick, rounds)
+    if not headline:
+        rows += _single_rows(device, quick, rounds)
     return rows
 
 

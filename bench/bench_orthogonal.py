@@ -1,11 +1,13 @@
-"""orthogonal bench: a BOFT / OFT layer's training step (forward + backward into x and the adapter parameters) and
-inference forward at d = 1024, 1024 tokens:
-  (a) peftcore — the op path (peftcore.tuners.boft.BOFTLinear / peftcore.tuners.oft.OFTLinear: Cayley blocks +
-      the butterfly chain on the activations, no d x d matrix);
-  (b) peft     — HF PEFT's own layer of the same config (BOFT builds the d x d rotation; on a machine without its
+"""orthogonal bench: a BOFT / OFT / MiSS layer's training step (forward + backward into x and the adapter
+parameters) and inference forward at d = 1024, 1024 tokens. Methods (the rows' names):
+  (a) peftcore — peftcore's layer on its ops (BOFTLinear / OFTLinear / MissLinear from peftcore.tuners); BOFT:
+      Cayley blocks + the butterfly chain on the activations, no d x d matrix;
+  (b) peft     — HF PEFT's own layer of the same config; BOFT builds the d x d rotation (on a machine without its
       fbd_cuda extension the test's plain-torch stand-in keeps n_butterfly_factor > 1, as PEFT would on a GPU);
-  (c) dense    — the frozen linear alone (every ratio is against it; speedup_vs_peft in the row too);
+  (c) dense    — the frozen linear alone; every ratio in the rows is against it (speedup_vs_peft in the row too);
 with peak memory per call. The interop layers and the fbd stand-in come from tests/test_orthogonal.py.
+Headline (HEADLINE, bench/run.py's default): the training step of BOFT (family orthogonal) and of MiSS (family
+miss), peftcore against peft (dense beside them); no OFT, no standalone ops.
 
 Run through bench/run.py or alone: python bench/bench_orthogonal.py [--device cuda] [--quick].
 """
@@ -36,6 +38,12 @@ CONFIGS = [  # (method, kwargs)
     ("oft", dict(oft_block_size=32, r=0)),
     ("miss", dict(r=64)),  # MiSS (issue 4's fourth adapter; family "miss" in the rows)
 ]
+# The headline comparisons (bench/run.py's summary): peftcore's layer against HF PEFT's, one per family.
+HEADLINE = [dict(family="orthogonal", op="boft_layer", mode="train_step", density="", method="peftcore",
+                 anchor="peft", setting=""),
+            dict(family="miss", op="miss_layer", mode="train_step", density="", method="peftcore", anchor="peft",
+                 setting="")]
+OURS = {"peftcore"}  # the rows' peftcore methods (the rest are references)
 
 
 def _peft_layer(kind, kw, d, device, dtype):
@@ -59,15 +67,18 @@ def _peft_layer(kind, kw, d, device, dtype):
     return layer, ours, params
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 3) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 3, headline: bool = False) -> list:
+    """Rows of every case; with headline=True only the headlines' (the first size, BOFT and MiSS training steps)."""
     rows = []
-    for d, tokens, dtype in sizes(device, quick):
+    configs = [(k, kw) for k, kw in CONFIGS if k in ("boft", "miss")] if headline else CONFIGS
+    modes = ("train_step",) if headline else ("train_step", "forward")
+    for d, tokens, dtype in sizes(device, quick)[:1] if headline else sizes(device, quick):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(tokens, d, generator=gen).to(dtype).to(device).requires_grad_(True)
         g = torch.randn(tokens, d, generator=gen).to(dtype).to(device)
         case = f"d={d} T={tokens} {str(dtype).replace('torch.', '')}"
         fns, meta = {}, {}
-        for kind, kw in CONFIGS:
+        for kind, kw in configs:
             layer, ours, params = _peft_layer(kind, kw, d, device, dtype)
             w = layer.get_base_layer().weight
             dense = lambda w=w: F.linear(x, w)  # noqa: E731
@@ -76,7 +87,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 3) -> list:
             for method, f, wrt in (("peftcore", lambda o=ours: o(x), [x, *params]),
                                    ("peft", lambda m=layer: m(x), [x, *params]), ("dense", dense, [x])):
                 fns[(kind, method, "train_step")] = train_step(f, wrt, g)
-                fns[(kind, method, "forward")] = forward_only(f)
+                if "forward" in modes:
+                    fns[(kind, method, "forward")] = forward_only(f)
             cfg = ",".join(f"{k}={v}" for k, v in kw.items())
             meta[kind] = cfg
         # PEFT's BOFT layer takes seconds a step on CPU: at most 3 interleaved rounds keep the family < 45 s.
@@ -87,7 +99,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 3) -> list:
                              ratio_to="dense", speedup_vs_peft=times[(kind, "peft", mode)] / t,
                              peak_mb=peak_memory(fns[(kind, method, mode)], device) / 2 ** 20, saved_mb="",
                              device=device))
-        rows += _op_rows(device, case, x.detach(), rounds)
+        if not headline:
+            rows += _op_rows(device, case, x.detach(), rounds)
     return rows
 
 
@@ -116,6 +129,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--headline", action="store_true", help="the headline comparisons alone")
     args = ap.parse_args()
-    for r in run(args.device, args.quick, args.rounds):
+    for r in run(args.device, args.quick, args.rounds, headline=args.headline):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})

@@ -1,14 +1,18 @@
-"""partial bench: training step (forward + backward, x needing its gradient) and forward of
+"""partial bench: training step (forward + backward, x needing its gradient), forward and backward alone of
 peftcore.partial_linear (dim 1, a contiguous range of columns, as S2FT's co-permutation gives) at selection ratios
-1%, 5%, 10% against
+1%, 5%, 10%, side by side with its references. Methods (the rows' names):
+  partial         — peftcore.partial_linear: the frozen linear plus a trainable block of W's columns, only that
+                    slice of x saved for the backward;
   (a) masked_full — the naive way: W itself trainable, its dense [out, in] gradient masked afterwards;
   (b) s2ft_torch  — S2FT's formulation in plain torch: F.linear(x, W) + F.linear(x[:, a:b], delta);
   (c) lora_r16    — LoRA r=16 in plain torch;
-  (d) dense       — a frozen dense linear, the speed of light (every ratio is against it);
+  (d) dense       — a frozen dense linear, the speed of light; every ratio in the rows is against it;
 with, per method, the activation memory its autograd graph keeps for the backward ("saved_mb": unique storages
 handed to saved_tensors_hooks, the trainable parameters and W excluded; a saved view counts its whole storage,
 since that is what stays alive). Plus the standalone ops (partial_gather, partial_scatter_add, partial_validate)
 against plain-torch equivalents. Baselines are imported from tests/test_partial.py (one reference, not two).
+Headline (HEADLINE, bench/run.py's default): the training step at 5% of columns, partial against s2ft_torch
+(masked_full and dense beside them).
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_partial.py [--device cuda] [--quick].
 """
@@ -26,6 +30,10 @@ from peftcore.ops import partial as pt
 from test_partial import make_index, ref_gather, ref_masked_full, ref_s2ft, ref_scatter_add
 
 RATIOS = (0.01, 0.05, 0.10)
+# The headline comparison (bench/run.py's summary): peftcore's method against its anchor, at one ratio and mode.
+HEADLINE = [dict(family="partial", op="partial_linear", mode="train_step", density=0.05, method="partial",
+                 anchor="s2ft_torch", setting="{} of W's columns trainable")]
+OURS = {"partial"}  # the rows' peftcore methods (the rest are references)
 
 
 def sizes(device: str, quick: bool):
@@ -89,8 +97,11 @@ def _fixed_fns(x, w, g, lora):
                          backward_only(lora_f, (x, a, b), g))}
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bool = False) -> list:
+    """Rows of every case; with headline=True only the headline's (training step at 5%; no LoRA, no ops)."""
     rows = []
+    ratios = (HEADLINE[0]["density"],) if headline else RATIOS
+    modes = (("train_step", 1),) if headline else (("forward", 0), ("backward", 4), ("train_step", 1))
     for out, inn, tokens, dtype in sizes(device, quick):
         gen = torch.Generator().manual_seed(0)
         w = (torch.randn(out, inn, generator=gen) * inn ** -0.5).to(dtype).to(device)
@@ -99,12 +110,12 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
         lora = ((torch.randn(16, inn, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(True),
                 torch.zeros(out, 16, dtype=dtype, device=device).requires_grad_(True))
         case = f"{out}x{inn} T={tokens} {str(dtype).replace('torch.', '')}"
-        methods = {(name, None): v for name, v in _fixed_fns(x, w, g, lora).items()}
-        for ratio in RATIOS:
+        methods = {(name, None): v for name, v in _fixed_fns(x, w, g, lora).items()
+                   if not (headline and name == "lora_r16")}
+        for ratio in ratios:
             methods.update({(name, ratio): v for name, v in _ratio_fns(x, w, g, ratio).items()})
         # Every method of this size is timed in the same interleaved rounds.
-        fns = {(name, r, mode): v[pos] for (name, r), v in methods.items()
-               for mode, pos in (("forward", 0), ("backward", 4), ("train_step", 1))}
+        fns = {(name, r, mode): v[pos] for (name, r), v in methods.items() for mode, pos in modes}
         times = compare(fns, device, rounds=rounds)
         for (name, r, mode), t in times.items():
             graph_fn, params = methods[(name, r)][2:4]
@@ -114,7 +125,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                              ratio=t / times[("dense", None, mode)], ratio_to="dense",
                              peak_mb=peak_memory(fns[(name, r, mode)], device) / 2 ** 20,
                              saved_mb=saved / 2 ** 20, device=device))
-        rows += _op_rows(device, case, x.detach(), rounds)
+        if not headline:
+            rows += _op_rows(device, case, x.detach(), rounds)
     return rows
 
 
@@ -141,6 +153,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--headline", action="store_true", help="the headline comparison alone")
     args = ap.parse_args()
-    for r in run(args.device, args.quick, args.rounds):
+    for r in run(args.device, args.quick, args.rounds, headline=args.headline):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})

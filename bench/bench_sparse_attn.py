@@ -1,12 +1,16 @@
 """sparse_attn bench: peftcore.block_sparse_attn (causal, a random block mask at 50 / 75 / 90% sparsity of the
-causal blocks, the diagonal always kept) against
-  (a) sdpa  — dense causal F.scaled_dot_product_attention, the baseline of every ratio;
-  (b) flex  — torch.nn.attention.flex_attention with the same block mask (as a BlockMask built by
-              dense_to_csr, causal mask_mod), torch.compile'd; forward only where its backward does not run;
-modes forward (no grad) and train_step (forward + backward into q, k, v), with peak memory per call. On CUDA also
-  (c) block_sparse_attn_simt — the CUDA-core forward (PEFTCORE_SPARSE_ATTN_KERNEL=simt) on the same mask, beside
-      the tensor-core forward that float16 / bfloat16 take by default.
+causal blocks, the diagonal always kept) side by side with its references, modes forward (no grad) and train_step
+(forward + backward into q, k, v), with peak memory per call. Methods (the rows' names):
+  block_sparse_attn      — peftcore.block_sparse_attn: only the kept key blocks of each query block are visited;
+  (a) sdpa               — dense causal F.scaled_dot_product_attention; the baseline of every ratio in the rows;
+  (b) flex_attention     — torch.nn.attention.flex_attention with the same block mask (as a BlockMask built by
+                           dense_to_csr, causal mask_mod), torch.compile'd; forward only where its backward does not
+                           run;
+  (c) block_sparse_attn_simt — CUDA only: the CUDA-core forward (PEFTCORE_SPARSE_ATTN_KERNEL=simt) on the same mask,
+                           beside the tensor-core forward that float16 / bfloat16 take by default.
 Plus attn_block_pool against the plain-torch reference of the tests (dense softmax map, then max-pool).
+Headline (HEADLINE, bench/run.py's default): the training step at 90% sparsity at the largest CPU length
+(L=4096; CUDA L=8192), block_sparse_attn against sdpa; no flex, no ops.
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_sparse_attn.py [--device cuda] [--quick].
 """
@@ -26,11 +30,19 @@ from peftcore.ops import sparse_attn as sa
 from test_sparse_attn import ref_block_pool
 
 SPARSITIES = {"cpu": (0.5, 0.75, 0.9), "cuda": (0.0, 0.5, 0.9)}  # block sparsity of the causal blocks
+# The headline comparison (bench/run.py's summary): peftcore's op against its anchor (density = blocks kept).
+HEADLINE = [dict(family="sparse_attn", op="block_sparse_attn", mode="train_step", density=0.1,
+                 method="block_sparse_attn", anchor="sdpa", setting="{} of the causal blocks kept")]
+OURS = {"block_sparse_attn", "block_sparse_attn_simt"}  # the rows' peftcore methods (the rest are references)
 
 
-def sizes(device: str, quick: bool):
+def sizes(device: str, quick: bool, headline: bool = False):
     """(B, Hq, Hkv, L, D, block_size, dtype). CUDA: the GPU headline, bf16, 32 query heads over 8 KV heads (GQA),
-    D = 128, causal, L = 8k and 32k, blocks of 64 and 128 rows, against SDPA's flash kernel and FlexAttention."""
+    D = 128, causal, L = 8k and 32k, blocks of 64 and 128 rows, against SDPA's flash kernel and FlexAttention.
+    Headline: the first CUDA size, the longest CPU one."""
+    if headline:
+        every = sizes(device, quick)
+        return every[:1] if device == "cuda" else every[-1:]
     if device == "cuda":
         if quick:
             return [(1, 32, 8, 4096, 128, 128, torch.bfloat16)]
@@ -98,9 +110,12 @@ def _can_backward(f, wrt, g):
         return False
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bool = False) -> list:
+    """Rows of every case; with headline=True only the headline's (one size, 90% sparsity, training step, no flex,
+    no ops)."""
     rows = []
-    for B, H, Hkv, L, D, bs, dtype in sizes(device, quick):
+    sparsities = (round(1 - HEADLINE[0]["density"], 3),) if headline else SPARSITIES[device]
+    for B, H, Hkv, L, D, bs, dtype in sizes(device, quick, headline):
         gen = torch.Generator().manual_seed(0)
         q = torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_(True)
         k, v = (torch.randn(B, Hkv, L, D, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(2))
@@ -112,12 +127,17 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
         gqa = {"enable_gqa": True} if Hkv != H else {}
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)  # noqa: E731
         fns = {("sdpa", None, "forward"): forward_only(sdpa), ("sdpa", None, "train_step"): train_step(sdpa, wrt, g)}
+        if headline:
+            del fns[("sdpa", None, "forward")]
         flex_fns = {}
-        for sp in SPARSITIES[device]:
+        for sp in sparsities:
             mask = causal_block_mask(H, nb, sp).to(device)
             ours = (lambda m: lambda: sa.block_sparse_attn(q, k, v, m, bs, True))(mask)
-            fns[("block_sparse_attn", sp, "forward")] = forward_only(ours)
+            if not headline:
+                fns[("block_sparse_attn", sp, "forward")] = forward_only(ours)
             fns[("block_sparse_attn", sp, "train_step")] = train_step(ours, wrt, g)
+            if headline:
+                continue
             if device == "cuda":
                 fns[("block_sparse_attn_simt", sp, "forward")] = forward_only(_with_kernel("simt", ours))
             flex = _flex(q, k, v, mask, bs)
@@ -141,6 +161,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                              density=round(1 - sp, 3) if sp is not None else "", mode=mode, ms=t * 1e3,
                              ratio=t / times[("sdpa", None, mode)], ratio_to="sdpa_causal",
                              peak_mb=peak_memory(fns[(name, sp, mode)], device) / 2 ** 20, device=device))
+        if headline:
+            continue
         qd, kd = q.detach(), k.detach()
         pairs = {"attn_block_pool": (lambda: sa.attn_block_pool(qd, kd, bs, True),
                                      lambda: ref_block_pool(qd, kd, bs, True), "dense_softmax_maxpool")}
@@ -153,8 +175,9 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--headline", action="store_true", help="the headline comparison alone")
     args = ap.parse_args()
-    for r in run(args.device, args.quick, args.rounds):
+    for r in run(args.device, args.quick, args.rounds, headline=args.headline):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
 
 

@@ -1,11 +1,14 @@
-"""sparse_delta bench: training step (forward + backward, x needing its gradient) and forward of
-peftcore.sparse_delta_linear at densities 0.1%, 1%, 5% against
+"""sparse_delta bench: training step (forward + backward, x needing its gradient), forward and backward alone of
+peftcore.sparse_delta_linear at densities 0.1%, 1%, 5%, side by side with its references. Methods (the rows' names):
+  sparse_delta     — peftcore.sparse_delta_linear: x Wᵀ plus a sparse delta (sorted flat indices + values), no dense
+                     [out, in] temporary;
   sparse_delta_csr — the same with the delta's CSR view built once (sparse_delta_csr), as SparseDeltaLinear runs;
-  (a) ref_scatter — what SpIEL / SHiRA do: clone + scatter + F.linear, dense weight gradient + gather;
-  (b) dense       — a frozen dense linear, the speed of light;
-  (c) lora_r16    — LoRA r=16 in plain torch;
+  (a) ref_scatter  — what SpIEL / SHiRA do: clone + scatter + F.linear, dense weight gradient + gather;
+  (b) dense        — a frozen dense linear, the speed of light;
+  (c) lora_r16     — LoRA r=16 in plain torch;
 plus the standalone ops (spmm, spmm_t, sddmm, merge, merge_, topk_grad, validate) against plain-torch equivalents.
-Baselines are imported from tests/test_sparse_delta.py (one reference, not two).
+Baselines are imported from tests/test_sparse_delta.py (one reference, not two). Headline (HEADLINE, bench/run.py's
+default): the training step at 1% density, sparse_delta against ref_scatter (dense and lora_r16 beside them).
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_sparse_delta.py [--device cuda] [--quick].
 """
@@ -23,6 +26,10 @@ from peftcore.ops import sparse_delta as sd
 from test_sparse_delta import make_delta, ref_linear_scatter, ref_merge, ref_sddmm, ref_topk
 
 DENSITIES = (0.001, 0.01, 0.05)
+# The headline comparison (bench/run.py's summary): peftcore's method against its anchor, at one density and mode.
+HEADLINE = [dict(family="sparse_delta", op="sparse_delta_linear", mode="train_step", density=0.01,
+                 method="sparse_delta", anchor="ref_scatter", setting="{} of W's entries trainable")]
+OURS = {"sparse_delta", "sparse_delta_csr"}  # the rows' peftcore methods (the rest are references)
 
 
 def sizes(device: str, quick: bool):
@@ -60,8 +67,11 @@ def _fixed_fns(x, w, g, lora):
             "lora_r16": (forward_only(lora_f), train_step(lora_f, (x, a, b), g), backward_only(lora_f, (x, a, b), g))}
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 15, headline: bool = False) -> list:
+    """Rows of every case; with headline=True only the headline's (training step at 1%; no CSR variant, no ops)."""
     rows = []
+    densities = (HEADLINE[0]["density"],) if headline else DENSITIES
+    modes = (("train_step", 1),) if headline else (("forward", 0), ("backward", 2), ("train_step", 1))
     for out, inn, tokens, dtype in sizes(device, quick):
         gen = torch.Generator().manual_seed(0)
         w = (torch.randn(out, inn, generator=gen) * inn ** -0.5).to(dtype).to(device)
@@ -72,17 +82,18 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
         case = f"{out}x{inn} T={tokens} {str(dtype).replace('torch.', '')}"
         fixed = _fixed_fns(x, w, g, lora)
         per_density = {}
-        for dens in DENSITIES:
+        for dens in densities:
             idx, vals = make_delta(out, inn, dens, torch.int64, torch.float32, device, seed=1)
             per_density[dens] = (_step_fns(x, w, idx, vals, g), idx, vals)
         # Every method of this size is timed in the same interleaved rounds.
         fns = {}
-        for mode, pos in (("forward", 0), ("backward", 2), ("train_step", 1)):
+        for mode, pos in modes:
             for name, pair in fixed.items():
                 fns[(name, None, mode)] = pair[pos]
             for dens, (pairs, _, _) in per_density.items():
                 for name, pair in pairs.items():
-                    fns[(name, dens, mode)] = pair[pos]
+                    if not (headline and name == "sparse_delta_csr"):
+                        fns[(name, dens, mode)] = pair[pos]
         times = compare(fns, device, rounds=rounds)
         for (name, dens, mode), t in times.items():
             base = times[("dense", None, mode)]
@@ -90,7 +101,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 15) -> list:
                              density=dens if dens is not None else "", mode=mode, ms=t * 1e3, ratio=t / base,
                              ratio_to="dense", peak_mb=peak_memory(fns[(name, dens, mode)], device) / 2 ** 20,
                              device=device))
-        rows += _op_rows(device, case, x.detach(), w, g, *per_density[0.01][1:], rounds)
+        if not headline:
+            rows += _op_rows(device, case, x.detach(), w, g, *per_density[0.01][1:], rounds)
     return rows
 
 
@@ -123,6 +135,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--headline", action="store_true", help="the headline comparison alone")
     args = ap.parse_args()
-    for r in run(args.device, args.quick):
+    for r in run(args.device, args.quick, headline=args.headline):
         print(r)

@@ -1,24 +1,24 @@
 """token_elim bench: a small HF Llama (built from a config, HF PEFT LoRA r=8 on q_proj / v_proj, the base frozen)
 fine-tuned on one long sequence, one training step (forward + backward + no optimizer) with and without token
-elimination at keep ratios 0.25 / 0.5 / 0.75 (block 64, first and last layer dense, MLP keep ratio = keep ratio):
-step time, peak memory of the whole step, and the bytes the token-eliminating layers save for backward
-(saved_tensors_hooks, parameters excluded). Plus the ops alone (up to 2048 tokens) against their plain-torch
-references (the tests'):
+elimination: step time, peak memory of the whole step, and the bytes the token-eliminating layers save for backward
+(saved_tensors_hooks, parameters excluded). Methods (the rows' names):
+  token_elim_<keep> — peftcore token elimination (apply_token_elim) at keep ratio 0.25 / 0.5 / 0.75: block 64,
+                      first and last layer dense, MLP keep ratio = keep ratio;
+  dense             — the same model and adapter without token elimination; every ratio in the rows is against it.
+Plus the ops alone (up to 2048 tokens) against their plain-torch references (the tests'):
 token_gather / token_scatter_add vs torch.gather / scatter_add, token_block_scores vs the dense softmax map
-max-pooled, token_mlp_partial_save vs the plain LlamaMLP forward.
+max-pooled, token_mlp_partial_save vs the plain LlamaMLP forward. Headline (HEADLINE, bench/run.py's default):
+keep 0.5 against dense; no other ratio, no ops.
 
 Run through bench/run.py (table, CSV, PNG) or alone: python bench/bench_token_elim.py [--quick].
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import os
 
 import torch
 
-from common import compare, op_rows, peak_memory
+from common import compare, op_rows, peak_memory, timing_malloc
 
 import peftcore  # noqa: F401
 from peftcore.ops import token_elim as te
@@ -26,6 +26,11 @@ from peftcore.tuners.token_elim import TokenElimConfig, apply_token_elim, decode
 from test_token_elim import make_keep, ref_block_scores, ref_gather, ref_scatter_add
 
 RATIOS = (0.25, 0.5, 0.75)
+# The headline comparison (bench/run.py's summary): peftcore's method against its anchor (density = keep ratio).
+HEADLINE = [dict(family="token_elim", op="token_elim_model", mode="train_step", density=0.5, method="token_elim_0.5",
+                 anchor="dense", setting="{} of the tokens kept")]
+OURS = {f"token_elim_{r}" for r in RATIOS}  # the rows' peftcore methods (the rest are references)
+FLOOR = set()  # "dense" here is the whole model without token elimination, a reference rather than a floor
 MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=8192)
 
@@ -45,27 +50,6 @@ def build_model(device):
     cfg = transformers.LlamaConfig(**MODEL, attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(cfg).to(device).train()
     return peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-
-
-@contextlib.contextmanager
-def timing_malloc():
-    """Whole-model training steps allocate hundreds of buffers above bench/run.py's pinned mmap threshold (128 KiB,
-    set for exact CPU peak memory): each is a fresh mmap, page-faulted in and unmapped on free, which made a step
-    5-15x slower here and its time meaningless (0.45 s -> 2.5-7.6 s at L=1024). The timed rounds run with glibc's
-    threshold raised to 32 MiB (mallopt at run time), the peak-memory steps under the pinned one."""
-    pinned = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        libc = None
-    if libc is None or pinned is None:
-        yield
-        return
-    libc.mallopt(-3, 32 * 2 ** 20)  # M_MMAP_THRESHOLD
-    try:
-        yield
-    finally:
-        libc.mallopt(-3, int(pinned))
 
 
 def saved_bytes(model, ids, layer_ids):
@@ -90,8 +74,10 @@ def saved_bytes(model, ids, layer_ids):
     return total[0]
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int = 11) -> list:
+def run(device: str = "cpu", quick: bool = False, rounds: int = 11, headline: bool = False) -> list:
+    """Rows of every case; with headline=True only the headline's (keep 0.5 against dense, no ops)."""
     rows = []
+    ratios = (HEADLINE[0]["density"],) if headline else RATIOS
     for B, L in sizes(device, quick):
         # ops alone, beside the tests' plain-torch references, at up to 2048 tokens (the dense reference of
         # token_block_scores builds the [L, L] map: at 4096 it alone took ~15 s of the family's budget)
@@ -115,7 +101,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 11) -> list:
                                        "plain_llama_mlp"),
         }
         # first, under the pinned malloc of bench/run.py (timing_malloc below leaves freed heap resident)
-        rows += op_rows("token_elim", f"B{B} L{L} H{H} I{I} K=L/2 fp32", pairs, device, rounds)
+        if not headline:
+            rows += op_rows("token_elim", f"B{B} L{L} H{H} I{I} K=L/2 fp32", pairs, device, rounds)
         L = L_model
         model = build_model(device)
         n = MODEL["num_hidden_layers"]
@@ -125,7 +112,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 11) -> list:
                 f"B{B} L{L} fp32")
 
         configs = {"dense": None, **{f"token_elim_{r}": TokenElimConfig(keep_ratio=r, block_size=64, dense_first=1,
-                                                                         dense_last=1) for r in RATIOS}}
+                                                                         dense_last=1) for r in ratios}}
 
         def step_with(cfg, count_saved=None):
             def step():
@@ -162,8 +149,9 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--headline", action="store_true", help="the headline comparison alone")
     args = ap.parse_args()
-    for r in run(args.device, args.quick, args.rounds):
+    for r in run(args.device, args.quick, args.rounds, headline=args.headline):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
 
 

@@ -7,9 +7,13 @@ state (these machines are noisy).
 Peak memory: GPU, torch.cuda.max_memory_allocated above the memory held before the step; CPU, the process's
 resident high-water mark (VmHWM, reset through /proc/self/clear_refs) above its resident size before the step,
 with glibc's mmap threshold pinned (bench/run.py sets MALLOC_MMAP_THRESHOLD_) so freed buffers leave at once.
+
+Collecting (``collecting()``): a family's ``run()`` executed inside it times nothing; every ``compare()`` call hands
+its callables to the collector instead (bench/test_bench.py runs them under pytest-benchmark, one group per call).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -32,8 +36,25 @@ def _proc_mem():
         return None
 
 
+_collector = None  # a list while collecting(): compare() appends its callables there and times nothing
+
+
+@contextlib.contextmanager
+def collecting():
+    """Within: ``compare()`` records ``{key: callable}`` per call (and answers 1.0 for every key), ``peak_memory()``
+    answers 0 without calling; yields the list of recorded dicts, one per ``compare()`` call, in order."""
+    global _collector
+    saved, _collector = _collector, []
+    try:
+        yield _collector
+    finally:
+        _collector = saved
+
+
 def peak_memory(fn, device: str) -> float:
     """Bytes allocated at the peak of one call of fn, above what was held before it."""
+    if _collector is not None:
+        return 0.0
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -82,6 +103,9 @@ def compare(fns: dict, device: str, rounds: int = 15, target: float = 0.01) -> d
     """
     import time
 
+    if _collector is not None:
+        _collector.append(dict(fns))
+        return {k: 1.0 for k in fns}
     reps = {k: _calls_per_sample(f, device, target) for k, f in fns.items()}
     times = {k: [] for k in fns}
     for _ in range(rounds):
@@ -116,7 +140,50 @@ def environment() -> dict:
     except OSError:
         pass
     env["nproc"] = os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else env["nproc"]
+    env["machine"] = env["gpu"] or f"{env['cpu']}, {cores} cores"
+    env["commit"] = _commit()
     return env
+
+
+def _commit() -> str:
+    """The tree's git commit (with "+dirty" when tracked files differ from it), "" outside a git checkout."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@contextlib.contextmanager
+def timing_malloc():
+    """Whole-model training steps allocate hundreds of buffers above bench/run.py's pinned mmap threshold (128 KiB,
+    set for exact CPU peak memory): each is a fresh mmap, page-faulted in and unmapped on free, which made a step
+    5-15x slower here and its time meaningless (token_elim: 0.45 s -> 2.5-7.6 s at L=1024). Timed rounds of whole
+    models run inside this: glibc's threshold raised to 32 MiB (mallopt at run time), restored on exit. Freed heap
+    stays resident afterwards and hides later allocations from peak_memory: measure peaks before, not after."""
+    import ctypes
+
+    pinned = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        libc = None
+    if libc is None or pinned is None:
+        yield
+        return
+    libc.mallopt(-3, 32 * 2 ** 20)  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        libc.mallopt(-3, int(pinned))
 
 
 def forward_only(f):

@@ -1,13 +1,19 @@
-"""The benchmark suite: every family's bench, a table on screen, rows appended to a CSV (with the environment),
-and a PNG chart.
+"""The benchmark suite: the families' benches, a table on screen, rows appended to a CSV (every row records the
+machine), the headline summary (summary_<device>.md / .csv) and a PNG chart.
 
-    python bench/run.py [--device cpu|cuda] [--out bench/out] [--quick] [--only sparse_delta]
+    python bench/run.py                       # the headline comparisons, one per family (~3 min on 2 cores)
+    python bench/run.py --full                # every case of every family (~10 min on 2 cores)
+    python bench/run.py --only sparse_delta   # one family's whole bench (add --headline for its headline alone)
+    python bench/run.py [--device cpu|cuda] [--quick] [--rounds N] [--out DIR]
+    python bench/run.py --summarize bench/results/bench_cpu.csv   # summary + PNG of a recorded CSV, no measuring
 
-The default output folder, bench/out/, is not tracked: a run never modifies the repository. The recorded figures
-in bench/results/ are a run written there on purpose (``--out bench/results``).
+Output: by default a new folder bench/out/<UTC time>/ per run, with bench/out/latest pointing at the newest;
+bench/out/ is not tracked, so a run never modifies the repository. ``--out DIR`` writes into DIR instead (the
+CSV there is appended to): the recorded figures in bench/results/ are a run written there on purpose
+(``--out bench/results``).
 
 Ratios are time / baseline time measured side by side in the same run; peak memory is what one call allocates
-above what it held before (see bench/common.py).
+above what it held before (see bench/common.py). The summary's ratio is peftcore's time / its anchor's.
 """
 from __future__ import annotations
 
@@ -17,11 +23,15 @@ import datetime
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = ["sparse_delta", "partial", "s2ft", "orthogonal", "blockdiag", "sparse_attn", "token_elim", "lora"]
-FAMILY_ORDER = {"sparse_delta_linear": 0, "partial_linear": 1, "s2ft_model": 2, "boft_layer": 3, "oft_layer": 4}
+# token_elim last: its timed rounds run under timing_malloc (bench/common.py), which leaves freed heap resident and
+# hides the CPU peak memory of whatever runs after it in the process.
+FAMILIES = ["sparse_delta", "partial", "s2ft", "orthogonal", "blockdiag", "sparse_attn", "lora", "token_elim"]
+FIELDS = ["timestamp", "family", "op", "case", "method", "density", "mode", "ms", "ratio", "ratio_to", "peak_mb",
+          "saved_mb", "device", "env", "machine", "torch", "threads", "commit", "suite"]
 
 
 def _reexec_with_pinned_malloc():
@@ -31,18 +41,21 @@ def _reexec_with_pinned_malloc():
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def _fmt(v, nd=2):
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
 def print_table(rows):
+    from summary import fmt_density
+
     cols = [("op", "op"), ("case", "case"), ("method", "method"), ("density", "density"), ("mode", "mode"),
             ("ms", "ms"), ("ratio", "x base"), ("ratio_to", "base"), ("peak_mb", "peak MB")]
-    if any("saved_mb" in r for r in rows):
+    if any(r.get("saved_mb") not in ("", None) for r in rows):
         cols.append(("saved_mb", "saved for bwd MB"))
-    table = [[_fmt(r.get(k, ""), 3 if k == "ratio" else 2) for k, _ in cols] for r in rows]
+
+    def cell(r, k):
+        v = r.get(k, "")
+        if k == "density":
+            return fmt_density(v)
+        return f"{v:.{3 if k == 'ratio' else 2}f}" if isinstance(v, float) else str(v)
+
+    table = [[cell(r, k) for k, _ in cols] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h) in enumerate(cols)]
     line = "  ".join(h.ljust(w) for (_, h), w in zip(cols, widths))
     print(line)
@@ -51,96 +64,162 @@ def print_table(rows):
         print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
 
 
-def write_csv(rows, path: Path, env: dict):
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    fields = ["timestamp", "family", "op", "case", "method", "density", "mode", "ms", "ratio", "ratio_to", "peak_mb",
-              "saved_mb", "device", "env"]
-    new = not path.exists()
-    if not new:  # append under the file's own header (columns added later are left out of old files)
+def write_csv(rows, path: Path, env: dict, stamp: str, suite: str):
+    """Appends rows to path. A file from before a column was added is rewritten once under the full header (its
+    old rows get the new columns empty)."""
+    fields = FIELDS
+    if path.exists():
         with path.open() as f:
-            fields = next(csv.reader(f))
+            reader = csv.DictReader(f)
+            old = list(reader)
+            fields = list(reader.fieldnames or [])
+        missing = [k for k in FIELDS if k not in fields]
+        if missing:
+            fields += missing
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old)
+            tmp.replace(path)
+    new = not path.exists()
+    env_s = ";".join(f"{k}={v}" for k, v in env.items())
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
-        env_s = ";".join(f"{k}={v}" for k, v in env.items())
         for r in rows:
-            w.writerow({**{k: r.get(k, "") for k in fields}, "timestamp": stamp, "env": env_s})
+            w.writerow({**{k: r.get(k, "") for k in fields}, "timestamp": stamp, "env": env_s,
+                        "machine": env["machine"], "torch": env["torch"], "threads": env["threads"],
+                        "commit": env["commit"], "suite": suite})
 
 
-def write_png(rows, path: Path, title: str):
-    import matplotlib
+def run_folder(out) -> Path:
+    """--out DIR as given, else a new bench/out/<UTC time>/ with bench/out/latest pointing at it."""
+    if out is not None:
+        p = Path(out)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    base = HERE / "out"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    p = base / stamp
+    n = 1
+    while p.exists():  # two runs in one second
+        n += 1
+        p = base / f"{stamp}-{n}"
+    p.mkdir(parents=True)
+    latest = base / "latest"
+    try:
+        tmp = base / f".latest-{os.getpid()}"
+        tmp.symlink_to(p.name, target_is_directory=True)
+        tmp.replace(latest)
+    except OSError:  # no symlinks here: a file naming the folder
+        (base / "LATEST").write_text(p.name + "\n")
+    return p
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    # One chart row per (op, case) that has training-step rows: time ratio and peak memory, side by side.
-    steps = [r for r in rows if r["mode"] == "train_step"]
-    groups = sorted({(r["op"], r["case"]) for r in steps}, key=lambda g: (FAMILY_ORDER.get(g[0], 99), g))
-    if not groups:
-        return
-    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4 * len(groups)), squeeze=False)
-    base_colors = {"dense": "#888888", "full_ft": "#888888", "lora_r16": "#4c72b0", "peft_lora_r16": "#4c72b0"}
-    ours = {"sparse_delta", "partial", "s2ft"}
-    for ci, (op, case) in enumerate(groups):
-        sub = [r for r in steps if r["op"] == op and r["case"] == case]
-        labels, times, mems, colors = [], [], [], []
-        for r in sorted(sub, key=lambda r: (r["density"] != "", str(r["density"]), r["method"] in ours, r["method"])):
-            d = f"\n{float(r['density']) * 100:g}%" if r["density"] != "" else ""
-            labels.append(r["method"] + d)
-            times.append(r["ratio"])
-            mems.append(r["peak_mb"])
-            colors.append(base_colors.get(r["method"], "#55a868" if r["method"] in ours else "#dd8452"))
-        case = f"{op}, {case}"
-        ax = axes[ci][0]
-        ax.bar(range(len(labels)), times, color=colors)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
-        ax.set_ylabel(f"train step time / {sub[0]['ratio_to']}")
-        ax.set_title(f"{case}: time (lower is better)", fontsize=9)
-        for i, v in enumerate(times):
-            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-        ax = axes[ci][1]
-        ax.bar(range(len(labels)), mems, color=colors)
-        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
-        ax.set_ylabel("peak MB above inputs")
-        ax.set_title(f"{case}: peak memory of one step", fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def headline_specs(families) -> list:
+    """Every family's HEADLINE comparisons, with its peftcore methods and the method legend of its docstring."""
+    from summary import DEFAULT_FLOOR, parse_methods
+
+    specs = []
+    for fam in families:
+        mod = importlib.import_module(f"bench_{fam}")
+        specs += [dict(s, ours=set(mod.OURS), floor=set(getattr(mod, "FLOOR", DEFAULT_FLOOR)),
+                       methods=parse_methods(mod.__doc__)) for s in mod.HEADLINE]
+    return specs
+
+
+def report(rows, specs, out: Path, suffix: str, header_line: str, title: str):
+    """Summary (screen, summary_<suffix>.md / .csv) and the PNG; returns the paths written."""
+    from summary import headline_lines, write_png, write_summary
+
+    lines = headline_lines(rows, specs)
+    md, scsv, png = out / f"summary_{suffix}.md", out / f"summary_{suffix}.csv", out / f"bench_{suffix}.png"
+    print()
+    print(write_summary(lines, rows, md, scsv, header_line, specs))
+    return [md, scsv] + ([png] if write_png(rows, lines, png, title) else [])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--out", default=None, help="folder of this run's files (default: a new bench/out/<UTC time>/)")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    ap.add_argument("--only", nargs="*", default=FAMILIES)
+    ap.add_argument("--only", nargs="*", default=None, metavar="FAMILY",
+                    help=f"these families' whole benches (of {', '.join(FAMILIES)}; miss is in orthogonal)")
+    ap.add_argument("--full", action="store_true", help="every case (default without --only: headlines only)")
+    ap.add_argument("--headline", action="store_true", help="headline comparisons only, also with --only")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--summarize", metavar="CSV", help="no measuring: summary and PNG of the latest rows of CSV "
+                                                       "(per family), written beside it (or into --out)")
     args = ap.parse_args()
+    if args.full and args.headline:
+        ap.error("--full and --headline exclude each other")
+    families = FAMILIES if args.only is None else args.only
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)} "
+                 f"(known: {', '.join(FAMILIES)}; miss is measured by orthogonal)")
+    full = args.full or (args.only is not None and not args.headline)
+    suite = ("full" if full else "headline") + (" quick" if args.quick else "")
     _reexec_with_pinned_malloc()
     sys.path.insert(0, str(HERE))
+
+    if args.summarize:
+        from summary import read_rows
+
+        src = Path(args.summarize)
+        rows = read_rows(src)
+        out = Path(args.out) if args.out else src.parent
+        out.mkdir(parents=True, exist_ok=True)
+        device = rows[0]["device"] if rows else args.device
+        suffix = src.stem.removeprefix("bench_")
+        env = {k: rows[0].get(k, "") for k in ("machine", "torch", "threads", "commit")} if rows else {}
+        if rows and not env["machine"]:  # a CSV from before the machine columns: its env column holds the same
+            kv = dict(p.split("=", 1) for p in rows[0]["env"].split(";") if "=" in p)
+            env = dict(machine=kv.get("gpu") or f"{kv.get('cpu', '?')}, {kv.get('nproc', '?')} cores",
+                       torch=kv.get("torch", "?"), threads=kv.get("threads", "?"), commit="")
+        stamps = sorted({r["timestamp"] for r in rows})
+        when = stamps[-1] if len(stamps) == 1 else f"{stamps[0]} .. {stamps[-1]} (each family's latest run)"
+        header = (f"{device}: {env.get('machine', '?')}, {env.get('threads', '?')} threads; torch "
+                  f"{env.get('torch', '?')}; {when}; from {src}")
+        title = f"peftcore bench, recorded run — {device}: {env.get('machine', '?')}, torch {env.get('torch', '?')}"
+        paths = report(rows, headline_specs(FAMILIES), out, suffix, header, title)
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+        return
+
     import torch
 
     from common import environment
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/run.py: --device cuda but no CUDA device is available")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    out = run_folder(args.out)
     env = environment()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print("environment:", env)
+    print(f"suite: {suite} ({', '.join(families)}); output: {out}", flush=True)
     rows = []
     suffix = f"{args.device}{'_quick' if args.quick else ''}"
-    csv_path, png_path = out / f"bench_{suffix}.csv", out / f"bench_{suffix}.png"
-    for fam in args.only:
+    csv_path = out / f"bench_{suffix}.csv"
+    for fam in families:
+        t = time.perf_counter()
         mod = importlib.import_module(f"bench_{fam}")
-        fam_rows = mod.run(args.device, args.quick, rounds=args.rounds)
-        write_csv(fam_rows, csv_path, env)  # family by family: a run stopped early keeps what it measured
+        fam_rows = mod.run(args.device, args.quick, rounds=args.rounds, headline=not full)
+        write_csv(fam_rows, csv_path, env, stamp, suite)  # family by family: a run stopped early keeps what it measured
         rows += fam_rows
+        print(f"bench: {fam} done in {time.perf_counter() - t:.0f} s", flush=True)
+    print()
     print_table(rows)
-    write_png(rows, png_path, f"peftcore bench ({args.device}: {env['gpu'] or env['cpu']}, {env['threads']} threads)")
-    print(f"\nwrote {csv_path} and {png_path}")
+    header = (f"{args.device}: {env['machine']}, {env['threads']} threads; torch {env['torch']}; commit "
+              f"{env['commit'] or 'unknown'}; {stamp}; {suite} suite, {args.rounds} rounds")
+    title = (f"peftcore bench, {suite} suite — {args.device}: {env['machine']}, {env['threads']} threads, "
+             f"torch {env['torch']}")
+    paths = report(rows, headline_specs(families), out, suffix, header, title)
+    print(f"\nwrote {csv_path}, " + ", ".join(str(p) for p in paths))
+    print(f"bench: {time.perf_counter() - t0:.0f} s in all")
 
 
 if __name__ == "__main__":
