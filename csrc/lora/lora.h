@@ -51,6 +51,8 @@ void validate_values(const char* op, const Dims& d, const at::Tensor& offsets, c
 // x as [T, features] (contiguous); t's shape with its last dim replaced.
 at::Tensor flat_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features);
 std::vector<int64_t> with_last(const at::Tensor& t, int64_t last);
+// h's shape for lora_shrink / lora_expand: token_adapter's shape + [R].
+std::vector<int64_t> h_shape(const at::Tensor& token_adapter, int64_t R);
 // lora_multi_linear and its backward: weight [out, in] and the packed adapters against `ref` (x or grad_out).
 Dims linear_dims(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& x,
                  const at::Tensor& weight, const at::Tensor& a_packed, const at::Tensor& b_packed,

@@ -110,6 +110,12 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   return s;
 }
 
+std::vector<int64_t> h_shape(const at::Tensor& token_adapter, int64_t R) {
+  std::vector<int64_t> s(token_adapter.sizes().begin(), token_adapter.sizes().end());
+  s.push_back(R);
+  return s;
+}
+
 at::Tensor flat_tokens(const char* op, const char* name, const at::Tensor& t, int64_t features) {
   TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
   TORCH_CHECK(t.size(-1) == features, op, ": ", name, " must have last dim ", features, ", got shape ", t.sizes());
@@ -181,8 +187,7 @@ Dims expand_shapes(const char* op, const at::Tensor& h, const at::Tensor& b_pack
   TORCH_CHECK(out_features == d.out, op, ": out_features must equal b_packed.size(0) = ", d.out, ", got ",
               out_features);
   check_tokens(op, d, h, "h", token_adapter, token_weight);
-  std::vector<int64_t> hshape(token_adapter.sizes().begin(), token_adapter.sizes().end());
-  hshape.push_back(d.R);
+  const auto hshape = h_shape(token_adapter, d.R);
   TORCH_CHECK(h.sizes() == at::IntArrayRef(hshape), op, ": h must have shape ", at::IntArrayRef(hshape),
               " (token_adapter's shape + [R]), got ", h.sizes());
   return d;
@@ -565,9 +570,7 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& a_packed, cons
     const auto H = rows(x2d, G, acc).mm(a_packed.narrow(0, G.off, G.r).to(acc).t());
     h.narrow(1, G.off, G.r).index_copy_(0, G.pairs, H.to(x.scalar_type()));
   }
-  std::vector<int64_t> shape(token_adapter.sizes().begin(), token_adapter.sizes().end());
-  shape.push_back(d.R);
-  return h.view(shape);
+  return h.view(h_shape(token_adapter, d.R));
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cpu(const at::Tensor& grad_h, const at::Tensor& x,
@@ -578,8 +581,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cpu(const at::Tensor& gr
   const Dims d = shrink_dims(op, x, a_packed, offsets, token_adapter, x2d);
   check_same_dtype(op, "grad_h", grad_h, x, "x");
   check_same_device(op, "grad_h", grad_h, x, "x");
-  std::vector<int64_t> hshape(token_adapter.sizes().begin(), token_adapter.sizes().end());
-  hshape.push_back(d.R);
+  const auto hshape = h_shape(token_adapter, d.R);
   TORCH_CHECK(grad_h.sizes() == at::IntArrayRef(hshape), op, ": grad_h must have shape ", at::IntArrayRef(hshape),
               ", got ", grad_h.sizes());
   const auto g = group_pairs(d, offsets, token_adapter);

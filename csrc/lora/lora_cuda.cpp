@@ -103,8 +103,6 @@ Sorted sort_pairs(const at::Tensor& ta_flat, int64_t N) {
   return {std::get<1>(sorted).contiguous(), at::searchsorted(values, bounds).contiguous()};
 }
 
-void check_cuda_in(const char* op, const char* name, const at::Tensor& t) { check_cuda_activation(op, name, t); }
-
 // ---------------------------------------------------------------------------------------------------------------
 
 at::Tensor lora_multi_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -112,7 +110,7 @@ at::Tensor lora_multi_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& scales, const at::Tensor& token_adapter,
                                   const std::optional<at::Tensor>& token_weight) {
   constexpr const char* op = "lora_multi_linear";
-  check_cuda_in(op, "x", x);
+  check_cuda_activation(op, "x", x);
   at::Tensor x2d;
   Dims d = linear_dims(op, x, "x", x, weight, a_packed, b_packed, offsets, scales, x2d);
   check_bias(op, bias, x, d.out);
@@ -153,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
     const at::Tensor& b_packed, const at::Tensor& offsets, const at::Tensor& scales, const at::Tensor& token_adapter,
     const std::optional<at::Tensor>& token_weight, std::array<bool, 4> mask) {
   constexpr const char* op = "lora_multi_linear_backward";
-  check_cuda_in(op, "grad_out", grad_out);
+  check_cuda_activation(op, "grad_out", grad_out);
   at::Tensor x2d, g2d;
   Dims d = multi_backward_dims(op, grad_out, x, weight, a_packed, b_packed, offsets, scales, token_adapter,
                                token_weight, mask, x2d, g2d);
@@ -213,16 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
           mask[3] ? gtw.view(token_weight->sizes()) : (token_weight.has_value() ? none(*token_weight) : none(x))};
 }
 
-std::vector<int64_t> h_shape(const at::Tensor& token_adapter, int64_t R) {
-  std::vector<int64_t> s(token_adapter.sizes().begin(), token_adapter.sizes().end());
-  s.push_back(R);
-  return s;
-}
-
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& a_packed, const at::Tensor& offsets,
                             const at::Tensor& token_adapter) {
   constexpr const char* op = "lora_shrink";
-  check_cuda_in(op, "x", x);
+  check_cuda_activation(op, "x", x);
   at::Tensor x2d;
   const Dims d = shrink_shapes(op, x, a_packed, offsets, token_adapter, x2d);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -255,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cuda(const at::Tensor& g
                                                              const at::Tensor& token_adapter,
                                                              std::array<bool, 2> mask) {
   constexpr const char* op = "lora_shrink_backward";
-  check_cuda_in(op, "x", x);
+  check_cuda_activation(op, "x", x);
   at::Tensor x2d;
   const Dims d = shrink_shapes(op, x, a_packed, offsets, token_adapter, x2d);
   check_same_dtype(op, "grad_h", grad_h, x, "x");
@@ -293,7 +285,7 @@ at::Tensor lora_expand_cuda(const at::Tensor& h, const at::Tensor& b_packed, con
                             const at::Tensor& scales, const at::Tensor& token_adapter,
                             const std::optional<at::Tensor>& token_weight, int64_t out_features) {
   constexpr const char* op = "lora_expand";
-  check_cuda_in(op, "h", h);
+  check_cuda_activation(op, "h", h);
   const Dims d = expand_shapes(op, h, b_packed, offsets, scales, token_adapter, token_weight, out_features);
   const c10::cuda::CUDAGuard guard(h.device());
   const auto dt = kernel_dtype(h.scalar_type());
@@ -322,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_backward_cuda(
     const at::Tensor& scales, const at::Tensor& token_adapter, const std::optional<at::Tensor>& token_weight,
     std::array<bool, 3> mask) {
   constexpr const char* op = "lora_expand_backward";
-  check_cuda_in(op, "h", h);
+  check_cuda_activation(op, "h", h);
   TORCH_CHECK(b_packed.dim() == 2, op, ": b_packed must be 2-D [out, R], got shape ", b_packed.sizes());
   const Dims d = expand_shapes(op, h, b_packed, offsets, scales, token_adapter, token_weight, b_packed.size(0));
   check_same_dtype(op, "grad_out", grad_out, h, "h");
@@ -413,7 +405,7 @@ at::Tensor device_seed(const at::Tensor& seed, const at::Tensor& x, double p) {
 
 void check_single_cuda(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
                        const at::Tensor& B) {
-  check_cuda_in(op, "x", x);
+  check_cuda_activation(op, "x", x);
   check_single_shapes(op, "x", x, weight, A, B);
 }
 
