@@ -90,6 +90,16 @@ cu::Pairs unweighted(cu::Pairs pr) {
   return pr;
 }
 
+// ws(p) = scales[i] * token_weight[p] per pair, fp32 [P], through ATen (the kernels' weight_of; 0 for slots
+// without a valid id: their columns are never read anyway).
+at::Tensor pair_weights(const PairTensors& pt, const Dims& d) {
+  if (d.N == 0) return at::zeros({pt.ta.numel()}, pt.ta.options().dtype(at::kFloat));
+  const auto valid = pt.ta.ge(0).logical_and(pt.ta.lt(d.N));
+  auto ws = pt.scales.index_select(0, pt.ta.clamp(0, std::max<int64_t>(d.N - 1, 0)));
+  if (pt.tw.defined()) ws = ws * pt.tw.to(at::kFloat);
+  return ws.masked_fill(valid.logical_not(), 0);
+}
+
 // Pairs sorted by adapter (stable: pair order within an adapter) and where each adapter's run starts:
 // perm[starts[i]:starts[i+1]] are adapter i's pairs; ids outside [0, N) fall outside every run.
 struct Sorted {
@@ -170,40 +180,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_multi_linear_bac
     const PairTensors pt = pairs_of(d, token_adapter, offsets, &scales, token_weight);
     Sorted s;
     if (mask[1] || mask[2]) s = sort_pairs(pt.ta, d.N);
-    // GBw = ws * g B_i per pair: dL/dh (fp32 packed).
-    at::Tensor gbw;
-    if (mask[0] || mask[1]) {
-      gbw = at::empty({P, d.R}, f32);
-      cu::expand_t_gathered(dt, g2d.const_data_ptr(), d.out, b.const_data_ptr(), d.out, pt.pr,
-                            gbw.mutable_data_ptr<float>(), /*weighted=*/true, stream);
+    const cu::Pairs plain = unweighted(pt.pr);
+    // Each kernel pass once, unweighted (fp32 packed): gbu = g B_i (dL/dh / ws), hu = x A_i^T; the pair weights ws
+    // scale rows afterwards.
+    at::Tensor gbu, hu, ws;
+    if (mask[0] || mask[1] || mask[3]) {
+      gbu = at::empty({P, d.R}, f32);
+      cu::expand_t_gathered(dt, g2d.const_data_ptr(), d.out, b.const_data_ptr(), d.out, plain,
+                            gbu.mutable_data_ptr<float>(), /*weighted=*/false, stream);
     }
-    if (mask[0])
-      cu::expand_gathered(dt, gbw.const_data_ptr(), /*h_fp32=*/true, a.const_data_ptr(), /*so=*/1, /*sm=*/d.in, d.in,
-                          pt.pr, gx.mutable_data_ptr(), d.in, /*y_fp32=*/true, /*accumulate=*/true,
-                          /*weighted=*/false, stream);
-    if (mask[1])
-      cu::segment_outer(dt, gbw.const_data_ptr<float>(), x2d.const_data_ptr(), d.in, d.in,
-                        s.perm.const_data_ptr<int64_t>(), s.starts.const_data_ptr<int64_t>(), pt.pr,
-                        ga.mutable_data_ptr(), /*sdm=*/d.in, /*sdc=*/1, stream);
+    if (mask[2] || mask[3]) {
+      hu = at::empty({P, d.R}, f32);
+      cu::shrink_gathered(dt, x2d.const_data_ptr(), d.in, a.const_data_ptr(), d.in, plain, hu.mutable_data_ptr(),
+                          /*h_fp32=*/true, /*weighted=*/false, stream);
+    }
+    if (mask[0] || mask[1] || mask[2]) ws = pair_weights(pt, d).unsqueeze(1);
+    if (mask[0] || mask[1]) {
+      const auto gbw = (gbu * ws).contiguous();  // dL/dh
+      if (mask[0])
+        cu::expand_gathered(dt, gbw.const_data_ptr(), /*h_fp32=*/true, a.const_data_ptr(), /*so=*/1, /*sm=*/d.in,
+                            d.in, pt.pr, gx.mutable_data_ptr(), d.in, /*y_fp32=*/true, /*accumulate=*/true,
+                            /*weighted=*/false, stream);
+      if (mask[1])
+        cu::segment_outer(dt, gbw.const_data_ptr<float>(), x2d.const_data_ptr(), d.in, d.in,
+                          s.perm.const_data_ptr<int64_t>(), s.starts.const_data_ptr<int64_t>(), pt.pr,
+                          ga.mutable_data_ptr(), /*sdm=*/d.in, /*sdc=*/1, stream);
+    }
     if (mask[2]) {
-      auto hw = at::empty({P, d.R}, f32);  // ws * x A_i^T
-      cu::shrink_gathered(dt, x2d.const_data_ptr(), d.in, a.const_data_ptr(), d.in, pt.pr, hw.mutable_data_ptr(),
-                          /*h_fp32=*/true, /*weighted=*/true, stream);
+      const auto hw = (hu * ws).contiguous();  // ws * x A_i^T
       cu::segment_outer(dt, hw.const_data_ptr<float>(), g2d.const_data_ptr(), d.out, d.out,
                         s.perm.const_data_ptr<int64_t>(), s.starts.const_data_ptr<int64_t>(), pt.pr,
                         gb.mutable_data_ptr(), /*sdm=*/1, /*sdc=*/d.R, stream);
     }
-    if (mask[3]) {
-      // d/dw[p] = scales[i] * (g B_i) . (x A_i^T)
-      auto gbu = at::empty({P, d.R}, f32), hu = at::empty({P, d.R}, f32);
-      const cu::Pairs plain = unweighted(pt.pr);
-      cu::expand_t_gathered(dt, g2d.const_data_ptr(), d.out, b.const_data_ptr(), d.out, plain,
-                            gbu.mutable_data_ptr<float>(), /*weighted=*/false, stream);
-      cu::shrink_gathered(dt, x2d.const_data_ptr(), d.in, a.const_data_ptr(), d.in, plain, hu.mutable_data_ptr(),
-                          /*h_fp32=*/true, /*weighted=*/false, stream);
+    if (mask[3])  // d/dw[p] = scales[i] * (g B_i) . (x A_i^T)
       cu::pair_dot(gbu.const_data_ptr<float>(), hu.const_data_ptr<float>(), pt.pr, gtw.mutable_data_ptr(),
                    kernel_dtype(gtw.scalar_type()), stream);
-    }
   }
   const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   return {mask[0] ? gx.to(x.scalar_type()).view(x.sizes()) : none(x), mask[1] ? ga : none(a_packed),
@@ -340,11 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_backward_cuda(
       cu::expand_t_gathered(dt, g2d.const_data_ptr(), d.out, b.const_data_ptr(), d.out, pt.pr,
                             gh.mutable_data_ptr<float>(), /*weighted=*/true, stream);
     if (mask[1]) {
-      // ws per pair from ATen (0 for slots without a valid id: their columns are never read anyway).
-      const auto valid = pt.ta.ge(0).logical_and(pt.ta.lt(d.N));
-      auto ws = pt.scales.index_select(0, pt.ta.clamp(0, std::max<int64_t>(d.N - 1, 0)));
-      if (pt.tw.defined()) ws = ws * pt.tw.to(at::kFloat);
-      const auto hw = (h32 * ws.masked_fill(valid.logical_not(), 0).unsqueeze(1)).contiguous();
+      const auto hw = (h32 * pair_weights(pt, d).unsqueeze(1)).contiguous();
       const Sorted s = sort_pairs(pt.ta, d.N);
       cu::segment_outer(dt, hw.const_data_ptr<float>(), g2d.const_data_ptr(), d.out, d.out,
                         s.perm.const_data_ptr<int64_t>(), s.starts.const_data_ptr<int64_t>(), pt.pr,
