@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from finetune_sparse_delta import allocator_peak  # noqa: E402
 from lora_serving import load_smollm2  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,19 +200,6 @@ def setup(key: str, model, args, calib):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-
-def allocator_peak(fn) -> int:
-    """Peak bytes above the start of ``fn()`` on the CPU allocator's timeline (op granularity)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
 
 
 def tensor_bytes(model, opt) -> int:
