@@ -224,7 +224,7 @@ if [ "$DRY" = 1 ]; then
   {
     echo "would run: PEFTCORE_CUDA=$PEFTCORE_CUDA PEFTCORE_CUDA_ARCHS=$PEFTCORE_CUDA_ARCHS MAX_JOBS=$MAX_JOBS CMAKE_BUILD_PARALLEL_LEVEL=$CMAKE_BUILD_PARALLEL_LEVEL ${BUILD_CMD[*]}"
     check_cmd "${BUILD_CMD[@]}" && check_cmd cmake --version && check_cmd ninja --version &&
-      "$PY" -c "import torch, pybind11, scikit_build_core; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+      "$PY" -c "import torch, scikit_build_core; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   } >"$OUT/build-check.log" 2>&1
   cat "$OUT/build-check.log"
   if grep -q "ERROR\|Traceback" "$OUT/build-check.log"; then record build-check "FAIL (dry: command line)" 0 0 build-check.log; fi

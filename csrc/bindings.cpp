@@ -1,10 +1,11 @@
 // Every peftcore schema, one comment each. Kernels register themselves per backend from their own files
 // (TORCH_LIBRARY_IMPL(peftcore, CPU|CUDA, m)); fake kernels and autograd live in python/peftcore/ops/.
+#include <Python.h>  // first, as Python asks; the stable ABI only (see PyInit__C below)
+
 #include <torch/library.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
-#include <pybind11/pybind11.h>
 
 #include <string>
 #include <vector>
@@ -209,32 +210,43 @@ TORCH_LIBRARY_IMPL(peftcore, Autograd, m) {
   m.impl("sparse_delta_merge_", torch::CppFunction::makeFromBoxedFunction<&inplace_autograd_kernel>());
 }
 
+// The small non-op surface, build information, as a Python module that uses only the stable ABI (Py_LIMITED_API,
+// set by CMake): no pybind11, no torch Python bindings, so one build serves every CPython >= 3.9 (an abi3 wheel).
+// Importing peftcore._C loads this library, whose static TORCH_LIBRARY initialisers register the ops.
+
 namespace {
-bool with_cuda() {
+PyObject* with_cuda(PyObject*, PyObject*) {
 #ifdef PEFTCORE_WITH_CUDA
-  return true;
+  Py_RETURN_TRUE;
 #else
-  return false;
+  Py_RETURN_FALSE;
 #endif
 }
+PyObject* cuda_archs(PyObject*, PyObject*) {
+#ifdef PEFTCORE_CUDA_ARCHS_STR
+  return PyUnicode_FromString(PEFTCORE_CUDA_ARCHS_STR);
+#else
+  return PyUnicode_FromString("");
+#endif
+}
+PyObject* torch_version(PyObject*, PyObject*) { return PyUnicode_FromString(PEFTCORE_TORCH_VERSION); }
+PyObject* has_cutlass(PyObject*, PyObject*) {
+#ifdef PEFTCORE_HAS_CUTLASS
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled into this build"},
+    {"cuda_archs", cuda_archs, METH_NOARGS, "The CUDA archs this build was compiled for ('' when CPU-only)"},
+    {"torch_version", torch_version, METH_NOARGS, "The torch version built against"},
+    {"has_cutlass", has_cutlass, METH_NOARGS, "Whether the CUTLASS / CuTe headers were found for the CUDA kernels"},
+    {nullptr, nullptr, 0, nullptr},
+};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "peftcore build information", -1, methods,
+                          nullptr, nullptr, nullptr, nullptr};
 }  // namespace
 
-// The small non-op surface: build information.
-PYBIND11_MODULE(_C, m) {
-  m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled into this build");
-  m.def("cuda_archs", [] {
-#ifdef PEFTCORE_CUDA_ARCHS_STR
-    return std::string(PEFTCORE_CUDA_ARCHS_STR);
-#else
-    return std::string();
-#endif
-  }, "The CUDA archs this build was compiled for ('' when CPU-only)");
-  m.def("torch_version", [] { return std::string(PEFTCORE_TORCH_VERSION); }, "The torch version built against");
-  m.def("has_cutlass", [] {
-#ifdef PEFTCORE_HAS_CUTLASS
-    return true;
-#else
-    return false;
-#endif
-  });
-}
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

