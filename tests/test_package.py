@@ -62,3 +62,43 @@ def test_import_with_another_torch_says_so():
     assert f"built against torch {built}, found torch 0.0.1+other" in msg
     assert "works only with the torch it was built against" in msg
     assert "scripts/setup.sh" in msg and f"torch=={built.split('+')[0]}" in msg
+
+
+def test_only_bindings_uses_the_python_c_api():
+    """_C is abi3 because csrc/bindings.cpp, compiled with Py_LIMITED_API, is the one file that includes Python.h
+    (CMakeLists.txt sets the define on that file only); no file may pull in pybind11 or torch's Python headers."""
+    python_h = re.compile(r'#\s*include\s*[<"](Python\.h|pybind11/|torch/extension\.h|torch/python\.h|'
+                          r'torch/csrc/utils/pybind)')
+    users = {}
+    for d, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for f in files:
+            with open(os.path.join(d, f), encoding="utf-8") as fh:
+                hits = python_h.findall(fh.read())
+            if hits:
+                users[os.path.relpath(os.path.join(d, f), ROOT)] = hits
+    assert users == {os.path.join("csrc", "bindings.cpp"): ["Python.h"]}
+    with open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8") as fh:
+        assert 'csrc/bindings.cpp PROPERTIES COMPILE_DEFINITIONS "Py_LIMITED_API=0x03090000"' in fh.read()
+    assert peftcore._C.__file__.endswith("_C.abi3.so"), peftcore._C.__file__
+
+
+def _configure(tmp_path, env, *defines):
+    cmake = os.path.join(os.path.dirname(sys.executable), "cmake")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PEFTCORE_")}, **env}
+    return subprocess.run([cmake, "-S", ROOT, "-B", str(tmp_path / "b"), "-G", "Ninja",
+                           f"-DPython_EXECUTABLE={sys.executable}", *defines],
+                          capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_build_reads_the_environment(tmp_path):
+    """PEFTCORE_CUDA / PEFTCORE_CUDA_ARCHS from the environment win over -D and over an earlier configure of the
+    same build directory (the README's `PEFTCORE_CUDA_ARCHS=90 ... build_wheel.sh` relies on it)."""
+    r = _configure(tmp_path, {}, "-DPEFTCORE_CUDA=OFF", "-DPEFTCORE_CUDA_ARCHS=80")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "peftcore: PEFTCORE_CUDA=OFF PEFTCORE_CUDA_ARCHS=80" in r.stdout
+    r = _configure(tmp_path, {"PEFTCORE_CUDA": "OFF", "PEFTCORE_CUDA_ARCHS": "86;89"}, "-DPEFTCORE_CUDA_ARCHS=80")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "peftcore: PEFTCORE_CUDA=OFF PEFTCORE_CUDA_ARCHS=86;89" in r.stdout
+    assert "peftcore: CUDA kernels OFF" in r.stdout
+    r = _configure(tmp_path, {"PEFTCORE_CUDA": "maybe"})
+    assert r.returncode != 0 and "PEFTCORE_CUDA must be AUTO, ON or OFF, got 'maybe'" in r.stdout + r.stderr
