@@ -3,6 +3,7 @@ them in one child process, in a temporary folder) unless an HTML comment `<!-- n
 why it cannot run here — then it must still compile and use no undefined name; every ```bash block names programs
 and repository files that exist; every relative link (and #anchor) points at something that exists."""
 import builtins
+import importlib.util
 import json
 import os
 import re
@@ -16,8 +17,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
                               if f.endswith(".md"))
-NO_RUN = re.compile(r"<!--\s*no-run:\s*(\S.*?)\s*-->")
 PER_BLOCK_SECONDS = 20  # a block is an example: a few seconds on CPU (tiny models, small sizes)
+# The markdown parser is scripts/run_readme.py's, the script that runs the README's bash blocks (CI).
+_spec = importlib.util.spec_from_file_location("run_readme", os.path.join(ROOT, "scripts", "run_readme.py"))
+run_readme = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_readme)
+NO_RUN = run_readme.NO_RUN
 
 
 def _read(path):
@@ -26,25 +31,7 @@ def _read(path):
 
 
 def code_blocks(path, text=None):
-    """(path, line, language, code, no-run reason or None) of every fenced block of a markdown file."""
-    out, lines, i = [], (_read(path) if text is None else text).split("\n"), 0
-    while i < len(lines):
-        m = re.match(r"^(\s*)```(\w*)\s*$", lines[i])
-        if not m:
-            i += 1
-            continue
-        indent, lang, start = len(m.group(1)), m.group(2), i + 1
-        j = start
-        while j < len(lines) and not re.match(r"^\s*```\s*$", lines[j]):
-            j += 1
-        code = "\n".join(l[indent:] for l in lines[start:j]) + "\n"
-        k = i - 1
-        while k >= 0 and not lines[k].strip():
-            k -= 1
-        reason = NO_RUN.search(lines[k]) if k >= 0 else None
-        out.append((path, start, lang, code, reason.group(1) if reason else None))
-        i = j + 1
-    return out
+    return run_readme.code_blocks(path, _read(path) if text is None else text)
 
 
 BLOCKS = [b for p in DOCS for b in code_blocks(p)]
@@ -252,3 +239,58 @@ def test_bash_checker_refuses_what_does_not_exist():
     for bad in ("python bench/missing.py\n", "bash scripts/nope.sh\n", "frobnicate --all\n"):
         with pytest.raises(AssertionError):
             _check_bash("bad", bad)
+
+
+# The README's bash blocks run verbatim in CI (scripts/run_readme.py from .ci/run); the runner itself is tested here.
+def test_ci_runs_every_readme_command():
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert "scripts/run_readme.py" in ci
+    blocks = run_readme.readme_shell_blocks(_read("README.md"))
+    assert run_readme.holds_test_command(blocks)
+    assert all(reason is None for *_, reason in blocks), "every README command runs in CI"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_readme.py"), "--list"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for _, line, _, code, _ in blocks:
+        assert f"README.md:{line}:" in out.stdout
+        for command in code.splitlines():
+            if command.strip():
+                assert f"$ {command}" in out.stdout
+
+
+def _fake_checkout(tmp_path, readme):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "test.sh").write_text("mkdir -p out && echo tests ran > out/tests.txt\n")
+    (tmp_path / "README.md").write_text(readme)
+    (tmp_path / ".gitignore").write_text("out/\n")
+    for cmd in (["init", "-q"], ["add", "-A"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, capture_output=True)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_readme.py"), "--root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("extra, error", [
+    ("", None),
+    ("```bash\nmkdir -p out && echo ok > out/ignored.txt\n```\n", None),
+    ("<!-- no-run: a reason -->\n```bash\nfalse\n```\n", None),
+    ("```bash\nfalse\necho not reached\n```\n", "exit status 1"),
+    ("```bash\ntrue | false\n```\n", "exit status 1"),
+    ("```bash\necho changed >> README.md\n```\n", "the checkout changed"),
+    ("```bash\necho new > untracked.txt\n```\n", "the checkout changed"),
+    ("```sh\nexit 3\n```\n", "exit status 3"),
+])
+def test_readme_runner_bites(tmp_path, extra, error):
+    r = _fake_checkout(tmp_path, "# x\n\n```bash\nbash scripts/test.sh\n```\n\n" + extra)
+    if error is None:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (tmp_path / "out" / "tests.txt").read_text() == "tests ran\n"
+        assert "not run (a reason)" in r.stdout or "no-run" not in extra
+    else:
+        assert r.returncode != 0 and error in r.stderr, r.stdout + r.stderr
+
+
+def test_readme_runner_wants_the_test_command(tmp_path):
+    r = _fake_checkout(tmp_path, "# x\n\n```bash\necho hi\n```\n")
+    assert r.returncode != 0 and "bash scripts/test.sh" in r.stderr
