@@ -20,7 +20,10 @@
 #   memcheck  compute-sanitizer --tool memcheck over bench/sanitize_cases.py (small cases of every CUDA op), run
 #             beside the tests; a plain run when the sanitizer cannot attach here
 #   racecheck compute-sanitizer --tool racecheck over the attention kernels (PEFTCORE_SANITIZE_ONLY=sparse_attn)
-#   bench     python bench/run.py --device cuda (alone on the GPU, after the rest): OUTDIR/bench_cuda.{csv,png}
+#   bench     python bench/run.py --device cuda --headline over every family (alone on the GPU, after the rest):
+#             the headline comparisons, one per family, with their summary table: OUTDIR/bench_cuda.{csv,png},
+#             OUTDIR/summary_cuda.{md,csv} (the full suite, `bash scripts/bench.sh --device cuda --full`, does not
+#             fit this script's time)
 #   report    the per-op PASS / FAIL table from the junit xml: OUTDIR/ops.csv (bench/device_check_report.py)
 #
 # Time: each step has a limit (LIMIT below); tests run beside memcheck + racecheck, so the worst case is
@@ -317,8 +320,9 @@ fi
 unset PEFTCORE_CHECK_DEADLINE
 
 # ---- bench (alone on the GPU)
-# The headline families first; run.py writes the CSV family by family, and the bench takes all the time left.
-BENCH_CMD=("$PY" bench/run.py --device cuda --rounds 2 --out "$OUT"
+# The headline comparisons of every family (the summary table); run.py writes the CSV family by family, and the
+# bench takes all the time left.
+BENCH_CMD=("$PY" bench/run.py --device cuda --rounds 2 --out "$OUT" --headline
            --only sparse_attn blockdiag sparse_delta partial orthogonal token_elim s2ft lora)
 if [ "$DRY" = 1 ]; then
   dry_check bench-cmd "${BENCH_CMD[@]}"
@@ -329,6 +333,7 @@ for fam in run.FAMILIES:
     m = importlib.import_module(\"bench_\" + fam)
     assert callable(m.run), fam
 only = sys.argv[sys.argv.index(\"--only\") + 1:]
+assert \"--headline\" in sys.argv, \"the bench command runs the headline comparisons\"
 assert sorted(only) == sorted(run.FAMILIES), (\"the bench command must run every family\", only)
 print(\"bench entry points import:\", \", \".join(run.FAMILIES))
 " "$@"' "$PY" "${BENCH_CMD[@]:1}"
