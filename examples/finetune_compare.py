@@ -29,8 +29,8 @@ Peak memory: the tensor bytes held before training (weights, buffers, gradients,
 of the CPU allocator's timeline over the first step, from ``torch.profiler`` with ``profile_memory=True`` (tensors,
 not the Python process); "above weights" subtracts the model's own weights.
 
-    python examples/finetune_compare.py --quick          # 4 steps of batch 2, 8 held-out examples (the recorded run)
-    python examples/finetune_compare.py                  # 8 steps of batch 2, 16 held-out examples
+    python examples/finetune_compare.py --quick          # 4 steps of batch 2, 8 held-out examples (the test's)
+    python examples/finetune_compare.py                  # 8 steps of batch 2, 16 held-out examples (the recorded run)
     python examples/finetune_compare.py --methods full,lora_peft,boft --steps 40 --batch 4
 
 Writes ``<out>/finetune_compare.md`` and ``<out>/finetune_compare.csv`` (default ``bench/out/finetune_compare/``,
