@@ -19,8 +19,8 @@ import torch
 
 from common import compare, peak_memory
 
-import peftcore  # noqa: F401
-from peftcore.tuners.s2ft import S2FTConfig, apply_s2ft
+import peftcore
+from peftcore import S2FTConfig
 
 RATIO = 0.05
 # The headline comparison (bench/run.py's summary): peftcore's method against its anchor.
@@ -66,7 +66,7 @@ def methods(base, device):
 
     full = copy.deepcopy(base)
     lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJ))
-    s2ft = apply_s2ft(copy.deepcopy(base), S2FTConfig(head_ratio=RATIO, channel_ratio=RATIO))
+    s2ft = peftcore.apply_adapter(copy.deepcopy(base), S2FTConfig(head_ratio=RATIO, channel_ratio=RATIO))
     return {"full_ft": full, "peft_lora_r16": lora, "s2ft": s2ft}
 
 

@@ -2,7 +2,7 @@
 fine-tuned on one long sequence, one training step (forward + backward + no optimizer) with and without token
 elimination: step time, peak memory of the whole step, and the bytes the token-eliminating layers save for backward
 (saved_tensors_hooks, parameters excluded). Methods (the rows' names):
-  token_elim_<keep> — peftcore token elimination (apply_token_elim) at keep ratio 0.25 / 0.5 / 0.75: block 64,
+  token_elim_<keep> — peftcore token elimination (peftcore.apply_adapter with TokenElimConfig) at keep ratio 0.25 / 0.5 / 0.75: block 64,
                       first and last layer dense, MLP keep ratio = keep ratio;
   dense             — the same model and adapter without token elimination; every ratio in the rows is against it.
 Plus the ops alone (up to 2048 tokens) against their plain-torch references (the tests'):
@@ -20,9 +20,10 @@ import torch
 
 from common import compare, op_rows, peak_memory, timing_malloc
 
-import peftcore  # noqa: F401
 from peftcore.ops import token_elim as te
-from peftcore.tuners.token_elim import TokenElimConfig, apply_token_elim, decoder_layers, remove_token_elim
+import peftcore
+from peftcore import TokenElimConfig
+from peftcore.tuners.token_elim import decoder_layers
 from test_token_elim import make_keep, ref_block_scores, ref_gather, ref_scatter_add
 
 RATIOS = (0.25, 0.5, 0.75)
@@ -116,9 +117,10 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 11, headline: bo
 
         def step_with(cfg, count_saved=None):
             def step():
-                remove_token_elim(model)
+                if peftcore.adapter_methods(model):
+                    peftcore.unload_adapter(model)
                 if cfg is not None:
-                    apply_token_elim(model, cfg)
+                    peftcore.apply_adapter(model, cfg)
                 if count_saved is not None:
                     count_saved[0] = saved_bytes(model, ids, elim_layers)
                 else:
@@ -135,7 +137,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int = 11, headline: bo
         with timing_malloc():
             times = compare({name: step_with(cfg) for name, cfg in configs.items()}, device,
                             rounds=max(3, rounds // 3), target=0.0)
-        remove_token_elim(model)
+        if peftcore.adapter_methods(model):
+            peftcore.unload_adapter(model)
         for name in configs:
             rows.append(dict(family="token_elim", op="token_elim_model", case=case, method=name,
                              density=configs[name].keep_ratio if configs[name] else "", mode="train_step",
