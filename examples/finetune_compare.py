@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_sparse_delta import allocator_peak  # noqa: E402
+from finetune_sparse_delta import allocator_peak, tensor_bytes  # noqa: E402
 from lora_serving import load_smollm2  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -200,18 +200,6 @@ def setup(key: str, model, args, calib):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-
-def tensor_bytes(model, opt) -> int:
-    seen, n = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            n += t.untyped_storage().nbytes()
-    return n
 
 
 def run(key, base, args, batches, calib, held, base_scores, weight_bytes):

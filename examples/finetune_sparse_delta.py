@@ -120,6 +120,7 @@ def allocator_peak(fn) -> int:
 
 
 def tensor_bytes(model, opt) -> int:
+    """Bytes of the parameters, buffers, gradients and optimizer state (a tensor shared by two of them once)."""
     seen, n = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [p.grad for p in model.parameters() if p.grad is not None]

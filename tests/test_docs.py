@@ -30,8 +30,7 @@ def _read(path):
         return f.read()
 
 
-def code_blocks(path, text=None):
-    return run_readme.code_blocks(path, _read(path) if text is None else text)
+code_blocks = run_readme.code_blocks
 
 
 BLOCKS = [b for p in DOCS for b in code_blocks(p)]
